@@ -1,0 +1,179 @@
+"""The Audio-Visual LLM (paper §3.1): frozen encoders -> linear projectors -> LLaMA decoder.
+
+One instance is one pipeline stage. The first stage owns the encoders and projectors and turns
+the token stream into input embeddings: every placeholder position (see `nemo_avllm.modality`)
+is overwritten by the projected encoder output of its kind, in order. Only the samples whose
+tokens ask for a modality are sent through its encoder ("selective activation", paper §3.3).
+Later stages are plain `GPTModel` stages fed by megatron's pipeline schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from nemo_avllm import modality
+from nemo_avllm.model.encoders import AudioEncoder, AudioEncoderConfig, VisionEncoder, VisionEncoderConfig
+from nemo_avllm.model.llm import LLMConfig, build_gpt
+from nemo_avllm.model.projector import Projector
+
+
+@dataclass
+class AVLLMConfig:
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
+    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    num_frames: int = 32  # T
+    num_audio_segments: int = 4  # K
+    transformer_impl: str = "local"  # local | transformer_engine
+    # False when training reads cached encoder outputs: the encoders are then never built.
+    build_encoders: bool = True
+    # Encoder output widths; needed only when the encoders are not built (feature cache).
+    vision_width: int | None = None
+    audio_width: int | None = None
+    num_patches: int | None = None
+
+
+@dataclass
+class EncoderFeatures:
+    """Frozen-encoder outputs for the samples of a batch that need them (None = not needed).
+
+    temporal [B, T, Dv], spatial [B, N, Dv], audio [B, K, Da]; rows of samples that do not use a
+    modality are ignored."""
+
+    temporal: torch.Tensor | None = None
+    spatial: torch.Tensor | None = None
+    audio: torch.Tensor | None = None
+
+
+class AVLLM(MegatronModule):
+    def __init__(self, cfg: AVLLMConfig, config, pre_process: bool = True, post_process: bool = True):
+        super().__init__(config=config)
+        self.cfg = cfg
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.vision = self.audio = None
+        vision_width, audio_width, num_patches = cfg.vision_width, cfg.audio_width, cfg.num_patches
+        if pre_process and cfg.build_encoders:
+            self.vision = VisionEncoder(cfg.vision)
+            self.audio = AudioEncoder(cfg.audio)
+            vision_width, audio_width, num_patches = self.vision.width, self.audio.width, self.vision.num_patches
+        if num_patches is None:
+            raise ValueError("model.num_patches must be set when model.build_encoders=false")
+        self.layout = modality.TokenLayout(cfg.num_frames, num_patches, cfg.num_audio_segments)
+        if pre_process:
+            if vision_width is None or audio_width is None:
+                raise ValueError("model.vision_width/audio_width must be set when model.build_encoders=false")
+            h = cfg.llm.hidden_size
+            self.proj_temporal = Projector(vision_width, h, config)
+            self.proj_spatial = Projector(vision_width, h, config)
+            self.proj_audio = Projector(audio_width, h, config)
+        self.llm = build_gpt(cfg.llm, config, cfg.transformer_impl, pre_process, post_process)
+
+    # --- pipeline plumbing -------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        self.llm.set_input_tensor(input_tensor)
+
+    # --- encoders ----------------------------------------------------------------------------
+    def encode(
+        self, input_ids: torch.Tensor, video: torch.Tensor | None, audio: torch.Tensor | None
+    ) -> EncoderFeatures:
+        """Run each frozen encoder only on the samples whose tokens need it."""
+        feats = EncoderFeatures()
+        want_v = modality.needs_visual(input_ids)
+        want_a = modality.needs_audio(input_ids)
+        if want_v.any():
+            if video is None or self.vision is None:
+                raise ValueError("batch has visual placeholder tokens but no video (or no vision encoder)")
+            idx = want_v.nonzero().squeeze(1)
+            e_t, e_s = self.vision(video.index_select(0, idx.to(video.device)))
+            feats.temporal = _scatter_rows(e_t, idx, input_ids.shape[0])
+            feats.spatial = _scatter_rows(e_s, idx, input_ids.shape[0])
+        if want_a.any():
+            if audio is None or self.audio is None:
+                raise ValueError("batch has audio placeholder tokens but no audio (or no audio encoder)")
+            idx = want_a.nonzero().squeeze(1)
+            e_a = self.audio(audio.index_select(0, idx.to(audio.device)))
+            feats.audio = _scatter_rows(e_a, idx, input_ids.shape[0])
+        return feats
+
+    # --- embeddings --------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, feats: EncoderFeatures) -> torch.Tensor:
+        """Token embeddings with every placeholder position replaced by projected features.
+        Returns megatron's [s, b, h] layout."""
+        text = self.llm.embedding(input_ids=input_ids.clamp(min=0), position_ids=position_ids)  # [s, b, h]
+        emb = text.transpose(0, 1)  # [b, s, h]
+        kinds = (
+            (modality.TEMPORAL_ID, feats.temporal, self.proj_temporal, self.layout.num_frames),
+            (modality.SPATIAL_ID, feats.spatial, self.proj_spatial, self.layout.num_patches),
+            (modality.AUDIO_ID, feats.audio, self.proj_audio, self.layout.num_audio_segments),
+        )
+        for pid, feat, proj, length in kinds:
+            mask = input_ids == pid
+            if not mask.any():
+                continue
+            if feat is None:
+                raise ValueError(f"batch has placeholder id {pid} but no features for it")
+            counts = mask.sum(dim=1)
+            if bool((counts % length).any()):
+                bad = int((counts % length != 0).nonzero()[0, 0])
+                raise ValueError(
+                    f"sample {bad} has {int(counts[bad])} positions of placeholder {pid}, not a multiple of "
+                    f"{length}: the data was expanded for another T/N/K than the model's {self.layout}"
+                )
+            if feat.shape[1] != length:
+                raise ValueError(f"features for placeholder {pid} have {feat.shape[1]} rows; the model expects {length}")
+            h = proj(feat)  # [b, length, hidden]
+            # j-th placeholder of a kind in a sample takes feature row j mod length, so several
+            # modality tokens in one conversation each get the full sequence, in order.
+            row = (mask.long().cumsum(dim=1) - 1).clamp(min=0) % length
+            picked = torch.gather(h, 1, row.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+            emb = torch.where(mask.unsqueeze(-1), picked.to(emb.dtype), emb)
+        emb = emb.transpose(0, 1).contiguous()
+        if self.config.sequence_parallel:
+            from megatron.core import tensor_parallel
+
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+        return emb
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        video: torch.Tensor | None = None,
+        audio: torch.Tensor | None = None,
+        features: EncoderFeatures | None = None,
+        runtime_gather_output: bool | None = None,
+    ) -> torch.Tensor:
+        """Per-token loss [b, s] when `labels` are given (last stage), else logits / hidden states.
+
+        `features` (cached encoder outputs) replaces running the encoders on `video`/`audio`."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+        decoder_input = None
+        if self.pre_process:
+            feats = features if features is not None else self.encode(input_ids, video, audio)
+            decoder_input = self.embed(input_ids, position_ids, feats)
+        if labels is not None:
+            # positions without loss get a valid id; the loss mask removes them (Eq. 6)
+            labels = labels.clamp(min=0)
+        return self.llm(
+            input_ids=input_ids.clamp(min=0),
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            labels=labels,
+            runtime_gather_output=runtime_gather_output,
+        )
+
+
+def _scatter_rows(rows: torch.Tensor, idx: torch.Tensor, batch: int) -> torch.Tensor:
+    """[n, ...] features of the selected samples -> [batch, ...] with zeros elsewhere."""
+    out = rows.new_zeros((batch, *rows.shape[1:]))
+    out[idx.to(rows.device)] = rows
+    return out

@@ -1,0 +1,121 @@
+"""CLAP HTSAT audio encoder (laion_clap), frozen.
+
+Each of the K audio segments (48 kHz mono, CLAP's 480 000-sample window, repeat-padded by the
+data pipeline) becomes one embedding: HTSAT's pooled last hidden state, before CLAP's projection
+(1024-d for HTSAT-base). HTSAT computes its own log-mel front end from the waveform.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import types
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from nemo_avllm.model.encoders.frozen import FrozenEncoder, load_state_dict_file
+
+# HTSAT-{tiny,base,large} as laion_clap builds them (clap_module/htsat.py: create_htsat_model).
+HTSAT_ARCHS = {
+    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(4, 8, 16, 32)),
+    "base": dict(embed_dim=128, depths=(2, 2, 12, 2), num_heads=(4, 8, 16, 32)),
+    "large": dict(embed_dim=256, depths=(2, 2, 12, 2), num_heads=(4, 8, 16, 32)),
+}
+
+
+def _htsat_module():
+    """laion_clap's htsat.py without running `laion_clap/__init__.py`, which downloads text
+    tokenizers at import (NOTES.md). The audio tower needs none of that."""
+    name = "_avllm_laion_clap_module"
+    if f"{name}.htsat" in sys.modules:
+        return sys.modules[f"{name}.htsat"]
+    spec = importlib.util.find_spec("laion_clap")
+    if spec is None or spec.origin is None:
+        raise ImportError("laion-clap is not installed: pip install laion-clap==1.1.7")
+    pkg = types.ModuleType(name)
+    pkg.__path__ = [os.path.join(os.path.dirname(spec.origin), "clap_module")]
+    sys.modules[name] = pkg
+    return importlib.import_module(f"{name}.htsat")
+
+
+@dataclass
+class AudioEncoderConfig:
+    model_name: str = "base"  # HTSAT size: tiny | base | large
+    # Overrides of the HTSAT size (tiny test models): embed_dim, depths, num_heads
+    embed_dim: int | None = None
+    depths: tuple | None = None
+    num_heads: tuple | None = None
+    checkpoint: str | None = None  # laion_clap checkpoint (keys `audio_branch.*`, maybe `module.`)
+    sample_rate: int = 48000
+    clip_samples: int = 480000
+    window_size: int = 1024
+    hop_size: int = 480
+    mel_bins: int = 64
+    fmin: int = 50
+    fmax: int = 14000
+
+
+class AudioEncoder(FrozenEncoder):
+    def __init__(self, cfg: AudioEncoderConfig):
+        super().__init__()
+        if cfg.model_name not in HTSAT_ARCHS:
+            raise ValueError(f"model.audio.model_name={cfg.model_name!r}; expected one of {sorted(HTSAT_ARCHS)}")
+        htsat = _htsat_module()
+        arch = dict(HTSAT_ARCHS[cfg.model_name])
+        for k in ("embed_dim", "depths", "num_heads"):
+            if getattr(cfg, k) is not None:
+                arch[k] = getattr(cfg, k)
+        self.cfg = cfg
+        audio_cfg = SimpleNamespace(
+            sample_rate=cfg.sample_rate,
+            window_size=cfg.window_size,
+            hop_size=cfg.hop_size,
+            mel_bins=cfg.mel_bins,
+            fmin=cfg.fmin,
+            fmax=cfg.fmax,
+            class_num=527,
+            clip_samples=cfg.clip_samples,
+            model_name=cfg.model_name,
+            enable_repeat_mode=False,
+        )
+        self.htsat = htsat.HTSAT_Swin_Transformer(
+            spec_size=256,
+            patch_size=4,
+            patch_stride=(4, 4),
+            num_classes=527,
+            embed_dim=arch["embed_dim"],
+            depths=list(arch["depths"]),
+            num_heads=list(arch["num_heads"]),
+            window_size=8,
+            config=audio_cfg,
+        )
+        self.width = self.htsat.num_features
+        if cfg.checkpoint:
+            self.load_checkpoint(cfg.checkpoint)
+        self.freeze()
+
+    def load_checkpoint(self, path: str) -> None:
+        sd = load_state_dict_file(path)
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        sd = {k[len("audio_branch.") :]: v for k, v in sd.items() if k.startswith("audio_branch.")} or sd
+        missing, unexpected = self.htsat.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"audio checkpoint {path} does not match HTSAT-{self.cfg.model_name}: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            )
+
+    @torch.no_grad()
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio [B, K, samples] at 48 kHz -> E_a [B, K, D]."""
+        b, k, n = audio.shape
+        if n != self.cfg.clip_samples:
+            raise ValueError(f"audio segments have {n} samples; HTSAT expects {self.cfg.clip_samples} (CLAP's window)")
+        wav = audio.reshape(b * k, n).float()
+        out = self.htsat({"waveform": wav}, device=wav.device)
+        emb = out["embedding"].to(next(self.htsat.parameters()).dtype)
+        return emb.view(b, k, -1)

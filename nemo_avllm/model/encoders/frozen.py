@@ -1,0 +1,36 @@
+"""What makes an encoder frozen: no grads, always eval mode, weights from a local file only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class FrozenEncoder(nn.Module):
+    """Base class: parameters never require grad and `train()` keeps the module in eval mode."""
+
+    def freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True):  # noqa: ARG002 - frozen in both stages (paper Fig. 2)
+        return super().train(False)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file or a pickle-free torch checkpoint (`weights_only=True`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder checkpoint {path} does not exist; set the path or null for random init")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd

@@ -1,0 +1,88 @@
+"""CLIP ViT vision encoder (open_clip), frozen.
+
+Per frame it returns the [CLS] token and the patch tokens of the residual stream of one block
+(the penultimate by default, `feature_layer=-2`, as in LLaVA). Temporal tokens E_t are the T
+[CLS] tokens; spatial tokens E_s are the patch tokens averaged over the T frames (paper Eq. 1-2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nemo_avllm.model.encoders.frozen import FrozenEncoder, load_state_dict_file
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionEncoderConfig:
+    model_name: str = "ViT-L-14-quickgelu"  # any open_clip model name
+    # An open_clip model config ({embed_dim, vision_cfg, quick_gelu}) to use instead of the
+    # registered one of `model_name` (tiny test models, custom variants).
+    model_config: dict | None = None
+    checkpoint: str | None = None  # open_clip state dict (keys `visual.*`), safetensors or .pt
+    feature_layer: int = -2  # block whose output is used; -1 = last
+    mean: tuple = CLIP_MEAN
+    std: tuple = CLIP_STD
+    extra: dict = field(default_factory=dict)
+
+
+class VisionEncoder(FrozenEncoder):
+    def __init__(self, cfg: VisionEncoderConfig):
+        super().__init__()
+        import open_clip
+        from open_clip.model import _build_vision_tower
+
+        self.cfg = cfg
+        model_cfg = dict(cfg.model_config) if cfg.model_config else open_clip.get_model_config(cfg.model_name)
+        if model_cfg is None:
+            raise ValueError(
+                f"model.vision.model_name={cfg.model_name!r} is not an open_clip model; "
+                f"choose one of open_clip.list_models() or give model.vision.model_config"
+            )
+        vcfg = dict(model_cfg["vision_cfg"])
+        self.visual = _build_vision_tower(model_cfg["embed_dim"], vcfg, quick_gelu=model_cfg.get("quick_gelu", False))
+        self.width = vcfg.get("width", 768)
+        layers = vcfg.get("layers", 12)
+        self.layer_index = layers + cfg.feature_layer if cfg.feature_layer < 0 else cfg.feature_layer
+        if not 0 <= self.layer_index < layers:
+            raise ValueError(f"model.vision.feature_layer={cfg.feature_layer} out of range for a {layers}-block ViT")
+        self.image_size = vcfg.get("image_size", 224)
+        self.patch_size = vcfg.get("patch_size", 16)
+        self.num_patches = (self.image_size // self.patch_size) ** 2
+        if cfg.checkpoint:
+            self.load_checkpoint(cfg.checkpoint)
+        self.freeze()
+
+    def load_checkpoint(self, path: str) -> None:
+        sd = load_state_dict_file(path)
+        sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")} or sd
+        missing, unexpected = self.visual.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith(("proj", "attn_pool"))]
+        if missing or unexpected:
+            raise ValueError(
+                f"vision checkpoint {path} does not match {self.cfg.model_name}: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            )
+
+    @torch.no_grad()
+    def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """video [B, T, 3, H, W] (CLIP-normalised) -> E_t [B, T, D], E_s [B, N, D]."""
+        b, t = video.shape[:2]
+        frames = video.flatten(0, 1).to(dtype=next(self.visual.parameters()).dtype)
+        out = self.visual.forward_intermediates(
+            frames,
+            indices=[self.layer_index],
+            stop_early=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=True,
+        )
+        cls = out["image_intermediates_prefix"][0][:, 0]  # [B*T, D]
+        patches = out["image_intermediates"][0]  # [B*T, N, D]
+        e_t = cls.view(b, t, -1)
+        e_s = patches.view(b, t, patches.shape[1], -1).mean(dim=1)
+        return e_t, e_s

@@ -1,0 +1,75 @@
+"""Model provider: `cfg.model` (conf/model/*.yaml) -> the AVLLM stage for this rank.
+
+Megatron-Bridge habit: one function that knows how a config becomes modules; the training
+loop, export and inference all call it instead of assembling models themselves."""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_avllm.config import to_dict
+from nemo_avllm.model.avllm import AVLLM, AVLLMConfig
+from nemo_avllm.model.encoders import AudioEncoderConfig, VisionEncoderConfig
+from nemo_avllm.model.llm import LLMConfig, transformer_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"model.params_dtype={name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _section(cls, d: dict, where: str):
+    known = set(cls.__dataclass_fields__)
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
+
+
+def avllm_config(model_cfg) -> AVLLMConfig:
+    d = to_dict(model_cfg)
+    return AVLLMConfig(
+        llm=LLMConfig.from_dict(d["llm"]),
+        vision=_section(VisionEncoderConfig, d["vision"], "model.vision"),
+        audio=_section(AudioEncoderConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in d["audio"].items()}, "model.audio"),
+        num_frames=int(d["num_frames"]),
+        num_audio_segments=int(d["num_audio_segments"]),
+        transformer_impl=d.get("transformer_impl", "local"),
+        build_encoders=bool(d.get("build_encoders", True)),
+        vision_width=d.get("vision_width"),
+        audio_width=d.get("audio_width"),
+        num_patches=d.get("num_patches"),
+    )
+
+
+def megatron_config(model_cfg, init_model_with_meta_device: bool = False):
+    """The megatron `TransformerConfig` of `cfg.model` (validated: TP/PP vs heads/layers...)."""
+    return transformer_config(
+        LLMConfig.from_dict(to_dict(model_cfg.llm)),
+        tensor_model_parallel_size=int(model_cfg.get("tensor_model_parallel_size", 1)),
+        pipeline_model_parallel_size=int(model_cfg.get("pipeline_model_parallel_size", 1)),
+        params_dtype=_dtype(model_cfg.get("params_dtype", "fp32")),
+        recompute=bool(model_cfg.get("activations_checkpoint", False)),
+        sequence_parallel=bool(model_cfg.get("sequence_parallel", False)),
+        init_model_with_meta_device=init_model_with_meta_device,
+    )
+
+
+def build_model(model_cfg, pre_process: bool | None = None, post_process: bool | None = None) -> AVLLM:
+    """The AVLLM stage of this pipeline rank (first stage: encoders + projectors + embedding)."""
+    from megatron.core import parallel_state
+
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    cfg = avllm_config(model_cfg)
+    model = AVLLM(cfg, megatron_config(model_cfg), pre_process=pre_process, post_process=post_process)
+    dtype = _dtype(model_cfg.get("params_dtype", "fp32"))
+    if dtype != torch.float32:
+        # LLM and projectors train in bf16/fp16; frozen encoders follow (they only run forward)
+        model.to(dtype)
+    return model
