@@ -1,8 +1,8 @@
 """Where configs live and how they are composed (Hydra), for entry points and tests alike.
 
 `conf/` is the single source of hyper-parameters; code reads values from the composed config and
-never hard-codes them. `load(config_name, overrides)` is what `scripts/*.py` get from
-`hydra_runner`, usable without a Hydra app (tests, the `avllm` CLI)."""
+never hard-codes them. `load(config_name, overrides)` gives what `scripts/*.py` get from
+`hydra_runner`, without a Hydra app (tests, the `avllm` CLI)."""
 
 from __future__ import annotations
 
@@ -21,16 +21,24 @@ def conf_dir() -> Path:
     return path
 
 
-def load(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Compose `conf/<config_name>.yaml` with command-line style overrides (`a.b=c`)."""
+def _compose(config_dir: Path, name: str, overrides) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=list(overrides))
-    return cfg
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def load(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with command-line style overrides (`a.b=c`)."""
+    return _compose(conf_dir(), config_name, overrides)
+
+
+def load_model(name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Just a `conf/model/<name>.yaml` config (what `cfg.model` holds in a full config)."""
+    return _compose(conf_dir() / "model", name, overrides)
 
 
 def to_dict(cfg) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from nemo_avllm import modality
@@ -30,10 +31,6 @@ class AVLLMConfig:
     transformer_impl: str = "local"  # local | transformer_engine
     # False when training reads cached encoder outputs: the encoders are then never built.
     build_encoders: bool = True
-    # Encoder output widths; needed only when the encoders are not built (feature cache).
-    vision_width: int | None = None
-    audio_width: int | None = None
-    num_patches: int | None = None
 
 
 @dataclass
@@ -52,20 +49,17 @@ class AVLLM(MegatronModule):
     def __init__(self, cfg: AVLLMConfig, config, pre_process: bool = True, post_process: bool = True):
         super().__init__(config=config)
         self.cfg = cfg
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.pre_process = pre_process
         self.post_process = post_process
         self.vision = self.audio = None
-        vision_width, audio_width, num_patches = cfg.vision_width, cfg.audio_width, cfg.num_patches
+        geo = cfg.vision.geometry()
+        vision_width, audio_width = geo["width"], cfg.audio.width
+        self.layout = modality.TokenLayout(cfg.num_frames, geo["num_patches"], cfg.num_audio_segments)
         if pre_process and cfg.build_encoders:
             self.vision = VisionEncoder(cfg.vision)
             self.audio = AudioEncoder(cfg.audio)
-            vision_width, audio_width, num_patches = self.vision.width, self.audio.width, self.vision.num_patches
-        if num_patches is None:
-            raise ValueError("model.num_patches must be set when model.build_encoders=false")
-        self.layout = modality.TokenLayout(cfg.num_frames, num_patches, cfg.num_audio_segments)
         if pre_process:
-            if vision_width is None or audio_width is None:
-                raise ValueError("model.vision_width/audio_width must be set when model.build_encoders=false")
             h = cfg.llm.hidden_size
             self.proj_temporal = Projector(vision_width, h, config)
             self.proj_spatial = Projector(vision_width, h, config)

@@ -39,9 +39,6 @@ def avllm_config(model_cfg) -> AVLLMConfig:
         num_audio_segments=int(d["num_audio_segments"]),
         transformer_impl=d.get("transformer_impl", "local"),
         build_encoders=bool(d.get("build_encoders", True)),
-        vision_width=d.get("vision_width"),
-        audio_width=d.get("audio_width"),
-        num_patches=d.get("num_patches"),
     )
 
 
@@ -58,8 +55,17 @@ def megatron_config(model_cfg, init_model_with_meta_device: bool = False):
     )
 
 
-def build_model(model_cfg, pre_process: bool | None = None, post_process: bool | None = None) -> AVLLM:
-    """The AVLLM stage of this pipeline rank (first stage: encoders + projectors + embedding)."""
+def build_model(
+    model_cfg, pre_process: bool | None = None, post_process: bool | None = None, meta: bool = False
+) -> AVLLM:
+    """The AVLLM stage of this pipeline rank (first stage: encoders + projectors + embedding).
+
+    `meta=True` builds every tensor on the meta device: shapes and names of a 7B/13B model
+    without allocating its weights (export layouts, parameter counts). Frozen encoders are left
+    out then (torchlibrosa fills its STFT weights from NumPy, which meta tensors refuse); their
+    widths still come from their configs."""
+    import contextlib
+
     from megatron.core import parallel_state
 
     if pre_process is None:
@@ -67,7 +73,15 @@ def build_model(model_cfg, pre_process: bool | None = None, post_process: bool |
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     cfg = avllm_config(model_cfg)
-    model = AVLLM(cfg, megatron_config(model_cfg), pre_process=pre_process, post_process=post_process)
+    if meta:
+        cfg.build_encoders = False
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = AVLLM(
+            cfg,
+            megatron_config(model_cfg, init_model_with_meta_device=meta),
+            pre_process=pre_process,
+            post_process=post_process,
+        )
     dtype = _dtype(model_cfg.get("params_dtype", "fp32"))
     if dtype != torch.float32:
         # LLM and projectors train in bf16/fp16; frozen encoders follow (they only run forward)

@@ -58,17 +58,28 @@ class AudioEncoderConfig:
     fmin: int = 50
     fmax: int = 14000
 
+    def arch(self) -> dict:
+        """HTSAT size with overrides applied: embed_dim, depths, num_heads."""
+        if self.model_name not in HTSAT_ARCHS:
+            raise ValueError(f"model.audio.model_name={self.model_name!r}; expected one of {sorted(HTSAT_ARCHS)}")
+        arch = dict(HTSAT_ARCHS[self.model_name])
+        for k in ("embed_dim", "depths", "num_heads"):
+            if getattr(self, k) is not None:
+                arch[k] = getattr(self, k)
+        return arch
+
+    @property
+    def width(self) -> int:
+        """Size of one segment embedding: HTSAT doubles its width at each of its stages."""
+        arch = self.arch()
+        return int(arch["embed_dim"] * 2 ** (len(arch["depths"]) - 1))
+
 
 class AudioEncoder(FrozenEncoder):
     def __init__(self, cfg: AudioEncoderConfig):
         super().__init__()
-        if cfg.model_name not in HTSAT_ARCHS:
-            raise ValueError(f"model.audio.model_name={cfg.model_name!r}; expected one of {sorted(HTSAT_ARCHS)}")
+        arch = cfg.arch()
         htsat = _htsat_module()
-        arch = dict(HTSAT_ARCHS[cfg.model_name])
-        for k in ("embed_dim", "depths", "num_heads"):
-            if getattr(cfg, k) is not None:
-                arch[k] = getattr(cfg, k)
         self.cfg = cfg
         audio_cfg = SimpleNamespace(
             sample_rate=cfg.sample_rate,
@@ -94,6 +105,7 @@ class AudioEncoder(FrozenEncoder):
             config=audio_cfg,
         )
         self.width = self.htsat.num_features
+        assert self.width == cfg.width
         if cfg.checkpoint:
             self.load_checkpoint(cfg.checkpoint)
         self.freeze()

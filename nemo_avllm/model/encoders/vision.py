@@ -7,7 +7,7 @@ Per frame it returns the [CLS] token and the patch tokens of the residual stream
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -27,32 +27,43 @@ class VisionEncoderConfig:
     feature_layer: int = -2  # block whose output is used; -1 = last
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
-    extra: dict = field(default_factory=dict)
+
+    def open_clip_config(self) -> dict:
+        """The open_clip model config ({embed_dim, vision_cfg, quick_gelu}) of this encoder."""
+        import open_clip
+
+        cfg = dict(self.model_config) if self.model_config else open_clip.get_model_config(self.model_name)
+        if cfg is None:
+            raise ValueError(
+                f"model.vision.model_name={self.model_name!r} is not an open_clip model; "
+                f"choose one of open_clip.list_models() or give model.vision.model_config"
+            )
+        return cfg
+
+    def geometry(self) -> dict:
+        """width, image_size, patch_size, num_patches and layers, without building the model."""
+        v = self.open_clip_config()["vision_cfg"]
+        image, patch = v.get("image_size", 224), v.get("patch_size", 16)
+        return dict(width=v.get("width", 768), image_size=image, patch_size=patch,
+                    num_patches=(image // patch) ** 2, layers=v.get("layers", 12))
 
 
 class VisionEncoder(FrozenEncoder):
     def __init__(self, cfg: VisionEncoderConfig):
         super().__init__()
-        import open_clip
         from open_clip.model import _build_vision_tower
 
         self.cfg = cfg
-        model_cfg = dict(cfg.model_config) if cfg.model_config else open_clip.get_model_config(cfg.model_name)
-        if model_cfg is None:
-            raise ValueError(
-                f"model.vision.model_name={cfg.model_name!r} is not an open_clip model; "
-                f"choose one of open_clip.list_models() or give model.vision.model_config"
-            )
-        vcfg = dict(model_cfg["vision_cfg"])
-        self.visual = _build_vision_tower(model_cfg["embed_dim"], vcfg, quick_gelu=model_cfg.get("quick_gelu", False))
-        self.width = vcfg.get("width", 768)
-        layers = vcfg.get("layers", 12)
+        model_cfg = cfg.open_clip_config()
+        self.visual = _build_vision_tower(
+            model_cfg["embed_dim"], dict(model_cfg["vision_cfg"]), quick_gelu=model_cfg.get("quick_gelu", False)
+        )
+        geo = cfg.geometry()
+        self.width, self.image_size, self.num_patches = geo["width"], geo["image_size"], geo["num_patches"]
+        layers = geo["layers"]
         self.layer_index = layers + cfg.feature_layer if cfg.feature_layer < 0 else cfg.feature_layer
         if not 0 <= self.layer_index < layers:
             raise ValueError(f"model.vision.feature_layer={cfg.feature_layer} out of range for a {layers}-block ViT")
-        self.image_size = vcfg.get("image_size", 224)
-        self.patch_size = vcfg.get("patch_size", 16)
-        self.num_patches = (self.image_size // self.patch_size) ** 2
         if cfg.checkpoint:
             self.load_checkpoint(cfg.checkpoint)
         self.freeze()
