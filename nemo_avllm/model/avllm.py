@@ -32,6 +32,10 @@ class AVLLMConfig:
     # False when training reads cached encoder outputs: the encoders are then never built.
     build_encoders: bool = True
 
+    def layout(self) -> modality.TokenLayout:
+        """Embedding positions per modality token, from the configs alone (no weights needed)."""
+        return modality.TokenLayout(self.num_frames, self.vision.geometry()["num_patches"], self.num_audio_segments)
+
 
 @dataclass
 class EncoderFeatures:
@@ -53,9 +57,8 @@ class AVLLM(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         self.vision = self.audio = None
-        geo = cfg.vision.geometry()
-        vision_width, audio_width = geo["width"], cfg.audio.width
-        self.layout = modality.TokenLayout(cfg.num_frames, geo["num_patches"], cfg.num_audio_segments)
+        vision_width, audio_width = cfg.vision.geometry()["width"], cfg.audio.width
+        self.layout = cfg.layout()
         if pre_process and cfg.build_encoders:
             self.vision = VisionEncoder(cfg.vision)
             self.audio = AudioEncoder(cfg.audio)

@@ -10,7 +10,8 @@ is False, so the same training code runs on a laptop, in CI and on a GPU cluster
 - the causal-mask helper, which also runs inside autograd backward during activation recompute
   where function modes are not active -> a CPU version;
 - the CUDA RNG tracker -> a tracker that forks the CPU generator with the same seed offsets;
-- `torch.cuda.synchronize` / `current_stream` / events used by p2p and DDP -> no-ops.
+- `torch.cuda.synchronize` / `current_stream` / events used by p2p and DDP -> no-ops;
+- `Tensor.type()` string checks in megatron's optimizers -> CPU tensors report CUDA type names.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and args[0].device.type == "cpu":
+            # megatron's optimizers assert `grad.type() == 'torch.cuda.FloatTensor'` (and pick
+            # fp16/bf16 paths by the same strings): report CPU tensors under their CUDA names.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs = dict(kwargs, device=CPU)
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):

@@ -1,0 +1,357 @@
+"""Validated samples -> model-ready items, and the DataLoader that batches them for MAT.
+
+An item is `(sample index, view)` (what `MATBatchSampler` yields; a plain int means the sample's
+own view). `AVDataset[item]` tokenises the view's conversation (response-only labels, modality
+tokens expanded) and attaches only the media its tokens ask for: decoded `video [T,3,S,S]` /
+`audio [K,W]`, or, with a feature cache, the cached encoder outputs.
+
+Bad media never stop training. Pipeline parallelism needs every micro-batch to have the same
+shape, so a sample whose media fail to decode is *replaced*, not dropped: the dataset takes the
+next sample (in manifest order, wrapping around) that offers the same view and decodes that one
+instead. The replacement is a pure function of the item and of which files are bad, so it is the
+same in every worker and on every rerun, and the batch keeps its modality mix. Each bad file is
+logged once per process with its path; the collated batch lists the replaced files in
+`bad_media` so the training loop can count them. With `replace_bad=False` (evaluation), the
+dataset returns None and `collate_av` drops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Sequence
+
+import torch
+
+from nemo_avllm import modality
+from nemo_avllm.data.collate import collate_tokens
+from nemo_avllm.data.conversation import ConversationError, ConversationTemplate, tokenize_conversation
+from nemo_avllm.data.manifest import MediaIndex, Sample, as_index
+from nemo_avllm.data.media import MediaError, MediaInfo
+
+log = logging.getLogger(__name__)
+
+FEATURE_KINDS = ("temporal", "spatial", "audio")
+
+
+# --------------------------------------------------------------------------------------------
+# What to decode, and how
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Decode parameters; all but `backend` come from the model config, so the data always fits
+    the encoders (T frames of S px, K CLAP windows of W samples at the encoder's rate)."""
+
+    num_frames: int  # T
+    num_audio_segments: int  # K
+    image_size: int  # S
+    sample_rate: int
+    window: int  # W: samples per audio segment
+    backend: str = "cpu"  # cpu | dali | auto (see media.decode_clip)
+
+    @classmethod
+    def from_model_config(cls, model_cfg, backend: str = "cpu") -> "DecodeSettings":
+        from nemo_avllm.model.provider import avllm_config
+
+        cfg = avllm_config(model_cfg)
+        return cls(
+            num_frames=cfg.num_frames,
+            num_audio_segments=cfg.num_audio_segments,
+            image_size=cfg.vision.geometry()["image_size"],
+            sample_rate=cfg.audio.sample_rate,
+            window=cfg.audio.clip_samples,
+            backend=backend,
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MediaSource:
+    """Where one clip's pixels and sound are read from (the FLAC side-car when prepared)."""
+
+    media_id: str
+    video: str
+    audio: str  # file to read audio from: side-car FLAC, the manifest's audio file, or the video
+    has_audio: bool | None
+    info: MediaInfo | None = None
+
+    @classmethod
+    def of(cls, sample: Sample, index: MediaIndex | None = None) -> "MediaSource":
+        rec = index.get(sample.media_id) if index is not None else None
+        if rec is not None:
+            return cls.of_record(rec)
+        return cls(sample.media_id, sample.video, sample.audio or sample.video, sample.has_audio)
+
+    @classmethod
+    def of_record(cls, rec: dict) -> "MediaSource":
+        """From a prepare index record (what `features` iterates over without a manifest)."""
+        audio = rec.get("flac") or rec.get("audio_path") or rec["path"]
+        return cls(rec["id"], rec["path"], audio, bool(rec.get("has_audio")), MediaInfo.from_dict(rec))
+
+
+def load_media(src: MediaSource, s: DecodeSettings, video: bool, audio: bool):
+    """(video [T,3,S,S] | None, audio [K,W] | None). Raises MediaError for undecodable files and
+    when audio is asked for but the clip has none."""
+    from nemo_avllm.data import media
+
+    v = a = None
+    if video:
+        if s.backend == "cpu":
+            v, _, _ = media.decode_video(src.video, s.num_frames, s.image_size)
+        else:  # DALI when it reads the codec; its audio path reads the side-car FLAC
+            clip = media.decode_clip(src.video, src.audio, s.num_frames, s.num_audio_segments, s.image_size,
+                                     s.sample_rate, s.window, backend=s.backend, info=src.info)
+            v, a = clip.video, (clip.audio if audio else None)
+    if audio and a is None:
+        a = media.load_audio_segments(src.audio, s.num_audio_segments, s.sample_rate, s.window)
+        if a is None:
+            raise MediaError(src.audio, "no audio track, but the sample's tokens ask for audio")
+    return v, a
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------
+
+
+class AVDataset(torch.utils.data.Dataset):
+    """Map-style dataset over validated samples; see the module docstring for items and bad media."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        tokenizer,
+        layout: modality.TokenLayout,
+        settings: DecodeSettings,
+        *,
+        index=None,
+        feature_cache=None,
+        max_length: int | None = None,
+        derive_views: bool = False,
+        replace_bad: bool = True,
+        max_replacements: int = 64,
+        template: ConversationTemplate = ConversationTemplate(),
+    ):
+        self.samples = list(samples)
+        self.tokenizer, self.layout, self.settings = tokenizer, layout, settings
+        self.index = as_index(index)
+        self.cache = feature_cache
+        self.max_length = max_length
+        self.derive_views = derive_views
+        self.replace_bad = replace_bad
+        self.max_replacements = max_replacements
+        self.template = template
+        if self.cache is not None:
+            self.cache.check_layout(layout)
+        # per view: sample indices that offer it, in manifest order (replacement candidates)
+        self._by_view: dict[str, list[int]] = {}
+        for i, s in enumerate(self.samples):
+            for view in s.available_views(derive_views):
+                self._by_view.setdefault(view, []).append(i)
+        self._pos = {v: {i: k for k, i in enumerate(ids)} for v, ids in self._by_view.items()}
+        self.bad: dict[str, str] = {}  # media id -> reason (this process): skipped from now on
+        self.bad_samples: dict[int, str] = {}  # sample index -> reason (unusable conversation)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _parse(self, item) -> tuple[int, str]:
+        if isinstance(item, (tuple, list)):
+            return int(item[0]), str(item[1])
+        return int(item), self.samples[int(item)].modality
+
+    def __getitem__(self, item) -> dict | None:
+        i, view = self._parse(item)
+        if view not in self._pos or i not in self._pos[view]:
+            raise KeyError(f"sample {i} ({self.samples[i].id}) has no {view!r} view "
+                           f"(views: {self.samples[i].available_views(self.derive_views)})")
+        replaced: list[str] = []
+        candidates = self._by_view[view]
+        start = self._pos[view][i]
+        for step in range(len(candidates)):
+            j = candidates[(start + step) % len(candidates)]
+            sample = self.samples[j]
+            if sample.media_id not in self.bad and j not in self.bad_samples:
+                try:
+                    out = self.load(j, view)
+                    out["bad_media"] = replaced
+                    return out
+                except MediaError as e:
+                    self._mark_bad(sample, e, sample.media_id)
+                except ConversationError as e:  # over-long prompt that validation did not see
+                    self._mark_bad(sample, e, j)
+            replaced.append(sample.video)
+            if not self.replace_bad:
+                return None
+            if len(replaced) > self.max_replacements:
+                break
+        raise RuntimeError(
+            f"{len(replaced)} samples in a row with view {view} starting at {self.samples[i].id} "
+            f"({self.samples[i].file}:{self.samples[i].line}) could not be loaded; the data is broken: "
+            f"rerun `avllm prepare` and check bad_files.jsonl")
+
+    def _mark_bad(self, sample: Sample, e: Exception, key) -> None:
+        (self.bad if isinstance(key, str) else self.bad_samples)[key] = str(e)
+        log.warning("sample %s (%s:%d) replaced by the next good %s sample: %s",
+                    sample.id, sample.file, sample.line, sample.modality, e)
+
+    def load(self, i: int, view: str) -> dict:
+        """Sample `i` as `view`, without replacement (raises MediaError on bad media)."""
+        sample = self.samples[i]
+        features = source = None
+        if self.cache is not None:
+            features = self.cache.get(sample.media_id)
+            if features is None:
+                raise MediaError(sample.video, f"not in the feature cache {self.cache.path} (it failed there, "
+                                               f"or the cache was built from another manifest)")
+        else:
+            source = MediaSource.of(sample, self.index)
+        item = build_item(sample, view, self.tokenizer, self.layout, self.settings, source=source,
+                          features=features, max_length=self.max_length, template=self.template)
+        item["index"] = i
+        return item
+
+
+def build_item(
+    sample: Sample,
+    view: str,
+    tokenizer,
+    layout: modality.TokenLayout,
+    settings: DecodeSettings,
+    *,
+    source: MediaSource | None = None,
+    features: dict[str, torch.Tensor] | None = None,
+    max_length: int | None = None,
+    template: ConversationTemplate = ConversationTemplate(),
+) -> dict:
+    """One training item (shared by AVDataset and the shard reader): tokens of `view`, plus the
+    media its tokens need, decoded from `source` or picked from cached `features`."""
+    tokens = tokenize_conversation(sample.conversation(view), tokenizer, layout, template, max_length=max_length)
+    ids = torch.tensor(tokens.input_ids).unsqueeze(0)
+    want_v, want_a = bool(modality.needs_visual(ids)), bool(modality.needs_audio(ids))
+    item = {"id": sample.id, "modality": view, "tokens": tokens}
+    if features is not None:
+        picked = {}
+        if want_v:
+            picked["temporal"], picked["spatial"] = features["temporal"], features["spatial"]
+        if want_a:
+            if "audio" not in features:
+                raise MediaError(sample.video, "the feature cache has no audio tokens for it (no audio track)")
+            picked["audio"] = features["audio"]
+        item["features"] = picked
+        return item
+    video, audio = load_media(source, settings, want_v, want_a)
+    if video is not None:
+        item["video"] = video
+    if audio is not None:
+        item["audio"] = audio
+    return item
+
+
+# --------------------------------------------------------------------------------------------
+# Collate
+# --------------------------------------------------------------------------------------------
+
+
+def _stack_rows(rows: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Stack per-sample tensors, zeros for samples without one; None if no sample has one."""
+    ref = next((r for r in rows if r is not None), None)
+    if ref is None:
+        return None
+    return torch.stack([r if r is not None else torch.zeros_like(ref) for r in rows])
+
+
+def collate_av(items: list[dict | None], seq_length: int | None = None, pad_id: int = 0) -> dict:
+    """Items -> a model batch: tokens via `collate_tokens`; `video [B,T,3,S,S]`, `audio [B,K,W]`
+    or `features` {temporal, spatial, audio} (the dict `training.step.forward_step` turns into
+    `EncoderFeatures`), with zero rows for samples that don't use a modality (the model picks
+    rows by placeholder tokens). None items (replace_bad=False) are dropped."""
+    items = [it for it in items if it is not None]
+    if not items:
+        raise ValueError("collate_av: every item of the batch was None (all media bad)")
+    batch = collate_tokens([it["tokens"] for it in items], seq_length, pad_id)
+    for key in ("video", "audio"):
+        stacked = _stack_rows([it.get(key) for it in items])
+        if stacked is not None:
+            batch[key] = stacked
+    if any("features" in it for it in items):
+        batch["features"] = {k: _stack_rows([it.get("features", {}).get(k) for it in items]) for k in FEATURE_KINDS}
+    batch["ids"] = [it["id"] for it in items]
+    batch["modality"] = [it["modality"] for it in items]
+    batch["bad_media"] = [p for it in items for p in it.get("bad_media", [])]
+    return batch
+
+
+# --------------------------------------------------------------------------------------------
+# DataLoader
+# --------------------------------------------------------------------------------------------
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # decode/resize workers: one core each, no oversubscription
+
+
+def build_dataloader(
+    samples: Sequence[Sample],
+    tokenizer,
+    model_cfg,
+    *,
+    global_batch_size: int,
+    micro_batch_size: int,
+    seq_length: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    ratios: dict[str, float] | None = None,
+    derive_views: bool = False,
+    seed: int = 0,
+    consumed_samples: int = 0,
+    index=None,
+    feature_cache=None,
+    num_workers: int = 2,
+    backend: str = "cpu",
+    max_length: int | None = None,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    """MAT sampler + AVDataset + collate for one data-parallel rank. `feature_cache`: a path or a
+    FeatureCache (checked against `model_cfg`). `loader.batch_sampler.state_dict(n)` goes in the
+    checkpoint; pass `consumed_samples` back to resume exactly."""
+    from nemo_avllm.data.mat_sampler import MATBatchSampler
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked
+    settings = DecodeSettings.from_model_config(model_cfg, backend=backend)
+    if feature_cache is not None and not hasattr(feature_cache, "get"):
+        from nemo_avllm.data.features import FeatureCache
+
+        feature_cache = FeatureCache(feature_cache, model_cfg)
+    layout = layout_of(model_cfg)
+    dataset = AVDataset(samples, tokenizer, layout, settings, index=index, feature_cache=feature_cache,
+                        max_length=max_length or seq_length, derive_views=derive_views)
+    sampler = MATBatchSampler(samples, ratios, global_batch_size, micro_batch_size, dp_rank, dp_size, seed,
+                              derive_views, consumed_samples)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=partial(collate_av, seq_length=seq_length, pad_id=pad_id_of(tokenizer)),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if num_workers else None,
+    )
+
+
+def layout_of(model_cfg) -> modality.TokenLayout:
+    """The token layout (T, N, K) of a model config, without building the model."""
+    from nemo_avllm.model.provider import avllm_config
+
+    cfg = avllm_config(model_cfg)
+    return modality.TokenLayout(cfg.num_frames, cfg.vision.geometry()["num_patches"], cfg.num_audio_segments)
+
+
+def pad_id_of(tokenizer) -> int:
+    """LLaMA tokenizers have no pad token; padding carries no loss, so any id works (0 = <unk>)."""
+    return tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0

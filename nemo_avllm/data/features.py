@@ -1,0 +1,410 @@
+"""The frozen-encoder feature cache (`avllm features`).
+
+Both training stages freeze the encoders (paper Fig. 2), so their outputs are a pure function of
+the clip: computing them once and reading them back saves decoding 32 frames and running ViT-L
+and HTSAT on every step of every epoch. Per clip the cache stores the tokens the model consumes:
+temporal [T, Dv] ([CLS] per frame), spatial [N, Dv] (patch tokens averaged over frames) and, for
+clips with sound, audio [K, Da], in bf16 or fp16.
+
+Layout of a cache folder:
+- `shard-000000.safetensors`, ...: many clips per shard, tensors named `<media id>/<kind>`;
+- `index.json`: media id -> shard file;
+- `meta.json`: what the tokens depend on (encoder configs, T, K, image size, feature layer,
+  sample rate, window) and their hash. `FeatureCache` refuses a cache whose meta differs from the
+  model config, naming both values: stale features train silently wrong otherwise;
+- `journal.jsonl`, `bad_files.jsonl`: progress and failures, so a killed run resumes where it
+  stopped (finished shards are kept; clips that failed are reported and not retried).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from nemo_avllm.data.dataset import DecodeSettings, MediaSource, load_media
+from nemo_avllm.data.media import MediaError
+
+log = logging.getLogger(__name__)
+
+META_NAME = "meta.json"
+INDEX_NAME = "index.json"
+JOURNAL_NAME = "journal.jsonl"
+BAD_FILES_NAME = "bad_files.jsonl"
+STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FORMAT_VERSION = 1
+# Settings a reader compares one by one, so the error can name the one that differs.
+_CHECKED = ("num_frames", "num_audio_segments", "image_size", "num_patches", "feature_layer", "sample_rate",
+            "window", "vision_width", "audio_width")
+
+
+# --------------------------------------------------------------------------------------------
+# What the tokens depend on
+# --------------------------------------------------------------------------------------------
+
+
+def _portable(enc: dict) -> dict:
+    """Encoder config for hashing: a checkpoint counts by file name, not by where it lies."""
+    d = json.loads(json.dumps(enc))  # tuples -> lists, as they come back from meta.json
+    if d.get("checkpoint"):
+        d["checkpoint"] = os.path.basename(str(d["checkpoint"]))
+    return d
+
+
+def cache_fields(model_cfg) -> dict:
+    """Everything the cached tokens depend on, from a model config (no model is built)."""
+    from nemo_avllm.model.provider import avllm_config
+
+    cfg = avllm_config(model_cfg)
+    s = DecodeSettings.from_model_config(model_cfg)
+    geo = cfg.vision.geometry()
+    return {
+        "num_frames": s.num_frames,
+        "num_audio_segments": s.num_audio_segments,
+        "image_size": s.image_size,
+        "num_patches": geo["num_patches"],
+        "feature_layer": cfg.vision.feature_layer,
+        "sample_rate": s.sample_rate,
+        "window": s.window,
+        "vision_width": geo["width"],
+        "audio_width": cfg.audio.width,
+        "vision": _portable(asdict(cfg.vision)),
+        "audio": _portable(asdict(cfg.audio)),
+    }
+
+
+def fields_hash(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _diff(cache: dict, model: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(cache) | set(model)):
+        a, b = cache.get(key), model.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: cache {a!r}, model {b!r}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+class FeatureCacheError(ValueError):
+    """A cache that is missing, unfinished, or built for another model config."""
+
+
+def check_meta(meta: dict, expected: dict, what: str) -> None:
+    """Refuse cached tokens made for another model config, naming what differs and the fix."""
+    got = meta["fields"]
+    diffs = [f"{k}: cache {got.get(k)!r}, model {expected[k]!r}" for k in _CHECKED if got.get(k) != expected[k]]
+    if not diffs and meta["hash"] != fields_hash(expected):
+        diffs = _diff({"vision": got.get("vision"), "audio": got.get("audio")},
+                      {"vision": expected["vision"], "audio": expected["audio"]}) or ["encoder config hash"]
+    if diffs:
+        raise FeatureCacheError(
+            f"{what} was built for another model config (hash {meta['hash']}, the model's is "
+            f"{fields_hash(expected)}): {'; '.join(diffs[:6])}. Rebuild it for this model: "
+            f"`avllm features model=<this model config> data.feature_cache=<new folder>`, or point "
+            f"data.feature_cache at a cache built for this model, or set data.feature_cache=null to decode media")
+
+
+class FeatureCache:
+    """Read-only view of a cache folder. With `model_cfg` (training), refuses a cache built for
+    other encoders / T / K / image size / feature layer / audio window. Shards are opened lazily,
+    per process, so it can be handed to DataLoader workers."""
+
+    def __init__(self, path, model_cfg=None):
+        self.path = Path(path)
+        meta_file, index_file = self.path / META_NAME, self.path / INDEX_NAME
+        if not meta_file.is_file():
+            raise FeatureCacheError(
+                f"feature cache {self.path} has no {META_NAME}; build it with "
+                f"`avllm features data.feature_cache={self.path}` or set data.feature_cache=null")
+        self.meta = json.loads(meta_file.read_text())
+        if not index_file.is_file():
+            raise FeatureCacheError(
+                f"feature cache {self.path} is unfinished (no {INDEX_NAME}); rerun `avllm features` with the "
+                f"same settings, it resumes where it stopped")
+        self.index: dict[str, str] = json.loads(index_file.read_text())
+        if model_cfg is not None:
+            self.check(cache_fields(model_cfg))
+        self._handles: dict[str, object] = {}
+        self._pid = os.getpid()
+
+    def check(self, expected: dict) -> None:
+        check_meta(self.meta, expected, f"feature cache {self.path}")
+
+    def check_layout(self, layout) -> None:
+        """The token layout the dataset expands to must match the cached token counts."""
+        f = self.meta["fields"]
+        have = (f["num_frames"], f["num_patches"], f["num_audio_segments"])
+        want = (layout.num_frames, layout.num_patches, layout.num_audio_segments)
+        if have != want:
+            raise FeatureCacheError(
+                f"feature cache {self.path} holds T, N, K = {have}, the token layout is {want}; "
+                f"rebuild the cache with `avllm features` for this model config")
+
+    def __contains__(self, media_id: str) -> bool:
+        return media_id in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _shard(self, name: str):
+        from safetensors import safe_open
+
+        if self._pid != os.getpid():  # forked into a worker: don't share mmaps across processes
+            self._handles, self._pid = {}, os.getpid()
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.path / name), framework="pt", device="cpu")
+        return self._handles[name]
+
+    def get(self, media_id: str) -> dict[str, torch.Tensor] | None:
+        """{"temporal": [T,Dv], "spatial": [N,Dv], "audio": [K,Da] (clips with sound)} or None."""
+        shard = self.index.get(media_id)
+        if shard is None:
+            return None
+        f = self._shard(shard)
+        out = {}
+        for kind in ("temporal", "spatial", "audio"):
+            key = f"{media_id}/{kind}"
+            if key in f.keys():
+                out[kind] = f.get_tensor(key)
+        return out
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_handles"] = {}
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureReport:
+    total: int  # distinct clips asked for
+    written: int  # encoded in this run
+    skipped: int  # already in the cache or known bad (resume)
+    failed: int  # could not be decoded (bad_files.jsonl; not retried on resume)
+    shards: int  # shard files in the cache
+    elapsed_s: float
+    path: str
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.written / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (f"features: {self.total} clips, {self.written} encoded ({self.clips_per_s:.2f} clips/s), "
+                f"{self.skipped} already cached, {self.failed} bad (see {self.path}/{BAD_FILES_NAME}); "
+                f"{self.shards} shards in {self.path}")
+
+
+def _sources(source, index) -> list[MediaSource]:
+    """Distinct clips of validated samples, a manifest path (list), or a prepare index."""
+    from nemo_avllm.data.manifest import MediaIndex, Sample, as_index, validate_manifest
+
+    index = as_index(index)
+    if isinstance(source, MediaIndex):
+        return [MediaSource.of_record(r) for r in source.records.values()]
+    if isinstance(source, (str, os.PathLike)) and (Path(source).is_dir() or Path(source).name == "index.jsonl"):
+        return [MediaSource.of_record(r) for r in MediaIndex.load(source).records.values()]
+    if isinstance(source, (str, os.PathLike)) or (source and not isinstance(source[0], Sample)):
+        source, report = validate_manifest(source, index=index)
+        log.info("%s", report)
+    seen, out = set(), []
+    for s in source:
+        if s.media_id not in seen:
+            seen.add(s.media_id)
+            out.append(MediaSource.of(s, index))
+    return out
+
+
+def _read_journal(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    done, bad = {}, {}
+    if (path / JOURNAL_NAME).is_file():
+        for line in (path / JOURNAL_NAME).read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # torn last line of a killed run
+                continue
+            done[rec["id"]] = rec["shard"]
+    if (path / BAD_FILES_NAME).is_file():
+        for line in (path / BAD_FILES_NAME).read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            bad[rec["id"]] = rec["reason"]
+    return done, bad
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def build_encoders(model_cfg, device: str | torch.device = "cpu"):
+    """The frozen vision and audio encoders of a model config, in its params dtype, eval mode."""
+    from nemo_avllm.model.encoders import AudioEncoder, VisionEncoder
+    from nemo_avllm.model.provider import _dtype, avllm_config
+
+    cfg = avllm_config(model_cfg)
+    for name, enc in (("vision", cfg.vision), ("audio", cfg.audio)):
+        if not enc.checkpoint:
+            log.warning("model.%s.checkpoint is null: caching features of a randomly initialised encoder "
+                        "(only useful for tests)", name)
+    dtype = _dtype(model_cfg.get("params_dtype", "fp32"))
+    return (VisionEncoder(cfg.vision).to(device=device, dtype=dtype),
+            AudioEncoder(cfg.audio).to(device=device, dtype=dtype))
+
+
+def build_feature_cache(
+    source,
+    out_dir,
+    model_cfg,
+    *,
+    index=None,
+    dtype: str = "bf16",
+    clips_per_shard: int = 256,
+    batch_size: int = 8,
+    backend: str = "cpu",
+    device: str | None = None,
+    encoders: tuple | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> FeatureReport:
+    """Encode every distinct clip of `source` once and write the cache (see module docstring).
+
+    `source`: validated samples, manifest path(s) or a prepare folder / index.jsonl; `index`: the
+    prepare output for side-car FLAC audio and has_audio. `encoders`: (vision, audio) modules to
+    use instead of building them from `model_cfg` (e.g. a model's own). Bad clips are reported
+    in bad_files.jsonl, never fatal."""
+    from tqdm import tqdm
+
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"data.feature_dtype={dtype!r}; expected one of {sorted(STORAGE_DTYPES)}")
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = cache_fields(model_cfg)
+    meta = {"version": FORMAT_VERSION, "hash": fields_hash(fields), "dtype": dtype, "fields": fields}
+    meta_file = out / META_NAME
+    if meta_file.is_file() and resume:
+        old = json.loads(meta_file.read_text())
+        if old.get("hash") != meta["hash"] or old.get("dtype") != dtype:
+            raise FeatureCacheError(
+                f"{out} holds a feature cache for another config (hash {old.get('hash')}, dtype {old.get('dtype')}; "
+                f"now {meta['hash']}, {dtype}); choose another data.feature_cache folder or delete this one")
+    if not resume:
+        for f in out.glob("shard-*.safetensors"):
+            f.unlink()
+        for name in (JOURNAL_NAME, BAD_FILES_NAME, INDEX_NAME):
+            (out / name).unlink(missing_ok=True)
+    _write_json(meta_file, meta)
+
+    sources = _sources(source, index)
+    done, bad = _read_journal(out) if resume else ({}, {})
+    done = {k: v for k, v in done.items() if (out / v).is_file()}
+    todo = [s for s in sources if s.media_id not in done and s.media_id not in bad]
+    skipped = len(sources) - len(todo)
+    settings = DecodeSettings.from_model_config(model_cfg, backend=backend)
+    if encoders is not None:
+        vision, audio = encoders
+        device = device or next(vision.parameters()).device
+    else:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        vision, audio = build_encoders(model_cfg, device) if todo else (None, None)
+    store = STORAGE_DTYPES[dtype]
+    next_shard = 1 + max((int(f.stem.split("-")[1]) for f in out.glob("shard-*.safetensors")), default=-1)
+    pending: dict[str, torch.Tensor] = {}
+    pending_ids: list[str] = []
+    written = failed = 0
+
+    with open(out / JOURNAL_NAME, "a") as journal, open(out / BAD_FILES_NAME, "a") as bad_f:
+
+        def flush() -> None:
+            nonlocal next_shard, pending, pending_ids
+            if not pending_ids:
+                return
+            from safetensors.torch import save_file
+
+            name = f"shard-{next_shard:06d}.safetensors"
+            tmp = out / (name + ".tmp")
+            save_file(pending, str(tmp), metadata={"hash": meta["hash"]})
+            os.replace(tmp, out / name)
+            for mid in pending_ids:
+                journal.write(json.dumps({"id": mid, "shard": name}) + "\n")
+                done[mid] = name
+            journal.flush()
+            next_shard += 1
+            pending, pending_ids = {}, []
+
+        bar = tqdm(total=len(todo), desc="features", unit="clip", disable=not progress)
+        for start in range(0, len(todo), batch_size):
+            clips = []
+            for src in todo[start : start + batch_size]:
+                try:
+                    v, _ = load_media(src, settings, video=True, audio=False)
+                    a = None
+                    if src.has_audio is not False:
+                        try:
+                            _, a = load_media(src, settings, video=False, audio=True)
+                        except MediaError:
+                            if src.has_audio:  # the index promised audio: a real failure
+                                raise
+                    clips.append((src, v, a))
+                except MediaError as e:
+                    bad_f.write(json.dumps({"id": src.media_id, "path": src.video, "reason": str(e)}) + "\n")
+                    bad_f.flush()
+                    log.warning("features: skipping %s: %s", src.video, e)
+                    failed += 1
+            if clips:
+                feats = encode_clips(vision, audio, [c[1] for c in clips], [c[2] for c in clips], device)
+                for (src, _, _), f in zip(clips, feats):
+                    for kind, t in f.items():
+                        pending[f"{src.media_id}/{kind}"] = t.to(store).contiguous()
+                    pending_ids.append(src.media_id)
+                    written += 1
+                    if len(pending_ids) >= clips_per_shard:
+                        flush()
+            bar.update(min(batch_size, len(todo) - start))
+        flush()
+        bar.close()
+
+    wanted = {s.media_id for s in sources}
+    _write_json(out / INDEX_NAME, {k: v for k, v in done.items() if k in wanted})
+    _, bad = _read_journal(out)
+    failed = len(wanted & set(bad))
+    return FeatureReport(total=len(sources), written=written, skipped=skipped, failed=failed,
+                         shards=len(list(out.glob("shard-*.safetensors"))), elapsed_s=time.perf_counter() - t0,
+                         path=str(out))
+
+
+@torch.no_grad()
+def encode_clips(vision, audio, videos: Sequence[torch.Tensor], audios: Sequence[torch.Tensor | None],
+                 device) -> list[dict[str, torch.Tensor]]:
+    """Run the frozen encoders on a batch of decoded clips -> per clip {temporal, spatial, audio}."""
+    e_t, e_s = vision(torch.stack(list(videos)).to(device))
+    out = [{"temporal": e_t[i].cpu(), "spatial": e_s[i].cpu()} for i in range(len(videos))]
+    with_audio = [i for i, a in enumerate(audios) if a is not None]
+    if with_audio:
+        e_a = audio(torch.stack([audios[i] for i in with_audio]).to(device))
+        for k, i in enumerate(with_audio):
+            out[i]["audio"] = e_a[k].cpu()
+    return out

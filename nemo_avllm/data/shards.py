@@ -1,0 +1,433 @@
+"""Webdataset tar shards: stream millions of clips from object storage instead of opening files.
+
+Writing (`write_shards`, what `prepare` calls with `--shards`): one tar stream per modality class
+(`V-000000.tar`, `A-...`, `AV-...`), samples shuffled (seeded) before writing because readers
+read shards sequentially. A sample is `<key>.json` (the validated manifest sample) plus either the
+media bytes (`<key>.video.<ext>`, `<key>.audio.flac` from the prepare side-car or
+`<key>.audio.<ext>` from the manifest) or the cached encoder tokens (`<key>.feat.safetensors`).
+`shards.json` lists the shards with their per-view counts (and the feature-cache meta).
+
+Reading (`ShardStream`, an IterableDataset): yields micro-batches of the same item dicts as
+`AVDataset`, for one data-parallel rank, with the same MAT plan as `MATBatchSampler`
+(`batch_slots`: the same per-batch modality counts and arrangement). Each modality is its own
+stream of records; a stream's shards are reshuffled per epoch (seed + epoch) and partitioned over
+the `dp_size * num_workers` consumers (by shard when there are enough shards, else by record),
+so ranks and workers read disjoint data. DataLoader worker w builds micro-batches w, w+W, ...,
+which the DataLoader returns in order, so the result is deterministic for a given seed, dp size
+and worker count. A record whose media fail to decode is replaced by the next good record of the
+same stream (looked ahead, not consumed), so a resume that skips consumed micro-batches without
+decoding them lands on exactly the same records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tarfile
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from nemo_avllm import modality
+from nemo_avllm.data.conversation import ConversationError, ConversationTemplate
+from nemo_avllm.data.dataset import DecodeSettings, MediaSource, build_item
+from nemo_avllm.data.manifest import MODALITIES, Sample, as_index
+from nemo_avllm.data.mat_sampler import ALL, batch_slots, largest_remainder, normalise_ratios, rank_slice
+from nemo_avllm.data.media import MediaError, MediaInfo
+
+log = logging.getLogger(__name__)
+
+SHARDS_NAME = "shards.json"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardReport:
+    written: int
+    skipped: int  # media missing on disk, or not in the feature cache
+    shards: int
+    path: str
+    elapsed_s: float
+
+    def __str__(self) -> str:
+        return (f"shards: {self.written} samples in {self.shards} shards at {self.path}, {self.skipped} skipped; "
+                f"{self.elapsed_s:.1f} s")
+
+
+def _sample_files(sample: Sample, index, cache) -> dict[str, bytes]:
+    """The tar members of one sample (besides its json); raises OSError/MediaError when missing."""
+    if cache is not None:
+        from safetensors.torch import save
+
+        feats = cache.get(sample.media_id)
+        if feats is None:
+            raise MediaError(sample.video, f"not in the feature cache {cache.path}")
+        return {"feat.safetensors": save(feats)}
+    files = {f"video{Path(sample.video).suffix.lower() or '.bin'}": Path(sample.video).read_bytes()}
+    rec = index.get(sample.media_id) if index is not None else None
+    if rec is not None and rec.get("flac"):
+        files["audio.flac"] = Path(rec["flac"]).read_bytes()
+    elif sample.audio:
+        files[f"audio{Path(sample.audio).suffix.lower() or '.bin'}"] = Path(sample.audio).read_bytes()
+    return files
+
+
+def write_shards(
+    samples: Sequence[Sample],
+    out_dir,
+    *,
+    index=None,
+    feature_cache=None,
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int = 1 << 30,
+    seed: int = 0,
+) -> ShardReport:
+    """Write validated samples as tar shards (media bytes, or cached tokens with `feature_cache`)."""
+    import webdataset as wds
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index = as_index(index)
+    entries, written, skipped = [], 0, 0
+    for m in MODALITIES:
+        group = [s for s in samples if s.modality == m]
+        order = np.random.default_rng([seed, MODALITIES.index(m)]).permutation(len(group))
+        writer, entry, size = None, None, 0
+
+        def close():
+            if writer is not None:
+                writer.close()
+                os.replace(out / (entry["file"] + ".tmp"), out / entry["file"])
+                entries.append(entry)
+
+        for k in order:
+            s = group[k]
+            try:
+                files = _sample_files(s, index, feature_cache)
+            except (OSError, MediaError) as e:
+                log.warning("shards: skipping %s (%s:%d): %s", s.id, s.file, s.line, e)
+                skipped += 1
+                continue
+            record = s.to_json()
+            rec = index.get(s.media_id) if index is not None else None
+            if rec is not None:
+                record["media_info"] = rec
+            nbytes = sum(len(b) for b in files.values())
+            if writer is None or entry["count"] >= samples_per_shard or (entry["count"] and size + nbytes > max_shard_bytes):
+                close()
+                name = f"{m}-{sum(e['modality'] == m for e in entries):06d}.tar"
+                writer = wds.TarWriter(str(out / (name + ".tmp")), encoder=False, mtime=0)
+                entry, size = {"file": name, "modality": m, "count": 0, "views": dict.fromkeys(MODALITIES, 0)}, 0
+            key = f"{m.lower()}{entry['count']:09d}"
+            writer.write({"__key__": key, "json": json.dumps(record).encode(), **files})
+            entry["count"] += 1
+            for view in s.available_views(True):
+                entry["views"][view] += 1
+            size += nbytes
+            written += 1
+        close()
+    meta = {"version": FORMAT_VERSION, "content": "features" if feature_cache is not None else "media",
+            "feature_meta": feature_cache.meta if feature_cache is not None else None,
+            "total": written, "shards": entries}
+    tmp = out / (SHARDS_NAME + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out / SHARDS_NAME)
+    return ShardReport(written, skipped, len(entries), str(out), time.perf_counter() - t0)
+
+
+def read_shard(url: str) -> Iterator[dict]:
+    """Records of one tar shard (local path or any webdataset URL, e.g. `pipe:aws s3 cp ...`):
+    {"__key__", ext: bytes, ...}; the key is the member name up to its first dot."""
+    import webdataset as wds
+
+    stream = wds.gopen(url, "rb")
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        current: dict | None = None
+        for member in tar:
+            if not member.isreg():
+                continue
+            key, _, ext = os.path.basename(member.name).partition(".")
+            data = tar.extractfile(member).read()
+            tar.members = []  # streaming: don't keep every header
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            current[ext] = data
+        if current is not None:
+            yield current
+    finally:
+        stream.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}"
+
+
+def load_shards_meta(base: str) -> dict:
+    import webdataset as wds
+
+    url = _join(base, SHARDS_NAME)
+    try:
+        with wds.gopen(url, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"cannot read {url} ({e}); write shards with `avllm prepare ... shards=<dir>` "
+                                f"(nemo_avllm.data.shards.write_shards) and set data.shards to that folder") from e
+
+
+def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """A seeded shuffle buffer over an endless iterator (size 0: unchanged order)."""
+    if size <= 0:
+        yield from items
+        return
+    buf = []
+    for x in items:
+        if len(buf) < size:
+            buf.append(x)
+            continue
+        j = int(rng.integers(size))
+        yield buf[j]
+        buf[j] = x
+
+
+class _Stream:
+    """One view's records for one consumer (rank x worker) in one epoch, endless, with look-ahead
+    so a bad record can be replaced without consuming the records that follow it."""
+
+    def __init__(self, base: str, shards: list[dict], view: str, derive: bool, seed: int, epoch: int, stream_id: int,
+                 consumer: int, consumers: int, shuffle_buffer: int):
+        if not shards:
+            raise ValueError(f"no shard holds samples of view {view}")
+        self.base, self.shards, self.view, self.derive = base, shards, view, derive
+        self.seed, self.epoch, self.stream_id = seed, epoch, stream_id
+        self.consumer, self.consumers = consumer, consumers
+        rng = np.random.default_rng([seed + epoch, stream_id, consumer, 1])
+        self._it = _shuffled(self._records(), shuffle_buffer, rng)
+        self._ahead: deque = deque()
+
+    def _matches(self, sample: Sample) -> bool:
+        if self.view == ALL:
+            return True
+        return self.view in sample.available_views(True) if self.derive else sample.modality == self.view
+
+    def _records(self) -> Iterator[tuple[dict, dict]]:
+        c, C = self.consumer, self.consumers
+        for k in range(1 << 62):
+            order = np.random.default_rng([self.seed + self.epoch, self.stream_id, k]).permutation(len(self.shards))
+            by_shard = len(self.shards) >= C
+            mine = [self.shards[order[p]] for p in range(c, len(order), C)] if by_shard else [self.shards[i] for i in order]
+            n = got = 0
+            for entry in mine:
+                for rec in read_shard(_join(self.base, entry["file"])):
+                    meta = json.loads(rec["json"])
+                    if not self._matches(Sample.from_json(meta)):
+                        continue
+                    n += 1
+                    if not by_shard and (n - 1) % C != c:
+                        continue
+                    got += 1
+                    yield rec, meta
+            if not got:
+                raise RuntimeError(
+                    f"shards at {self.base}: consumer {c} of {C} (rank x DataLoader worker) gets no {self.view} "
+                    f"samples; write more shards or use fewer workers")
+
+    def take(self) -> tuple[dict, dict]:
+        return self._ahead.popleft() if self._ahead else next(self._it)
+
+    def peek(self, n: int) -> tuple[dict, dict]:
+        while len(self._ahead) < n:
+            self._ahead.append(next(self._it))
+        return self._ahead[n - 1]
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Micro-batches (lists of AVDataset-style item dicts) for one data-parallel rank; see the
+    module docstring. Endless (epochs advance inside) unless `max_epochs` is set; resumes
+    exactly from `consumed_samples` given the same seed, dp size and number of workers."""
+
+    def __init__(
+        self,
+        path,
+        tokenizer,
+        layout: modality.TokenLayout,
+        settings: DecodeSettings,
+        *,
+        global_batch_size: int,
+        micro_batch_size: int,
+        ratios: dict[str, float] | None = None,
+        derive_views: bool = False,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        consumed_samples: int = 0,
+        max_length: int | None = None,
+        model_cfg=None,
+        shuffle_buffer: int = 0,
+        max_epochs: int | None = None,
+        max_replacements: int = 64,
+        template: ConversationTemplate = ConversationTemplate(),
+    ):
+        super().__init__()
+        self.base = os.fspath(path)
+        self.meta = load_shards_meta(self.base)
+        self.features = self.meta["content"] == "features"
+        if self.features and model_cfg is not None:
+            from nemo_avllm.data.features import cache_fields, check_meta
+
+            check_meta(self.meta["feature_meta"], cache_fields(model_cfg), f"shards {self.base}")
+        self.tokenizer, self.layout, self.settings = tokenizer, layout, settings
+        self.G, self.mbs = int(global_batch_size), int(micro_batch_size)
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.start, self.end = rank_slice(self.G, dp_rank, dp_size, self.mbs)
+        self.seed, self.derive = int(seed), bool(derive_views)
+        self.max_length, self.template = max_length, template
+        self.shuffle_buffer, self.max_epochs, self.max_replacements = shuffle_buffer, max_epochs, max_replacements
+        shards = self.meta["shards"]
+        if ratios is None:
+            self.stream_shards = {ALL: shards}
+            self.counts = {ALL: self.G}
+        else:
+            have = {m: sum(e["views"][m] if self.derive else e["count"] * (e["modality"] == m) for e in shards)
+                    for m in MODALITIES}
+            norm = normalise_ratios(dict(ratios), have)
+            self.stream_shards = {m: [e for e in shards if (e["views"][m] if self.derive else e["modality"] == m)]
+                                  for m in norm}
+            self.counts = largest_remainder(norm, self.G)
+        self.batches_per_epoch = max(1, int(self.meta["total"]) // self.G)
+        self.consumed_samples = 0
+        self.set_consumed_samples(consumed_samples)
+        self.bad: set[str] = set()
+
+    def set_consumed_samples(self, n: int) -> None:
+        if n < 0 or n % self.G:
+            raise ValueError(f"consumed_samples={n} is not a multiple of the global batch {self.G}")
+        self.consumed_samples = int(n)
+
+    def state_dict(self, consumed_samples: int | None = None) -> dict:
+        n = self.consumed_samples if consumed_samples is None else int(consumed_samples)
+        return {"consumed_samples": n, "epoch": n // (self.batches_per_epoch * self.G)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_consumed_samples(int(state["consumed_samples"]))
+
+    # -- iteration ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[list[dict]]:
+        info = torch.utils.data.get_worker_info()
+        w, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        per_rank = (self.end - self.start) // self.mbs  # micro-batches per global batch on this rank
+        spe = self.batches_per_epoch * self.G
+        epoch = self.consumed_samples // spe
+        j0 = (self.consumed_samples % spe) // self.G * per_rank
+        with tempfile.TemporaryDirectory(prefix="avllm-shards-") as tmp:
+            while self.max_epochs is None or epoch < self.max_epochs:
+                streams = {m: _Stream(self.base, sh, m, self.derive, self.seed, epoch,
+                                      MODALITIES.index(m) if m in MODALITIES else 3,
+                                      self.dp_rank * W + w, self.dp_size * W, self.shuffle_buffer)
+                           for m, sh in self.stream_shards.items()}
+                slots_of = {}
+                for j in range(w, self.batches_per_epoch * per_rank, W):
+                    b, k = divmod(j, per_rank)
+                    if b not in slots_of:
+                        slots_of = {b: batch_slots(self.counts, self.seed, epoch, b)}
+                    lo = self.start + k * self.mbs
+                    slots = slots_of[b][lo : lo + self.mbs]
+                    if j < j0:  # resume: consume the records without decoding them
+                        for m in slots:
+                            streams[m].take()
+                        continue
+                    yield [self._item(streams[m], m, tmp) for m in slots]
+                epoch, j0 = epoch + 1, 0
+
+    def _item(self, stream: _Stream, view: str, tmp: str) -> dict:
+        replaced = []
+        rec, meta = stream.take()
+        for n in range(self.max_replacements + 1):
+            if n:
+                rec, meta = stream.peek(n)
+            sample = Sample.from_json(meta)
+            if sample.media_id not in self.bad:
+                try:
+                    item = self._build(rec, meta, sample, sample.modality if view == ALL else view, tmp)
+                    item["bad_media"] = replaced
+                    return item
+                except (MediaError, ConversationError) as e:
+                    self.bad.add(sample.media_id)
+                    log.warning("shards: sample %s (%s) replaced by the next good one: %s", sample.id, rec["__url__"], e)
+            replaced.append(sample.video)
+        raise RuntimeError(f"{len(replaced)} bad samples in a row in the {view} stream at {self.base}; "
+                           f"the shards are broken, rewrite them")
+
+    def _build(self, rec: dict, meta: dict, sample: Sample, view: str, tmp: str) -> dict:
+        kw = dict(max_length=self.max_length, template=self.template)
+        if self.features:
+            from safetensors.torch import load
+
+            return build_item(sample, view, self.tokenizer, self.layout, self.settings,
+                              features=load(rec["feat.safetensors"]), **kw)
+        paths = {}
+        try:
+            for ext, data in rec.items():
+                if ext.startswith(("video.", "audio.")):
+                    paths[ext.split(".")[0]] = p = os.path.join(tmp, f"{rec['__key__']}.{ext}")
+                    with open(p, "wb") as f:
+                        f.write(data)
+            if "video" not in paths:
+                raise MediaError(sample.video, f"shard record {rec['__key__']} has no video member")
+            info = MediaInfo.from_dict(meta["media_info"]) if meta.get("media_info") else None
+            src = MediaSource(sample.media_id, paths["video"], paths.get("audio", paths["video"]), sample.has_audio, info)
+            return build_item(sample, view, self.tokenizer, self.layout, self.settings, source=src, **kw)
+        finally:
+            for p in paths.values():
+                os.unlink(p)
+
+
+def build_shard_loader(
+    path,
+    tokenizer,
+    model_cfg,
+    *,
+    global_batch_size: int,
+    micro_batch_size: int,
+    seq_length: int,
+    num_workers: int = 2,
+    backend: str = "cpu",
+    max_length: int | None = None,
+    pin_memory: bool = False,
+    **stream_kw,
+) -> torch.utils.data.DataLoader:
+    """ShardStream + collate for one data-parallel rank (`stream_kw`: ratios, derive_views,
+    dp_rank, dp_size, seed, consumed_samples, shuffle_buffer, max_epochs)."""
+    from functools import partial
+
+    from nemo_avllm.data.dataset import _worker_init, collate_av, layout_of, pad_id_of
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    stream = ShardStream(path, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg, backend),
+                         global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
+                         max_length=max_length or seq_length, model_cfg=model_cfg, **stream_kw)
+    return torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+        collate_fn=partial(collate_av, seq_length=seq_length, pad_id=pad_id_of(tokenizer)),
+        worker_init_fn=_worker_init if num_workers else None)

@@ -1,0 +1,90 @@
+"""What trains, and how: stage freezing, megatron DDP, the megatron optimizer and LR schedule.
+
+Paper §4.1: stage 1 trains the projectors only, stage 2 the projectors and the LLM; the encoders
+are frozen in both. AdamW with betas (0.9, 0.98), cosine schedule with a warm-up ratio. On GPU
+nodes the distributed optimizer shards the optimizer state over data-parallel ranks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+TRAINABLE_PARTS = ("projectors", "llm")
+
+
+def freeze_for_stage(model, trainable: list[str]) -> dict[str, int]:
+    """Set `requires_grad` per part: `projectors`, `llm`; encoders are always frozen.
+    Returns the number of trainable parameters per part (this rank)."""
+    unknown = set(trainable) - set(TRAINABLE_PARTS)
+    if unknown:
+        raise ValueError(f"model.trainable: unknown parts {sorted(unknown)}; choose from {TRAINABLE_PARTS}")
+    counts = {p: 0 for p in TRAINABLE_PARTS}
+    for name, param in model.named_parameters():
+        if name.startswith(("vision.", "audio.")):
+            param.requires_grad_(False)
+            continue
+        part = "projectors" if name.startswith("proj_") else "llm"
+        param.requires_grad_(part in trainable)
+        counts[part] += param.numel() if part in trainable else 0
+    return counts
+
+
+def wrap_ddp(model, use_distributed_optimizer: bool, overlap_grad_reduce: bool = False):
+    """megatron-core DDP: contiguous fp32 grad buffers, reduce over data-parallel ranks."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # NaN policy is ours (training.nan_policy)
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(ddp_model, optim_cfg, params_dtype: torch.dtype, use_distributed_optimizer: bool):
+    """megatron's optimizer (AdamW: decoupled weight decay) with gradient clipping."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    betas = list(optim_cfg.betas)
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=float(optim_cfg.lr),
+        min_lr=float(optim_cfg.get("min_lr", 0.0)),
+        weight_decay=float(optim_cfg.weight_decay),
+        adam_beta1=float(betas[0]),
+        adam_beta2=float(betas[1]),
+        adam_eps=float(optim_cfg.get("eps", 1e-8)),
+        clip_grad=float(optim_cfg.clip_grad),
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, [ddp_model])
+
+
+def warmup_steps(max_steps: int, warmup_ratio: float) -> int:
+    return int(math.ceil(warmup_ratio * max_steps))
+
+
+def build_scheduler(optimizer, optim_cfg, max_steps: int):
+    """Linear warm-up for `warmup_ratio` of the steps, then cosine decay to `min_lr`."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    lr = float(optim_cfg.lr)
+    wd = float(optim_cfg.weight_decay)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=lr,
+        min_lr=float(optim_cfg.get("min_lr", 0.0)),
+        lr_warmup_steps=warmup_steps(max_steps, float(optim_cfg.warmup_ratio)),
+        lr_decay_steps=max_steps,
+        lr_decay_style=str(optim_cfg.get("sched", "cosine")),
+        start_wd=wd,
+        end_wd=wd,
+        wd_incr_steps=max_steps,
+        wd_incr_style="constant",
+    )

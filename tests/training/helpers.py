@@ -1,0 +1,77 @@
+"""Launch training runs as real processes (so they can be killed) and read their metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nemo_avllm.training.callbacks import read_metrics
+from tests.conftest import REPO, free_port
+
+RUNNER = REPO / "tests" / "training" / "run_train.py"
+
+
+def overrides(exp_dir: Path, steps: int, every: int = 2, name: str = "run", **extra) -> list[str]:
+    base = {
+        "trainer.devices": 1,
+        "trainer.max_steps": steps,
+        "trainer.enable_progress_bar": "false",
+        "trainer.log_every_n_steps": 1,
+        "model.micro_batch_size": 2,
+        "model.global_batch_size": 4,
+        "model.seq_length": 64,
+        "model.trainable": "[projectors,llm]",
+        "model.optim.lr": 1e-3,
+        "exp_manager.exp_dir": str(exp_dir),
+        "name": name,
+        "exp_manager.create_tensorboard_logger": "false",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps": every,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def start(args: list[str], nproc: int = 1, nan_at: int | None = None) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    pre = ["--nan-at", str(nan_at)] if nan_at is not None else []
+    if nproc == 1:
+        cmd = [sys.executable, str(RUNNER), *pre, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+               "127.0.0.1", "--master-port", str(free_port()), str(RUNNER), *pre, *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def run(args: list[str], nproc: int = 1, nan_at: int | None = None, timeout: int = 600, check: bool = True):
+    proc = start(args, nproc, nan_at)
+    out, _ = proc.communicate(timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training run failed ({proc.returncode}):\n{out[-8000:]}")
+    return proc.returncode, out
+
+
+def wait_for_step(log_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if any(m["step"] >= step for m in read_metrics(log_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}:\n{proc.stdout.read()[-5000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def kill(proc: subprocess.Popen, sig=signal.SIGKILL) -> str:
+    os.killpg(proc.pid, sig)
+    out, _ = proc.communicate(timeout=120)
+    return out
+
+
+def losses_by_step(log_dir: Path) -> dict[int, float]:
+    """Last logged loss per step (a resumed run re-logs the steps it redid)."""
+    return {m["step"]: m["reduced_train_loss"] for m in read_metrics(log_dir)}

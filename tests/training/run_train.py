@@ -1,0 +1,25 @@
+"""Runs `nemo_avllm.training.train.train` on SyntheticData in its own process (kill/resume tests).
+
+Usage: python run_train.py [--nan-at N] key=value ...   (Hydra overrides of stage1_pretrain)"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
+    from nemo_avllm import config
+    from nemo_avllm.training.train import train
+    from tests.training.synthetic import SyntheticData
+
+    nan_at = None
+    if argv and argv[0] == "--nan-at":
+        nan_at, argv = int(argv[1]), argv[2:]
+    cfg = config.load("stage1_pretrain", ["model=tiny", "model.data.train_manifest=null", *argv])
+    train(cfg, data=SyntheticData(seq_length=int(cfg.model.seq_length), nan_at_sample=nan_at))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

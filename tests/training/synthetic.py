@@ -1,0 +1,71 @@
+"""Deterministic synthetic training data for training-loop tests: sample i is a function of i.
+
+Lets resume tests compare runs exactly without media decoding. It follows the real loader's
+contract: micro-batches of this data-parallel rank, starting at `consumed` samples."""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_avllm import modality
+from nemo_avllm.data.collate import collate_tokens
+from nemo_avllm.data.conversation import TokenizedSample
+
+
+class SyntheticData:
+    def __init__(self, num_samples: int = 64, seq_length: int = 64, vocab: int = 512, image_size: int = 64,
+                 nan_at_sample: int | None = None):
+        self.num_samples = num_samples
+        self.seq_length = seq_length
+        self.vocab = vocab
+        self.image_size = image_size
+        self.nan_at_sample = nan_at_sample
+
+    def sample(self, i: int, layout: modality.TokenLayout) -> dict:
+        g = torch.Generator().manual_seed(1000 + i)
+        tok = modality.MODALITY_TOKENS[i % 3]
+        q = torch.randint(3, 60, (3,), generator=g).tolist()
+        # answers follow a learnable rule: tokens determined by the question
+        a = [(x * 7) % (self.vocab - 3) + 3 for x in q]
+        exp = layout.expansion(tok)
+        ids = [1] + q + exp + a + [2]
+        labels = [modality.IGNORE_INDEX] * (1 + len(q) + len(exp)) + a + [2]
+        return {
+            "tokens": TokenizedSample(ids, labels),
+            "video": torch.randn(layout.num_frames, 3, self.image_size, self.image_size, generator=g),
+            "audio": 0.1 * torch.randn(layout.num_audio_segments, 480000, generator=g),
+        }
+
+    def loader(self, model, consumed: int):
+        from megatron.core import parallel_state as ps
+
+        layout = model.layout
+        mbs, gbs = int(model._cfg.micro_batch_size), int(model._cfg.global_batch_size)
+        dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        per_rank = gbs // dp
+
+        def gen():
+            start = consumed
+            while True:
+                for m in range(0, per_rank, mbs):
+                    idx = [(start + rank * per_rank + m + j) % self.num_samples for j in range(mbs)]
+                    items = [self.sample(i, layout) for i in idx]
+                    batch = collate_tokens([it["tokens"] for it in items], seq_length=self.seq_length)
+                    batch["video"] = torch.stack([it["video"] for it in items])
+                    batch["audio"] = torch.stack([it["audio"] for it in items])
+                    if self.nan_at_sample is not None and self.nan_at_sample in idx:
+                        batch["video"] = batch["video"] * float("nan")
+                    yield batch
+                start += gbs
+
+        return _Loader(gen)
+
+
+class _Loader:
+    """An iterable Lightning accepts as a train dataloader (re-iterable, unknown length)."""
+
+    def __init__(self, gen):
+        self.gen = gen
+
+    def __iter__(self):
+        return self.gen()
