@@ -54,6 +54,7 @@ class AVLLM(MegatronModule):
         super().__init__(config=config)
         self.cfg = cfg
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads (untied, LLaMA)
         self.pre_process = pre_process
         self.post_process = post_process
         self.vision = self.audio = None
@@ -72,6 +73,9 @@ class AVLLM(MegatronModule):
     # --- pipeline plumbing -------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
         self.llm.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.llm.shared_embedding_or_output_weight()
 
     # --- encoders ----------------------------------------------------------------------------
     def encode(

@@ -8,12 +8,15 @@ LLM input needs, while each rank stores and updates only 1/TP of the weights.
 from __future__ import annotations
 
 import torch
+from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
 
-class Projector(nn.Module):
+class Projector(MegatronModule):
+    """A MegatronModule, so checkpoints record its weights as TP-sharded, not replicated."""
+
     def __init__(self, in_features: int, out_features: int, config):
-        super().__init__()
+        super().__init__(config=config)
         from megatron.core.tensor_parallel import ColumnParallelLinear
 
         self.linear = ColumnParallelLinear(
