@@ -8,7 +8,6 @@ content: tones with known frequency and per-channel gains) to a temporary WAV an
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -18,30 +17,9 @@ import soundfile as sf
 
 FFMPEG = shutil.which("ffmpeg")
 
-# Encoder arguments per short codec name: small, fast, and faithful enough for colour checks.
-VIDEO_CODECS = {
-    "h264": ["-c:v", "libx264", "-preset", "veryfast", "-crf", "12", "-pix_fmt", "yuv420p"],
-    "vp9": ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-crf", "12", "-b:v", "0",
-            "-pix_fmt", "yuv420p"],
-    "mjpeg": ["-c:v", "mjpeg", "-q:v", "2", "-pix_fmt", "yuvj420p"],
-    "mpeg4": ["-c:v", "mpeg4", "-q:v", "2", "-pix_fmt", "yuv420p"],
-}
-AUDIO_CODECS = {
-    "aac": ["-c:a", "aac", "-b:a", "192k"],
-    "opus": ["-c:a", "libopus", "-b:a", "128k"],
-    "vorbis": ["-c:a", "libvorbis", "-q:a", "6"],
-    "flac": ["-c:a", "flac"],
-    "pcm": ["-c:a", "pcm_s16le"],
-}
+from nemo_avllm.data.ffmpeg import AUDIO_CODECS, VIDEO_CODECS, encode, run_ffmpeg  # noqa: F401
+
 COLOR_STEP = 7  # frame i has red = 16 + 7 i: ids stay apart by far more than codec error
-
-
-def _run(cmd: list[str], stdin: bytes | None = None) -> None:
-    if FFMPEG is None:
-        raise RuntimeError("ffmpeg is not installed (apt-get install ffmpeg)")
-    res = subprocess.run(cmd, input=stdin, capture_output=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.decode(errors='replace')[-2000:]}")
 
 
 def frame_color(i: int) -> tuple[int, int, int]:
@@ -106,31 +84,19 @@ def make_clip(
     if frames is None:
         w, h = size
         frames = color_frames(num_frames, w, h)
-    n, h, w, _ = frames.shape
+    out = ["-g", str(gop)] if gop else []
+    if vfr:
+        # frames come in on a 1 ms clock and are re-timed; the encoder keeps the 1 ms base
+        out += ["-vf", "setpts=(N*0.05+N*N*0.005)/TB", "-fps_mode", "passthrough"]
+    if faststart:
+        out += ["-movflags", "+faststart"]
+    out += list(extra)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [FFMPEG, "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
-               "-framerate", "1000" if vfr else str(fps), "-i", "-"]
-        if audio is not None:
-            wav = Path(tmp) / "a.wav"
-            sf.write(wav, audio, audio_rate, subtype="FLOAT")
-            cmd += ["-i", str(wav)]
-        cmd += ["-map", "0:v"] + (["-map", "1:a"] if audio is not None else [])
-        cmd += VIDEO_CODECS[vcodec]
-        if gop:
-            cmd += ["-g", str(gop)]
-        if vfr:
-            # frames come in on a 1 ms clock and are re-timed; the encoder keeps the 1 ms base
-            cmd += ["-vf", "setpts=(N*0.05+N*N*0.005)/TB", "-fps_mode", "passthrough"]
-        if audio is not None:
-            cmd += AUDIO_CODECS[acodec]
-        if faststart:
-            cmd += ["-movflags", "+faststart"]
-        cmd += list(extra)
         target = Path(tmp) / f"enc{path.suffix}" if rotate is not None else path
-        _run(cmd + [str(target)], stdin=np.ascontiguousarray(frames).tobytes())
+        encode(target, frames, 1000 if vfr else fps, audio=audio, audio_rate=audio_rate, vcodec=vcodec,
+               acodec=acodec, output_args=out)
         if rotate is not None:  # ffmpeg 5.1 only writes the tag when stream-copying
-            _run([FFMPEG, "-v", "error", "-y", "-i", str(target), "-map", "0", "-c", "copy",
-                  "-metadata:s:v:0", f"rotate={rotate}", str(path)])
+            run_ffmpeg(["-i", str(target), "-map", "0", "-c", "copy", "-metadata:s:v:0", f"rotate={rotate}", str(path)])
     return path
 
 
@@ -148,7 +114,7 @@ def make_image(path, rgb: np.ndarray, exif_orientation: int | None = None) -> Pa
         return path
     h, w, _ = rgb.shape
     args = ["-q:v", "2"] if path.suffix.lower() in (".jpg", ".jpeg") else []
-    _run([FFMPEG, "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-i", "-",
+    run_ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-i", "-",
           "-frames:v", "1", *args, str(path)], stdin=np.ascontiguousarray(rgb).tobytes())
     return path
 
@@ -160,13 +126,13 @@ def make_audio_file(path, audio: np.ndarray, rate: int = 48000, acodec: str | No
         wav = Path(tmp) / "a.wav"
         sf.write(wav, audio, rate, subtype="FLOAT")
         codec = AUDIO_CODECS[acodec] if acodec else []
-        _run([FFMPEG, "-v", "error", "-y", "-i", str(wav), *codec, str(path)])
+        run_ffmpeg(["-i", str(wav), *codec, str(path)])
     return path
 
 
 def trim_copy(src, dst, start: float) -> Path:
     """Stream-copy from `start` seconds: an mp4 whose edit list hides the GOP's leading frames."""
-    _run([FFMPEG, "-v", "error", "-y", "-ss", str(start), "-i", str(src), "-map", "0", "-c", "copy", str(dst)])
+    run_ffmpeg(["-ss", str(start), "-i", str(src), "-map", "0", "-c", "copy", str(dst)])
     return Path(dst)
 
 

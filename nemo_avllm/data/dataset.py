@@ -83,10 +83,16 @@ class MediaSource:
 
     @classmethod
     def of(cls, sample: Sample, index: MediaIndex | None = None) -> "MediaSource":
-        rec = index.get(sample.media_id) if index is not None else None
+        return cls.lookup(sample.media_id, sample.video, sample.audio, sample.has_audio, index)
+
+    @classmethod
+    def lookup(cls, media_id: str, video: str, audio: str | None, has_audio: bool | None,
+               index: MediaIndex | None = None) -> "MediaSource":
+        """The prepare index's record when it has one (side-car FLAC, probe), else the files."""
+        rec = index.get(media_id) if index is not None else None
         if rec is not None:
             return cls.of_record(rec)
-        return cls(sample.media_id, sample.video, sample.audio or sample.video, sample.has_audio)
+        return cls(media_id, video, audio or video, has_audio)
 
     @classmethod
     def of_record(cls, rec: dict) -> "MediaSource":
@@ -183,9 +189,9 @@ class AVDataset(torch.utils.data.Dataset):
                     out["bad_media"] = replaced
                     return out
                 except MediaError as e:
-                    self._mark_bad(sample, e, sample.media_id)
+                    self._mark_bad(sample, view, e, sample.media_id)
                 except ConversationError as e:  # over-long prompt that validation did not see
-                    self._mark_bad(sample, e, j)
+                    self._mark_bad(sample, view, e, j)
             replaced.append(sample.video)
             if not self.replace_bad:
                 return None
@@ -196,10 +202,10 @@ class AVDataset(torch.utils.data.Dataset):
             f"({self.samples[i].file}:{self.samples[i].line}) could not be loaded; the data is broken: "
             f"rerun `avllm prepare` and check bad_files.jsonl")
 
-    def _mark_bad(self, sample: Sample, e: Exception, key) -> None:
+    def _mark_bad(self, sample: Sample, view: str, e: Exception, key) -> None:
         (self.bad if isinstance(key, str) else self.bad_samples)[key] = str(e)
         log.warning("sample %s (%s:%d) replaced by the next good %s sample: %s",
-                    sample.id, sample.file, sample.line, sample.modality, e)
+                    sample.id, sample.file, sample.line, view, e)
 
     def load(self, i: int, view: str) -> dict:
         """Sample `i` as `view`, without replacement (raises MediaError on bad media)."""
@@ -297,6 +303,19 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decode/resize workers: one core each, no oversubscription
 
 
+def worker_context():
+    """DataLoader workers start from a forkserver, not a plain fork: a child forked from a process
+    that has already decoded video (PyAV/swscale threads) deadlocks in its first frame
+    conversion. The server imports this module once, so workers still start in about a second."""
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["nemo_avllm.data.dataset"])
+    return ctx
+
+
 def build_dataloader(
     samples: Sequence[Sample],
     tokenizer,
@@ -341,6 +360,7 @@ def build_dataloader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         worker_init_fn=_worker_init if num_workers else None,
+        multiprocessing_context=worker_context() if num_workers else None,
     )
 
 

@@ -215,22 +215,31 @@ class FeatureReport:
 
 
 def _sources(source, index) -> list[MediaSource]:
-    """Distinct clips of validated samples, a manifest path (list), or a prepare index."""
-    from nemo_avllm.data.manifest import MediaIndex, Sample, as_index, validate_manifest
+    """Distinct clips of: validated samples, manifest path(s), or a prepare folder / index.jsonl.
+
+    Manifests are read for their media only (`prepare.read_inputs`): the cache needs no valid
+    conversation, so evaluation manifests (which end with a question) are cached too."""
+    from nemo_avllm.data.manifest import MediaIndex, Sample, as_index
+    from nemo_avllm.data.prepare import read_inputs
 
     index = as_index(index)
     if isinstance(source, MediaIndex):
         return [MediaSource.of_record(r) for r in source.records.values()]
-    if isinstance(source, (str, os.PathLike)) and (Path(source).is_dir() or Path(source).name == "index.jsonl"):
-        return [MediaSource.of_record(r) for r in MediaIndex.load(source).records.values()]
-    if isinstance(source, (str, os.PathLike)) or (source and not isinstance(source[0], Sample)):
-        source, report = validate_manifest(source, index=index)
-        log.info("%s", report)
+    if isinstance(source, (str, os.PathLike)):
+        if Path(source).is_dir() or Path(source).name == "index.jsonl":
+            return [MediaSource.of_record(r) for r in MediaIndex.load(source).records.values()]
+        source = [source]
     seen, out = set(), []
-    for s in source:
-        if s.media_id not in seen:
-            seen.add(s.media_id)
-            out.append(MediaSource.of(s, index))
+    for entry in source:
+        if isinstance(entry, Sample):
+            items = [(entry.media_id, entry.video, entry.audio, entry.has_audio)]
+        else:
+            items = [(it.id, it.video, it.audio, None) for it in read_inputs(entry)]
+        for mid, video, audio, has_audio in items:
+            if mid in seen:
+                continue
+            seen.add(mid)
+            out.append(MediaSource.lookup(mid, video, audio, has_audio, index))
     return out
 
 
@@ -283,7 +292,7 @@ def build_feature_cache(
     dtype: str = "bf16",
     clips_per_shard: int = 256,
     batch_size: int = 8,
-    backend: str = "cpu",
+    backend: str = "auto",
     device: str | None = None,
     encoders: tuple | None = None,
     resume: bool = True,
@@ -360,14 +369,12 @@ def build_feature_cache(
             clips = []
             for src in todo[start : start + batch_size]:
                 try:
-                    v, _ = load_media(src, settings, video=True, audio=False)
-                    a = None
-                    if src.has_audio is not False:
-                        try:
-                            _, a = load_media(src, settings, video=False, audio=True)
-                        except MediaError:
-                            if src.has_audio:  # the index promised audio: a real failure
-                                raise
+                    try:
+                        v, a = load_media(src, settings, video=True, audio=src.has_audio is not False)
+                    except MediaError:
+                        if src.has_audio is not None:  # known audio (or none asked for): a real failure
+                            raise
+                        v, a = load_media(src, settings, video=True, audio=False)  # no usable sound: visual only
                     clips.append((src, v, a))
                 except MediaError as e:
                     bad_f.write(json.dumps({"id": src.media_id, "path": src.video, "reason": str(e)}) + "\n")
@@ -387,10 +394,9 @@ def build_feature_cache(
         flush()
         bar.close()
 
-    wanted = {s.media_id for s in sources}
-    _write_json(out / INDEX_NAME, {k: v for k, v in done.items() if k in wanted})
+    _write_json(out / INDEX_NAME, done)  # everything cached so far, also by earlier runs on other sources
     _, bad = _read_journal(out)
-    failed = len(wanted & set(bad))
+    failed = len({s.media_id for s in sources} & set(bad))
     return FeatureReport(total=len(sources), written=written, skipped=skipped, failed=failed,
                          shards=len(list(out.glob("shard-*.safetensors"))), elapsed_s=time.perf_counter() - t0,
                          path=str(out))

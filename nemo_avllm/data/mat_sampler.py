@@ -19,15 +19,12 @@ Items are `(sample index, view)` tuples, which `AVDataset.__getitem__` accepts.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from nemo_avllm.data.manifest import MODALITIES
-
-log = logging.getLogger(__name__)
 
 Item = tuple[int, str]  # (sample index, view)
 ALL = "ALL"  # the single stream when no ratios are given (natural proportions)

@@ -315,7 +315,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--no-resume", action="store_true", help="re-probe everything")
     args = ap.parse_args(argv)
-    report = prepare(args.manifest, args.out_dir, num_workers=args.workers, resume=not args.no_resume)
+    from types import SimpleNamespace
+
+    return run(SimpleNamespace(input=args.manifest, out_dir=args.out_dir, num_workers=args.workers, resume=not args.no_resume))
+
+
+def run(cfg) -> int:
+    """`avllm prepare` / `scripts/prepare.py` with a composed `conf/prepare.yaml`."""
+    report = prepare(cfg.input, cfg.out_dir, num_workers=cfg.num_workers or os.cpu_count(), resume=bool(cfg.resume))
     print(report)
     return 0 if report.indexed or not report.total else 1
 

@@ -12,7 +12,8 @@ Reading (`ShardStream`, an IterableDataset): yields micro-batches of the same it
 (`batch_slots`: the same per-batch modality counts and arrangement). Each modality is its own
 stream of records; a stream's shards are reshuffled per epoch (seed + epoch) and partitioned over
 the `dp_size * num_workers` consumers (by shard when there are enough shards, else by record),
-so ranks and workers read disjoint data. DataLoader worker w builds micro-batches w, w+W, ...,
+so within one pass over a stream ranks and workers read disjoint data (a consumer whose part runs
+out first goes on with the stream's next, reshuffled pass). DataLoader worker w builds micro-batches w, w+W, ...,
 which the DataLoader returns in order, so the result is deterministic for a given seed, dp size
 and worker count. A record whose media fail to decode is replaced by the next good record of the
 same stream (looked ahead, not consumed), so a resume that skips consumed micro-batches without
@@ -421,7 +422,7 @@ def build_shard_loader(
     dp_rank, dp_size, seed, consumed_samples, shuffle_buffer, max_epochs)."""
     from functools import partial
 
-    from nemo_avllm.data.dataset import _worker_init, collate_av, layout_of, pad_id_of
+    from nemo_avllm.data.dataset import _worker_init, collate_av, layout_of, pad_id_of, worker_context
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     stream = ShardStream(path, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg, backend),
@@ -430,4 +431,5 @@ def build_shard_loader(
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
         collate_fn=partial(collate_av, seq_length=seq_length, pad_id=pad_id_of(tokenizer)),
-        worker_init_fn=_worker_init if num_workers else None)
+        worker_init_fn=_worker_init if num_workers else None,
+        multiprocessing_context=worker_context() if num_workers else None)

@@ -97,6 +97,9 @@ def train(cfg: DictConfig, data=None):
     from nemo_avllm.training.model import AVLLMModel
 
     validate(cfg)
+    if cfg.model.get("data") and cfg.model.data.get("feature_cache") and cfg.model.get("build_encoders", True):
+        # training reads cached encoder outputs: never build (or load) the frozen encoders
+        cfg = with_overrides(cfg, **{"model.build_encoders": False})
     if data is None:
         from nemo_avllm.training.data import TrainData
 
@@ -144,3 +147,9 @@ def with_overrides(cfg: DictConfig, **values) -> DictConfig:
         for k, v in values.items():
             OmegaConf.update(cfg, k, v, merge=False)
     return cfg
+
+
+def main(cfg: DictConfig) -> int:
+    """`avllm train` / `scripts/train.py`."""
+    train(cfg)
+    return 0

@@ -1,0 +1,87 @@
+"""Training data of one stage: `cfg.model.data` -> validated samples -> MAT loader per DP rank.
+
+Validation runs once, before the trainer starts (bad samples are reported, never fatal). The
+loader is built lazily from the consumed-samples count, so a resumed run continues with exactly
+the samples the interrupted one would have seen next."""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig
+
+from nemo_avllm.data.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class TrainData:
+    def __init__(self, cfg: DictConfig):
+        from nemo_avllm.data.dataset import layout_of
+        from nemo_avllm.data.manifest import validate_manifest
+
+        m, d = cfg.model, cfg.model.data
+        if not d.get("train_manifest"):
+            raise ValueError("model.data.train_manifest is not set: give the JSON Lines manifest to train on")
+        if not m.get("tokenizer"):
+            raise ValueError("model.tokenizer is not set: give the LLM's Hugging Face tokenizer folder")
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(m.tokenizer)
+        vocab = int(m.llm.vocab_size)
+        if len(self.tokenizer) > vocab:
+            raise ValueError(f"tokenizer {m.tokenizer} has {len(self.tokenizer)} tokens, more than model.llm.vocab_size={vocab}")
+        self.samples, self.report = validate_manifest(
+            d.train_manifest,
+            index=d.get("index"),
+            tokenizer=self.tokenizer,
+            layout=layout_of(m),
+            max_length=int(m.seq_length),
+            policy=d.get("max_length_policy", "truncate"),
+            # with a feature cache the media files need not be on this machine
+            check_files=not d.get("feature_cache"),
+        )
+        log.info("training data: %s", self.report)
+        if not self.samples:
+            raise ValueError(f"no usable sample in {d.train_manifest}:\n{self.report}")
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+    def loader(self, model, consumed_samples: int):
+        """An endless iterable of this rank's micro-batches, starting after `consumed_samples`."""
+        from megatron.core import parallel_state as ps
+
+        from nemo_avllm.data.dataset import build_dataloader
+
+        m, d = self.cfg.model, self.cfg.model.data
+        dl = build_dataloader(
+            self.samples,
+            self.tokenizer,
+            m,
+            global_batch_size=int(m.global_batch_size),
+            micro_batch_size=int(m.micro_batch_size),
+            seq_length=int(m.seq_length),
+            dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+            ratios=dict(d.mat_ratios) if d.get("mat_ratios") else None,
+            derive_views=bool(d.get("derive_views", False)),
+            seed=int(self.cfg.trainer.get("seed", 1234)),
+            consumed_samples=consumed_samples,
+            index=d.get("index"),
+            feature_cache=d.get("feature_cache"),
+            num_workers=int(d.get("num_workers", 2)),
+            backend=d.get("decode_backend", "auto"),
+        )
+        return _Epochs(dl)
+
+
+class _Epochs:
+    """Cycles the loader's epochs: Lightning sees one endless epoch, `max_steps` ends training."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        while True:
+            yield from self.loader
