@@ -12,9 +12,12 @@ import sys
 TASKS = {
     "train": ("nemo_avllm.training.train:main", "stage1_pretrain"),
     "prepare": ("nemo_avllm.data.prepare:run", "prepare"),
+    "features": ("nemo_avllm.data.features:run", "features"),
     "demo": ("nemo_avllm.demo.run:main", "demo"),
+    "import-hf": ("nemo_avllm.export.import_hf:run", "import_hf"),
+    "export-hf": ("nemo_avllm.export.export_hf:run", "export_hf"),
 }
-PLANNED = ("features", "import-hf", "export-hf", "generate", "evaluate", "curate")
+PLANNED = ("generate", "evaluate", "curate")
 
 USAGE = f"""usage: avllm TASK [--config-name NAME] [key=value ...]
 

@@ -167,3 +167,21 @@ def mean_rgb(video) -> np.ndarray:
 def frame_ids(video) -> list[int]:
     """Frame ids (see :func:`frame_color`) of a decoded, normalised clip of colour frames."""
     return [frame_id(c) for c in mean_rgb(video)]
+
+
+def conv(*turns: str) -> list[dict]:
+    """human, gpt, human, gpt, ... turns from plain strings."""
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(turns)]
+
+
+def make_media_set(d: Path, second_rate: int = 48000) -> Path:
+    """The data tests' clips: av1.mp4 (H.264+AAC, 440 Hz), av2.webm (VP9+Opus, 1 kHz at
+    `second_rate`), mute.mp4 (no audio), still.png (an image) and corrupt.mp4 (garbage)."""
+    d = Path(d)
+    make_clip(d / "av1.mp4", num_frames=8, audio=tone(1.0, 48000, 440))
+    make_clip(d / "av2.webm", num_frames=6, vcodec="vp9", audio=tone(0.5, second_rate, 1000), audio_rate=second_rate,
+              acodec="opus")
+    make_clip(d / "mute.mp4", num_frames=5)
+    make_image(d / "still.png", color_frames(4, 40, 30)[3])
+    garbage_file(d / "corrupt.mp4")
+    return d

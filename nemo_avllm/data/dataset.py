@@ -265,7 +265,7 @@ def build_item(
 # --------------------------------------------------------------------------------------------
 
 
-def _stack_rows(rows: list[torch.Tensor | None]) -> torch.Tensor | None:
+def stack_rows(rows: list[torch.Tensor | None]) -> torch.Tensor | None:
     """Stack per-sample tensors, zeros for samples without one; None if no sample has one."""
     ref = next((r for r in rows if r is not None), None)
     if ref is None:
@@ -283,11 +283,11 @@ def collate_av(items: list[dict | None], seq_length: int | None = None, pad_id: 
         raise ValueError("collate_av: every item of the batch was None (all media bad)")
     batch = collate_tokens([it["tokens"] for it in items], seq_length, pad_id)
     for key in ("video", "audio"):
-        stacked = _stack_rows([it.get(key) for it in items])
+        stacked = stack_rows([it.get(key) for it in items])
         if stacked is not None:
             batch[key] = stacked
     if any("features" in it for it in items):
-        batch["features"] = {k: _stack_rows([it.get("features", {}).get(k) for it in items]) for k in FEATURE_KINDS}
+        batch["features"] = {k: stack_rows([it.get("features", {}).get(k) for it in items]) for k in FEATURE_KINDS}
     batch["ids"] = [it["id"] for it in items]
     batch["modality"] = [it["modality"] for it in items]
     batch["bad_media"] = [p for it in items for p in it.get("bad_media", [])]
@@ -368,8 +368,7 @@ def layout_of(model_cfg) -> modality.TokenLayout:
     """The token layout (T, N, K) of a model config, without building the model."""
     from nemo_avllm.model.provider import avllm_config
 
-    cfg = avllm_config(model_cfg)
-    return modality.TokenLayout(cfg.num_frames, cfg.vision.geometry()["num_patches"], cfg.num_audio_segments)
+    return avllm_config(model_cfg).layout()
 
 
 def pad_id_of(tokenizer) -> int:

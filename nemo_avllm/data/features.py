@@ -414,3 +414,14 @@ def encode_clips(vision, audio, videos: Sequence[torch.Tensor], audios: Sequence
         for k, i in enumerate(with_audio):
             out[i]["audio"] = e_a[k].cpu()
     return out
+
+
+def run(cfg) -> int:
+    """`avllm features` / `scripts/features.py` with a composed `conf/features.yaml`."""
+    source = list(cfg.source) if not isinstance(cfg.source, str) else cfg.source
+    report = build_feature_cache(
+        source, cfg.out_dir, cfg.model, index=cfg.get("index"), dtype=cfg.dtype, clips_per_shard=int(cfg.clips_per_shard),
+        batch_size=int(cfg.batch_size), backend=cfg.backend, resume=bool(cfg.resume),
+    )
+    print(report)
+    return 0

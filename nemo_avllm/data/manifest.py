@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterable
 
 from nemo_avllm import modality
+from nemo_avllm.data.prepare import resolve_media_path, stable_id  # noqa: F401 (re-exported)
 from nemo_avllm.data.conversation import ConversationError, ConversationTemplate, check_turns, tokenize_conversation
 
 log = logging.getLogger(__name__)
@@ -206,16 +207,7 @@ def needs_audio(mod: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_media_path(p, base: Path) -> str:
-    """A manifest path -> absolute, resolved path (the way `prepare` resolves it, so `stable_id`
-    gives the same media id here and in the prepare index)."""
-    path = Path(os.path.expanduser(str(p)))
-    return str((path if path.is_absolute() else base / path).resolve())
-
-
 def media_id(video: str, audio: str | None) -> str:
-    from nemo_avllm.data.prepare import stable_id
-
     return stable_id(video, audio)
 
 

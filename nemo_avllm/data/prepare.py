@@ -81,14 +81,30 @@ def stable_id(video: str, audio: str | None = None) -> str:
     return f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
-def _resolve(p, base: Path) -> str:
+MANIFEST_SUFFIXES = (".jsonl", ".json", ".txt")
+
+
+def resolve_media_path(p, base: Path) -> str:
+    """A manifest path -> absolute, resolved path; media ids (`stable_id`) are computed on it,
+    so the prepare index, manifests and the feature cache agree on them."""
     path = Path(os.path.expanduser(str(p)))
     return str((path if path.is_absolute() else base / path).resolve())
 
 
 def read_inputs(source) -> list[PrepareItem]:
     """A manifest (JSON Lines with `video` and optional `audio`, paths relative to its folder or
-    absolute; a line may also be a bare path) or a list of video paths → distinct items."""
+    absolute; a line may also be a bare path), a list of manifests (.jsonl/.json/.txt), or a list
+    of video paths → distinct items."""
+    if not isinstance(source, (str, os.PathLike)) and source and all(
+        Path(str(p)).suffix in MANIFEST_SUFFIXES for p in source
+    ):
+        rows_all = [it for m in source for it in read_inputs(m)]
+        seen_ids, merged = set(), []
+        for it in rows_all:
+            if it.id not in seen_ids:
+                seen_ids.add(it.id)
+                merged.append(it)
+        return merged
     rows: list[tuple[str, str | None]] = []
     if isinstance(source, (str, os.PathLike)):
         manifest = Path(source)
@@ -107,12 +123,12 @@ def read_inputs(source) -> list[PrepareItem]:
                 if "video" not in rec:
                     raise ValueError(f"{manifest}:{lineno}: a manifest line needs a 'video' field")
                 audio = rec.get("audio")
-                rows.append((_resolve(rec["video"], base), _resolve(audio, base) if audio else None))
+                rows.append((resolve_media_path(rec["video"], base), resolve_media_path(audio, base) if audio else None))
             else:
-                rows.append((_resolve(line, base), None))
+                rows.append((resolve_media_path(line, base), None))
     else:
         cwd = Path.cwd()
-        rows = [(_resolve(p, cwd), None) for p in source]
+        rows = [(resolve_media_path(p, cwd), None) for p in source]
     seen, items = set(), []
     for video, audio in rows:
         if (video, audio) not in seen:
@@ -324,6 +340,15 @@ def run(cfg) -> int:
     """`avllm prepare` / `scripts/prepare.py` with a composed `conf/prepare.yaml`."""
     report = prepare(cfg.input, cfg.out_dir, num_workers=cfg.num_workers or os.cpu_count(), resume=bool(cfg.resume))
     print(report)
+    shards = getattr(cfg, "shards", None)
+    if shards is not None and shards.get("out_dir"):
+        from nemo_avllm.data.manifest import validate_manifest
+        from nemo_avllm.data.shards import write_shards
+
+        samples, vreport = validate_manifest(cfg.input, index=cfg.out_dir)
+        print(vreport)
+        print(write_shards(samples, shards.out_dir, index=cfg.out_dir, feature_cache=shards.get("feature_cache"),
+                           samples_per_shard=int(shards.samples_per_shard)))
     return 0 if report.indexed or not report.total else 1
 
 

@@ -18,7 +18,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -50,18 +49,6 @@ def _stage_cfg(cfg: DictConfig, stage: int, out: Path, paths: dict, restore: str
     return config.load(name, overrides)
 
 
-def _videos_of(manifests) -> list[str]:
-    """Distinct video paths of several manifests (prepare and features index them once)."""
-    from nemo_avllm.data.manifest import resolve_media_path
-
-    seen = {}
-    for m in manifests:
-        for line in Path(m).read_text().splitlines():
-            if line.strip():
-                seen.setdefault(resolve_media_path(json.loads(line)["video"], Path(m).parent), None)
-    return list(seen)
-
-
 def _dotted(d: dict, prefix: str = "") -> list[str]:
     """{"model": {"optim": {"lr": 1}}} -> ["model.optim.lr=1"] (Hydra overrides)."""
     out = []
@@ -83,7 +70,7 @@ def _last_checkpoint(run_dir: Path) -> Path:
 def evaluate(model_cfg, checkpoint_dir: Path, eval_manifest: Path, tokenizer_dir: Path, feature_cache: Path,
              batch_size: int = 32) -> dict:
     """Greedy answers to held-out questions -> accuracy per (family, token)."""
-    from nemo_avllm.data.dataset import _stack_rows as stack_rows
+    from nemo_avllm.data.dataset import stack_rows
     from nemo_avllm.data.features import FeatureCache
     from nemo_avllm.data.manifest import media_id, resolve_media_path
     from nemo_avllm.data.tokenizer import load_tokenizer
@@ -159,7 +146,7 @@ def main(cfg: DictConfig) -> int:
     print("[demo] training the tokenizer")
     train_sentencepiece(synthetic.corpus(paths), out / "tokenizer", vocab_size=int(cfg.tokenizer_vocab))
     print("[demo] prepare: probing clips, writing FLAC side-cars")
-    sources = _videos_of([paths["stage1"], paths["stage2"], paths["eval"]])
+    sources = [str(paths["stage1"]), str(paths["stage2"]), str(paths["eval"])]
     print(prepare(sources, out / "prepared", num_workers=max(1, cfg.num_workers or 2), progress=cfg.progress_bar))
     model_cfg = config.load_model(cfg.model)
     print("[demo] features: running the frozen encoders once per clip")

@@ -14,7 +14,9 @@ shows and sounds like is drawn from a seed, so questions have exact answers:
 
 The shape appears at the start or half-way through; the tone starts at the start or half-way,
 so "sync" needs both modalities. About one clip in six has no audio track (visual questions
-only). Stage 1 gets descriptions, stage 2 multi-turn conversations mixing the three tokens.
+only). Stage 1 gets descriptions; stage 2 multi-turn conversations mixing the three tokens plus
+one "reasoning" question (sync) per clip with audio, as the paper's stage 2 mixes conversations
+and complex reasoning.
 """
 
 from __future__ import annotations
@@ -80,11 +82,11 @@ def draw_spec(i: int, rng: random.Random, p_no_audio: float = 1 / 6) -> ClipSpec
     )
 
 
-def render_frames(spec: ClipSpec, size: int, num_frames: int, seed: int) -> np.ndarray:
+def render_frames(spec: ClipSpec, size: int, num_frames: int) -> np.ndarray:
     """uint8 [n, size, size, 3]: the shape crossing the frame in its direction."""
-    rng = np.random.default_rng(seed)
+    # No per-clip pixel noise on purpose: clips that look alike give the same visual tokens, so
+    # the model cannot memorise audio answers from a visual fingerprint and must listen.
     frames = np.full((num_frames, size, size, 3), 24, dtype=np.uint8)
-    frames += rng.integers(0, 8, size=frames.shape, dtype=np.uint8)  # a little sensor noise
     r = size // 5
     yy, xx = np.mgrid[0:size, 0:size]
     colour = np.array(COLOURS[spec.colour], dtype=np.uint8)
@@ -126,7 +128,7 @@ def _make_clip(job) -> dict:
     path = Path(out_dir) / "videos" / f"{spec.id}.mp4"
     n = int(round(fps * seconds))
     audio = render_audio(spec, seconds, rate, seed) if spec.has_audio else None
-    encode(path, render_frames(spec, size, n, seed), fps, audio=audio, audio_rate=rate)
+    encode(path, render_frames(spec, size, n), fps, audio=audio, audio_rate=rate)
     return {"id": spec.id, "video": str(path.relative_to(out_dir)), "spec": asdict(spec)}
 
 
@@ -176,6 +178,16 @@ def stage2_sample(entry: dict, rng: random.Random, turns: int = 3) -> dict:
     return {"id": entry["id"], "video": entry["video"], "conversations": conv}
 
 
+def reasoning_sample(entry: dict) -> dict | None:
+    """Stage 2's complex-reasoning part: the question that needs both modalities (sync)."""
+    spec = ClipSpec(**entry["spec"])
+    if not spec.has_audio:
+        return None
+    return {"id": f"{entry['id']}-sync", "video": entry["video"],
+            "conversations": [{"from": "human", "value": f"<AUD_VIS> {QUESTIONS['sync']}"},
+                              {"from": "gpt", "value": spec.answer("sync")}]}
+
+
 def eval_items(entry: dict) -> list[dict]:
     """Every (family, token) question for a held-out clip, including the Fig. 5 control:
     audio questions asked with <VIS> only (the model cannot hear, so ~chance)."""
@@ -216,7 +228,8 @@ def generate(out_dir: str | Path, num_train: int, num_eval: int, seed: int = 0, 
     r1, r2 = random.Random(seed + 1), random.Random(seed + 2)
     return {
         "stage1": write_jsonl(out_dir / "stage1.jsonl", [stage1_sample(e, r1) for e in train]),
-        "stage2": write_jsonl(out_dir / "stage2.jsonl", [stage2_sample(e, r2) for e in train]),
+        "stage2": write_jsonl(out_dir / "stage2.jsonl", [stage2_sample(e, r2) for e in train]
+                              + [r for e in train if (r := reasoning_sample(e)) is not None]),
         "eval": write_jsonl(out_dir / "eval.jsonl", [it for e in held for it in eval_items(e)]),
         "clips": write_jsonl(out_dir / "clips.jsonl", entries),
     }

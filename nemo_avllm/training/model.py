@@ -61,9 +61,9 @@ class AVLLMModel(ModelPT):
 
     @property
     def layout(self):
-        from nemo_avllm.model.provider import avllm_config
+        from nemo_avllm.data.dataset import layout_of
 
-        return avllm_config(self._cfg).layout()
+        return layout_of(self._cfg)
 
     # --- building ---------------------------------------------------------------------------
     @property
@@ -140,7 +140,6 @@ class AVLLMModel(ModelPT):
 
     # --- one step ----------------------------------------------------------------------------
     def training_step(self, dataloader_iter):
-        from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from nemo_avllm.training.step import forward_step

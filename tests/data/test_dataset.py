@@ -14,26 +14,19 @@ from nemo_avllm.data.dataset import AVDataset, DecodeSettings, MediaSource, buil
 from nemo_avllm.data.manifest import validate_manifest
 from nemo_avllm.data.mat_sampler import MATBatchSampler
 from nemo_avllm.data.prepare import prepare
-from tests.media_factory import FFMPEG, color_frames, garbage_file, make_clip, make_image, tone
+from tests.media_factory import conv, make_media_set, FFMPEG
 
 pytestmark = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg binary to make test media")
 
 RATIOS = {"V": 0.5, "A": 0.2, "AV": 0.3}
 
 
-def conv(*turns):
-    return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(turns)]
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A manifest over real clips (with and without sound), a still image and a corrupt file."""
     d = tmp_path_factory.mktemp("avdata")
-    make_clip(d / "av1.mp4", num_frames=8, audio=tone(1.0, 48000, 440))
-    make_clip(d / "av2.webm", num_frames=6, vcodec="vp9", audio=tone(0.5, 44100, 1000), audio_rate=44100, acodec="opus")
-    make_clip(d / "mute.mp4", num_frames=5)
-    make_image(d / "still.png", color_frames(3, 40, 30)[2])
-    garbage_file(d / "corrupt.mp4")
+    make_media_set(d, 44100)
     views = {"A": conv("<AUD> What do you hear?", "A high tone plays."),
              "V": conv("<VIS> What do you see?", "The square is red.")}
     lines = [

@@ -13,13 +13,10 @@ from nemo_avllm.data.dataset import AVDataset, DecodeSettings, MediaSource, coll
 from nemo_avllm.data.features import FeatureCache, FeatureCacheError, build_encoders, build_feature_cache
 from nemo_avllm.data.manifest import validate_manifest
 from nemo_avllm.data.prepare import prepare
-from tests.media_factory import FFMPEG, color_frames, garbage_file, make_clip, make_image, tone
+from tests.media_factory import conv, make_media_set, FFMPEG, make_clip
 
 pytestmark = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg binary to make test media")
 
-
-def conv(*turns):
-    return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(turns)]
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +27,7 @@ def cfg():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("featdata")
-    make_clip(d / "av1.mp4", num_frames=8, audio=tone(1.0, 48000, 440))
-    make_clip(d / "av2.webm", num_frames=6, vcodec="vp9", audio=tone(0.5, 48000, 1000), acodec="opus")
-    make_clip(d / "mute.mp4", num_frames=5)
-    make_image(d / "still.png", color_frames(4, 40, 30)[3])
-    garbage_file(d / "corrupt.mp4")
+    make_media_set(d)
     lines = [
         {"id": "av", "video": "av1.mp4", "conversations": conv("<AUD_VIS> Describe.", "A red square and a tone.")},
         {"id": "a", "video": "av1.mp4", "conversations": conv("<AUD> What sound?", "A low tone.")},  # same clip

@@ -10,16 +10,12 @@ from nemo_avllm import modality
 from nemo_avllm.data import manifest as mf
 from nemo_avllm.data.manifest import ManifestError, validate_manifest
 from nemo_avllm.data.prepare import prepare, stable_id
-from tests.media_factory import FFMPEG, color_frames, garbage_file, make_audio_file, make_clip, make_image, tone
+from tests.media_factory import conv, FFMPEG, color_frames, garbage_file, make_audio_file, make_clip, make_image, tone
 
 pytestmark = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg binary to make test media")
 
 LAYOUT = modality.TokenLayout(4, 16, 2)  # the tiny model's T, N, K
 
-
-def conv(*turns):
-    """human, gpt, human, gpt, ... from plain strings."""
-    return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(turns)]
 
 
 @pytest.fixture(scope="module")

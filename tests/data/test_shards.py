@@ -15,15 +15,12 @@ from nemo_avllm.data.dataset import AVDataset, DecodeSettings, layout_of
 from nemo_avllm.data.features import FeatureCache, FeatureCacheError, build_encoders, build_feature_cache
 from nemo_avllm.data.manifest import validate_manifest
 from nemo_avllm.data.shards import ShardStream, build_shard_loader, write_shards
-from tests.media_factory import FFMPEG, color_frames, garbage_file, make_clip, make_image, tone
+from tests.media_factory import conv, make_media_set, FFMPEG
 
 pytestmark = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg binary to make test media")
 
 RATIOS = {"V": 0.5, "A": 0.2, "AV": 0.3}
 
-
-def conv(*turns):
-    return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(turns)]
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +31,7 @@ def cfg():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("sharddata")
-    make_clip(d / "av1.mp4", num_frames=8, audio=tone(1.0, 48000, 440))
-    make_clip(d / "av2.webm", num_frames=6, vcodec="vp9", audio=tone(0.5, 48000, 1000), acodec="opus")
-    make_clip(d / "mute.mp4", num_frames=5)
-    make_image(d / "still.png", color_frames(4, 40, 30)[3])
-    garbage_file(d / "corrupt.mp4")
+    make_media_set(d)
     base = [
         ("v", "mute.mp4", conv("<VIS> What colour?", "Red.")),
         ("img", "still.png", conv("<VIS> Describe the image.", "A square.")),

@@ -7,8 +7,6 @@ TP2xPP2 runs load the same weights into their shards and run megatron-core's sch
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 

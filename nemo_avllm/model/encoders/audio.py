@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-from nemo_avllm.model.encoders.frozen import FrozenEncoder, load_state_dict_file
+from nemo_avllm.model.encoders.frozen import FrozenEncoder
 
 # HTSAT-{tiny,base,large} as laion_clap builds them (clap_module/htsat.py: create_htsat_model).
 HTSAT_ARCHS = {
@@ -49,7 +49,7 @@ class AudioEncoderConfig:
     embed_dim: int | None = None
     depths: tuple | None = None
     num_heads: tuple | None = None
-    checkpoint: str | None = None  # laion_clap checkpoint (keys `audio_branch.*`, maybe `module.`)
+    checkpoint: str | None = None  # laion_clap checkpoint (`module.audio_branch.*`) or HF CLAP file/folder
     sample_rate: int = 48000
     clip_samples: int = 480000
     window_size: int = 1024
@@ -111,10 +111,16 @@ class AudioEncoder(FrozenEncoder):
         self.freeze()
 
     def load_checkpoint(self, path: str) -> None:
-        sd = load_state_dict_file(path)
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-        sd = {k[len("audio_branch.") :]: v for k, v in sd.items() if k.startswith("audio_branch.")} or sd
+        """laion_clap weights (630k-audioset layout `module.audio_branch.*`, or HTSAT alone) or Hugging
+        Face CLAP weights (`ClapAudioModel`/`ClapModel`: a file or a model folder), mapped to laion
+        names by `nemo_avllm.export.encoders_bridge`. HF checkpoints lack laion's log-mel front end
+        (a fixed function of this config, kept as built) and its AudioSet head (unused)."""
+        from nemo_avllm.export.encoders_bridge import HTSAT_NOT_IN_HF, laion_htsat
+        from nemo_avllm.export.tensor_files import read_state_dict
+
+        sd = laion_htsat(read_state_dict(path))
         missing, unexpected = self.htsat.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith(HTSAT_NOT_IN_HF)]
         if missing or unexpected:
             raise ValueError(
                 f"audio checkpoint {path} does not match HTSAT-{self.cfg.model_name}: "

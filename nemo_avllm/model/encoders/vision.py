@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_avllm.model.encoders.frozen import FrozenEncoder, load_state_dict_file
+from nemo_avllm.model.encoders.frozen import FrozenEncoder
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -23,7 +23,7 @@ class VisionEncoderConfig:
     # An open_clip model config ({embed_dim, vision_cfg, quick_gelu}) to use instead of the
     # registered one of `model_name` (tiny test models, custom variants).
     model_config: dict | None = None
-    checkpoint: str | None = None  # open_clip state dict (keys `visual.*`), safetensors or .pt
+    checkpoint: str | None = None  # open_clip state dict (`visual.*`) or HF CLIP file/folder; safetensors or .pt
     feature_layer: int = -2  # block whose output is used; -1 = last
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
@@ -69,8 +69,13 @@ class VisionEncoder(FrozenEncoder):
         self.freeze()
 
     def load_checkpoint(self, path: str) -> None:
-        sd = load_state_dict_file(path)
-        sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")} or sd
+        """open_clip weights (a full CLIP state dict with `visual.*`, or the visual tower alone) or
+        Hugging Face CLIP weights (`CLIPVisionModel[WithProjection]`/`CLIPModel`: a file or a model
+        folder), mapped to open_clip names by `nemo_avllm.export.encoders_bridge`."""
+        from nemo_avllm.export.encoders_bridge import open_clip_visual
+        from nemo_avllm.export.tensor_files import read_state_dict
+
+        sd = open_clip_visual(read_state_dict(path))
         missing, unexpected = self.visual.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith(("proj", "attn_pool"))]
         if missing or unexpected:

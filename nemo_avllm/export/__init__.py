@@ -1,0 +1,4 @@
+"""Checkpoint interop: Hugging Face LLaMA/Vicuna -> megatron (`import_hf`), any dist checkpoint ->
+a Hugging Face folder (`export_hf`), the encoders' public formats (`encoders_bridge`) and the
+Hugging Face model class the export loads into (`hf_model`). Light on purpose: submodules import
+their heavy dependencies themselves."""

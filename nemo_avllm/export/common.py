@@ -1,0 +1,97 @@
+"""What import and export share: one-process megatron state, weight-less model shells, and
+output folders that appear only when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_name(name: str | None, default: str) -> str:
+    """A checked dtype name (`fp32`, `bf16`, `fp16`); `default` when `name` is null."""
+    name = name or default
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype={name!r}; expected one of {sorted(DTYPE_NAMES)}")
+    return name
+
+
+@contextlib.contextmanager
+def single_process():
+    """megatron parallel state at TP=1, PP=1 for a one-process tool. Reuses a state that is already
+    TP=1/PP=1 (tests, notebooks) and tears down only what it set up."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_avllm.runtime import distributed
+
+    if ps.model_parallel_is_initialized():
+        tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+        if (tp, pp) != (1, 1):
+            raise RuntimeError(f"import/export run in one process; this one is set up for TP={tp}, PP={pp}")
+        yield
+        return
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
+        raise RuntimeError("import/export run in one process; launch them with python, not torchrun")
+    distributed.initialize(1, 1)
+    try:
+        yield
+    finally:
+        distributed.destroy()
+
+
+def llm_only_module(model_cfg):
+    """A megatron module holding just the LLM under AVLLM's `llm.` prefix, so its checkpoint keys are
+    the ones AVLLM loads (`model.restore_from` loads it with strict=False)."""
+    from megatron.core.transformer.module import MegatronModule
+
+    from nemo_avllm.model.llm import build_gpt
+    from nemo_avllm.model.provider import avllm_config, megatron_config
+
+    class LLMOnly(MegatronModule):
+        def __init__(self):
+            config = megatron_config(model_cfg, init_model_with_meta_device=True)
+            super().__init__(config=config)
+            self.cfg = avllm_config(model_cfg)
+            self.llm = build_gpt(self.cfg.llm, config, "local")
+
+    return LLMOnly()
+
+
+def empty_model(model_cfg, llm_only: bool):
+    """The TP=1/PP=1 model (or its LLM alone) with uninitialised CPU weights: no random init, no
+    encoders (their weights come separately). Import and export fill every tensor they use."""
+    from nemo_avllm.model.provider import build_model
+
+    with torch.device("meta"):
+        model = llm_only_module(model_cfg) if llm_only else build_model(model_cfg, pre_process=True, post_process=True, meta=True)
+    dtype = DTYPE_NAMES[model_cfg.get("params_dtype", "fp32")]
+    return model.to_empty(device="cpu").to(dtype)
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | Path, overwrite: bool):
+    """Yield a sibling temporary folder; on success it replaces `out`. A non-empty `out` is kept
+    (and the call refused) unless `overwrite`; a failure leaves `out` as it was."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another folder or pass overwrite=true")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(out)

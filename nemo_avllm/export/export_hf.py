@@ -1,0 +1,272 @@
+"""`avllm export-hf`: any dist checkpoint (any TP/PP, final or intermediate) -> a Hugging Face folder.
+
+The checkpoint is read into a TP=1/PP=1 model (dist checkpointing reshards on load, so every
+saved layout works, and optimizer state is never read), then each component is written in its
+public format (layout: `nemo_avllm.export.hf_model`): the LLM as `LlamaForCausalLM`, the encoders
+as `CLIPVisionModelWithProjection` and `ClapAudioModel`, the projectors, the config (T, N, K, token
+ids, preprocessing) and the tokenizer with `<VIS>`, `<AUD>`, `<AUD_VIS>` added as special tokens.
+Safetensors only.
+
+Memory: the model is allocated once, empty (no random init), and loaded in the checkpoint's
+dtype; files are written one tensor at a time (`write_safetensors`), so the peak is the model
+plus its largest tensor. The folder appears only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from nemo_avllm.config import to_dict
+from nemo_avllm.export import encoders_bridge, llama_bridge
+from nemo_avllm.export.common import DTYPE_NAMES, dtype_name, empty_model, single_process, staged_folder
+from nemo_avllm.export.tensor_files import write_safetensors
+from nemo_avllm.modality import MODALITY_TOKENS
+from nemo_avllm.model.llm import LLMConfig
+
+log = logging.getLogger(__name__)
+
+VISION_PREFIX, AUDIO_PREFIX = "vision.visual.", "audio.htsat."
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def _write(path: Path, tensors, dtype: torch.dtype, shapes: dict | None = None) -> None:
+    """Stream `tensors` (a mapping, possibly lazy) to a safetensors file in `dtype`."""
+    specs = {}
+    for name in tensors:
+        t = tensors[name] if shapes is None else None
+        shape = shapes[name] if shapes is not None else tuple(t.shape)
+        kind = dtype if (t is None or t.is_floating_point()) else t.dtype
+        specs[name] = (shape, kind)
+    write_safetensors(path, specs, lambda n: _cast(tensors[n], dtype), metadata={"format": "pt"})
+
+
+class MissingWeightsError(ValueError):
+    """The checkpoint lacks tensors the export needs."""
+
+
+def _saved_keys(path: Path) -> set[str]:
+    from megatron.core import dist_checkpointing
+
+    return set(dist_checkpointing.load_tensors_metadata(str(path)).keys())
+
+
+def _sharded_keys(module) -> set[str]:
+    """Checkpoint keys of the module's tensors (what a load will look for)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from nemo_avllm.training.checkpoint import model_sharded_state_dict
+
+    return {v.key for v in model_sharded_state_dict(module).values() if not isinstance(v, ShardedObject)}
+
+
+def _encoder(kind: str, cfg, saved: set[str], fallback: str | None, dtype: torch.dtype):
+    """The vision/audio encoder to export: its weights come from the checkpoint when training
+    built it, else from an encoder checkpoint file (training on cached features never has them)."""
+    from nemo_avllm.model.encoders import AudioEncoder, VisionEncoder
+    from nemo_avllm.model.provider import avllm_config
+
+    section = avllm_config(cfg)
+    enc_cfg = section.vision if kind == "vision" else section.audio
+    in_ckpt = any(k.startswith(VISION_PREFIX if kind == "vision" else AUDIO_PREFIX) for k in saved)
+    path = fallback or enc_cfg.checkpoint
+    if not in_ckpt and not path:
+        raise MissingWeightsError(
+            f"the checkpoint holds no {kind} encoder weights (it was trained on cached features or is an "
+            f"import-hf checkpoint); give {kind}_checkpoint=<{'open_clip or HF CLIP' if kind == 'vision' else 'laion_clap or HF CLAP'} "
+            f"weights> or export the LLM alone with llm_only=true"
+        )
+    enc_cfg.checkpoint = None if in_ckpt else path
+    encoder = (VisionEncoder if kind == "vision" else AudioEncoder)(enc_cfg).to(dtype)
+    return encoder, in_ckpt
+
+
+def _tokenizer(path: str | None):
+    from nemo_avllm.data.tokenizer import load_tokenizer
+
+    if not path:
+        raise ValueError("no tokenizer: give tokenizer=<Hugging Face tokenizer folder> (the checkpoint's model.tokenizer is null)")
+    return load_tokenizer(path)
+
+
+def _add_modality_tokens(tok) -> dict[str, int]:
+    """Add `<VIS>`, `<AUD>`, `<AUD_VIS>` as special tokens (kept if present). Returns their ids."""
+    import inspect
+
+    from nemo_avllm import modality
+
+    new = [t for t in modality.MODALITY_TOKENS if t not in set(tok.all_special_tokens)]
+    if new:
+        if "replace_extra_special_tokens" in inspect.signature(tok.add_special_tokens).parameters:  # transformers 5
+            tok.add_special_tokens({"extra_special_tokens": new}, replace_extra_special_tokens=False)
+        else:
+            tok.add_special_tokens({"additional_special_tokens": new}, replace_additional_special_tokens=False)
+    return {t: tok.convert_tokens_to_ids(t) for t in modality.MODALITY_TOKENS}
+
+
+def export_hf(
+    checkpoint: str | Path,
+    out: str | Path,
+    tokenizer: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    llm_only: bool = False,
+    vision_checkpoint: str | None = None,
+    audio_checkpoint: str | None = None,
+) -> Path:
+    """Write the Hugging Face folder of `checkpoint` to `out`; returns `out`."""
+    # transformers' model modules must be imported before megatron's CPU shims are applied
+    # (`single_process`): the shims replace torch.cuda.Stream, which they use in annotations.
+    from nemo_avllm.export import hf_model  # noqa: F401
+    from nemo_avllm.training import checkpoint as dist_ckpt
+
+    ckpt = Path(checkpoint)
+    if not dist_ckpt.is_checkpoint(ckpt):
+        raise FileNotFoundError(f"{ckpt} is not a dist checkpoint folder (no metadata.json)")
+    cfg_dict = dist_ckpt.load_common(ckpt).get("cfg")
+    if not cfg_dict:
+        raise ValueError(f"{ckpt} has no model config in its common state; it was not written by nemo_avllm")
+    cfg = OmegaConf.create(to_dict(cfg_dict) if not isinstance(cfg_dict, dict) else cfg_dict)
+    cfg.tensor_model_parallel_size = cfg.pipeline_model_parallel_size = 1
+    cfg.transformer_impl = "local"  # checkpoint keys are the same for both layer specs
+    cfg.build_encoders = False
+    llm = LLMConfig.from_dict(to_dict(cfg.llm))
+    ckpt_dtype = DTYPE_NAMES[cfg.get("params_dtype", "fp32")]
+    out_dtype = DTYPE_NAMES[dtype_name(dtype, cfg.get("params_dtype", "fp32"))]
+    tok = _tokenizer(tokenizer or cfg.get("tokenizer"))
+    base = len(tok) - sum(t in tok.get_vocab() for t in MODALITY_TOKENS)
+    if base > llm.vocab_size:
+        raise ValueError(f"the tokenizer has {base} tokens but the LLM's vocab_size is {llm.vocab_size}: not this model's tokenizer")
+    saved = _saved_keys(ckpt)
+
+    with single_process(), staged_folder(out, overwrite) as tmp:
+        model = empty_model(cfg, llm_only=llm_only)
+        need = _sharded_keys(model)
+        missing = sorted(need - saved)
+        if missing:
+            what = "projector" if all(k.startswith("proj_") for k in missing) else "model"
+            hint = "; it holds only the LLM (an import-hf checkpoint?): export it with llm_only=true" if what == "projector" else ""
+            raise MissingWeightsError(f"{ckpt} lacks {len(missing)} {what} tensors, e.g. {missing[:3]}{hint}")
+        encoders = {}
+        if not llm_only:
+            for kind, fallback in (("vision", vision_checkpoint), ("audio", audio_checkpoint)):
+                enc, from_ckpt = _encoder(kind, cfg, saved, fallback, ckpt_dtype)
+                encoders[kind] = enc
+                if from_ckpt:
+                    setattr(model, kind, enc)  # loaded with the model below
+        dist_ckpt.load(ckpt, model, strict=False)
+        full = {n: t.detach() for n, t in _named_tensors(model).items()}
+        for kind, enc in encoders.items():
+            full.update({f"{kind}.{n}": t.detach() for n, t in enc.state_dict().items()})
+        _write_llm(tmp, llm, full, out_dtype, tok)
+        if not llm_only:
+            _write_avllm(tmp, cfg, full, out_dtype, tok)
+        del model, full, encoders
+    log.info("exported %s -> %s", ckpt, out)
+    return Path(out)
+
+
+def _named_tensors(model) -> dict[str, torch.Tensor]:
+    from nemo_avllm.model.parallel_layout import local_tensors
+
+    return local_tensors(model)
+
+
+def _write_llm(folder: Path, llm: LLMConfig, full: dict, dtype: torch.dtype, tok) -> None:
+    """llm/: a plain LlamaForCausalLM folder with the LLM's own tokenizer."""
+    from transformers import GenerationConfig
+
+    from nemo_avllm.export.hf_model import LLM_DIR
+
+    d = folder / LLM_DIR
+    d.mkdir()
+    shapes = llama_bridge.hf_shapes(llm)
+    _write(d / "model.safetensors", llama_bridge.to_hf(llm, full.__getitem__), dtype, shapes)
+    llama_bridge.hf_llama_config(llm, dtype, tok.bos_token_id, tok.eos_token_id).save_pretrained(d)
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(d)
+    tok.save_pretrained(d)
+
+
+def _write_avllm(folder: Path, cfg, full: dict, dtype: torch.dtype, tok) -> None:
+    """vision/, audio/, projectors, config.json and the tokenizer with the modality tokens."""
+    from transformers import GenerationConfig
+
+    from nemo_avllm import modality
+    from nemo_avllm.export import hf_model
+    from nemo_avllm.model.provider import avllm_config
+
+    section = avllm_config(cfg)
+    llm = section.llm
+    # vision: open_clip -> CLIPVisionModelWithProjection
+    vision_cfg = encoders_bridge.clip_vision_config(section.vision)
+    vision = encoders_bridge.open_clip_to_hf({n[len(VISION_PREFIX):]: t for n, t in full.items() if n.startswith(VISION_PREFIX)})
+    (folder / hf_model.VISION_DIR).mkdir()
+    _write(folder / hf_model.VISION_DIR / "model.safetensors", vision, dtype)
+    vision_cfg.torch_dtype = dtype
+    vision_cfg.save_pretrained(folder / hf_model.VISION_DIR)
+    # audio: laion HTSAT -> ClapAudioModel
+    audio_cfg = encoders_bridge.clap_audio_config(section.audio)
+    audio = encoders_bridge.laion_to_hf({n[len(AUDIO_PREFIX):]: t for n, t in full.items() if n.startswith(AUDIO_PREFIX)})
+    (folder / hf_model.AUDIO_DIR).mkdir()
+    _write(folder / hf_model.AUDIO_DIR / "model.safetensors", audio, dtype)
+    audio_cfg.torch_dtype = dtype
+    audio_cfg.save_pretrained(folder / hf_model.AUDIO_DIR)
+    # projectors: megatron ColumnParallelLinear -> nn.Linear (same [out, in] layout)
+    proj = {f"{p}.{n}": full[f"{p}.linear.{n}"] for p in hf_model.PROJECTORS for n in ("weight", "bias")}
+    _write(folder / hf_model.PROJECTORS_FILE, proj, dtype)
+    # tokenizer + config
+    ids = _add_modality_tokens(tok)
+    tok.save_pretrained(folder)
+    layers = section.vision.geometry()["layers"]
+    f = section.vision.feature_layer
+    block = layers + f if f < 0 else f
+    config = hf_model.AVLLMConfig(
+        text_config=llama_bridge.hf_llama_config(llm, dtype, tok.bos_token_id, tok.eos_token_id),
+        vision_config=vision_cfg,
+        audio_config=audio_cfg,
+        num_frames=section.num_frames,
+        num_patches=section.vision.geometry()["num_patches"],
+        num_audio_segments=section.num_audio_segments,
+        vision_feature_layer=block + 1,  # hidden_states[0] is the embedding output
+        vis_token_id=ids[modality.VIS_TOKEN],
+        aud_token_id=ids[modality.AUD_TOKEN],
+        aud_vis_token_id=ids[modality.AUD_VIS_TOKEN],
+        image_size=section.vision.geometry()["image_size"],
+        image_mean=list(section.vision.mean),
+        image_std=list(section.vision.std),
+        sample_rate=section.audio.sample_rate,
+        clip_samples=section.audio.clip_samples,
+        window_size=section.audio.window_size,
+        hop_size=section.audio.hop_size,
+        mel_bins=section.audio.mel_bins,
+        fmin=section.audio.fmin,
+        fmax=section.audio.fmax,
+        architectures=["AVLLMForConditionalGeneration"],
+        torch_dtype=dtype,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config.save_pretrained(folder)
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(folder)
+
+
+def run(cfg) -> Path:
+    """Hydra entry point: conf/export_hf.yaml."""
+    out = export_hf(
+        cfg.checkpoint,
+        cfg.out,
+        tokenizer=cfg.get("tokenizer"),
+        dtype=cfg.get("dtype"),
+        overwrite=bool(cfg.get("overwrite", False)),
+        llm_only=bool(cfg.get("llm_only", False)),
+        vision_checkpoint=cfg.get("vision_checkpoint"),
+        audio_checkpoint=cfg.get("audio_checkpoint"),
+    )
+    print(f"export-hf: wrote {out}")
+    return out

@@ -1,0 +1,35 @@
+"""`avllm import-hf` and `scripts/export_hf.py` as a user runs them, in real processes:
+HF folder -> dist checkpoint -> HF folder returns the same tensors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from tests.conftest import REPO
+from tests.export.worker import tiny_hf_llama
+
+
+def _run(args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout + proc.stderr
+
+
+def test_import_then_export_from_the_command_line(tmp_path, tokenizer_dir):
+    from safetensors.torch import load_file
+
+    tiny_hf_llama(tmp_path / "hf")
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, tmp_path / "hf" / f.name)
+    out = _run(["-m", "nemo_avllm.cli", "import-hf", "model=tiny", f"hf_dir={tmp_path / 'hf'}", f"out={tmp_path / 'ckpt'}"])
+    assert f"model.restore_from={tmp_path / 'ckpt'}" in out
+    _run(["scripts/export_hf.py", f"checkpoint={tmp_path / 'ckpt'}", f"out={tmp_path / 'out'}", "llm_only=true"])
+    before = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    after = load_file(str(tmp_path / "out" / "llm" / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
