@@ -139,8 +139,9 @@ def arithmetic(base_import: float, base_export: float, wide: dict, wide_layers: 
             "largest": max(emb, fc1 // 2),
             # import: the HF parts of a fused tensor (q, k, v or gate, up) and their concatenation
             "import_transient": max(2 * qkv, 2 * fc1, emb),
-            # export: one split tensor copied out of its fused parent (q of qkv); the rest are views
-            "export_transient": h * h * b,
+            # export: dist checkpointing reads each tensor into a buffer before copying it in place,
+            # two at a time (its reader threads): the two largest tensors
+            "export_transient": 2 * max(emb, fc1),
         }
 
     wide_cfg = LLMConfig.from_dict(to_dict(config.load_model("vicuna7b", [f"llm.num_layers={wide_layers}"]).llm))

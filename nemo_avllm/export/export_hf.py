@@ -7,9 +7,11 @@ as `CLIPVisionModelWithProjection` and `ClapAudioModel`, the projectors, the con
 ids, preprocessing) and the tokenizer with `<VIS>`, `<AUD>`, `<AUD_VIS>` added as special tokens.
 Safetensors only.
 
-Memory: the model is allocated once, empty (no random init), and loaded in the checkpoint's
-dtype; files are written one tensor at a time (`write_safetensors`), so the peak is the model
-plus its largest tensor. The folder appears only when complete.
+Memory: the model is allocated once, empty (no random init), and loaded in place in the
+checkpoint's dtype (SwiGLU fc1 as whole tensors: `common.whole_swiglu`); files are written one
+tensor at a time (`write_safetensors`). The peak is the model plus dist checkpointing's read
+buffers (about two of the largest tensors); see bench/bench_export.py. The folder appears only
+when complete.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from omegaconf import OmegaConf
 
 from nemo_avllm.config import to_dict
 from nemo_avllm.export import encoders_bridge, llama_bridge
-from nemo_avllm.export.common import DTYPE_NAMES, dtype_name, empty_model, single_process, staged_folder
+from nemo_avllm.export.common import DTYPE_NAMES, dtype_name, empty_model, load_tensors, missing_tensors, single_process, staged_folder
 from nemo_avllm.export.tensor_files import write_safetensors
 from nemo_avllm.modality import MODALITY_TOKENS
 from nemo_avllm.model.llm import LLMConfig
@@ -37,14 +39,19 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _write(path: Path, tensors, dtype: torch.dtype, shapes: dict | None = None) -> None:
-    """Stream `tensors` (a mapping, possibly lazy) to a safetensors file in `dtype`."""
-    specs = {}
-    for name in tensors:
-        t = tensors[name] if shapes is None else None
-        shape = shapes[name] if shapes is not None else tuple(t.shape)
-        kind = dtype if (t is None or t.is_floating_point()) else t.dtype
-        specs[name] = (shape, kind)
+    """Stream `tensors` to a safetensors file, floating-point ones in `dtype`. A lazy mapping
+    (the LLM's) comes with its `shapes`, so that no tensor is made before it is written."""
+    if shapes is not None:
+        specs = {name: (shapes[name], dtype) for name in tensors}
+    else:
+        specs = {name: (tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for name, t in tensors.items()}
     write_safetensors(path, specs, lambda n: _cast(tensors[n], dtype), metadata={"format": "pt"})
+
+
+def _generation_config(tok):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
 class MissingWeightsError(ValueError):
@@ -55,15 +62,6 @@ def _saved_keys(path: Path) -> set[str]:
     from megatron.core import dist_checkpointing
 
     return set(dist_checkpointing.load_tensors_metadata(str(path)).keys())
-
-
-def _sharded_keys(module) -> set[str]:
-    """Checkpoint keys of the module's tensors (what a load will look for)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    from nemo_avllm.training.checkpoint import model_sharded_state_dict
-
-    return {v.key for v in model_sharded_state_dict(module).values() if not isinstance(v, ShardedObject)}
 
 
 def _encoder(kind: str, cfg, saved: set[str], fallback: str | None, dtype: torch.dtype):
@@ -99,15 +97,13 @@ def _add_modality_tokens(tok) -> dict[str, int]:
     """Add `<VIS>`, `<AUD>`, `<AUD_VIS>` as special tokens (kept if present). Returns their ids."""
     import inspect
 
-    from nemo_avllm import modality
-
-    new = [t for t in modality.MODALITY_TOKENS if t not in set(tok.all_special_tokens)]
+    new = [t for t in MODALITY_TOKENS if t not in set(tok.all_special_tokens)]
     if new:
         if "replace_extra_special_tokens" in inspect.signature(tok.add_special_tokens).parameters:  # transformers 5
             tok.add_special_tokens({"extra_special_tokens": new}, replace_extra_special_tokens=False)
         else:
             tok.add_special_tokens({"additional_special_tokens": new}, replace_additional_special_tokens=False)
-    return {t: tok.convert_tokens_to_ids(t) for t in modality.MODALITY_TOKENS}
+    return {t: tok.convert_tokens_to_ids(t) for t in MODALITY_TOKENS}
 
 
 def export_hf(
@@ -124,6 +120,7 @@ def export_hf(
     # transformers' model modules must be imported before megatron's CPU shims are applied
     # (`single_process`): the shims replace torch.cuda.Stream, which they use in annotations.
     from nemo_avllm.export import hf_model  # noqa: F401
+    from nemo_avllm.model.parallel_layout import local_tensors
     from nemo_avllm.training import checkpoint as dist_ckpt
 
     ckpt = Path(checkpoint)
@@ -147,8 +144,7 @@ def export_hf(
 
     with single_process(), staged_folder(out, overwrite) as tmp:
         model = empty_model(cfg, llm_only=llm_only)
-        need = _sharded_keys(model)
-        missing = sorted(need - saved)
+        missing = missing_tensors(ckpt, model)
         if missing:
             what = "projector" if all(k.startswith("proj_") for k in missing) else "model"
             hint = "; it holds only the LLM (an import-hf checkpoint?): export it with llm_only=true" if what == "projector" else ""
@@ -160,8 +156,8 @@ def export_hf(
                 encoders[kind] = enc
                 if from_ckpt:
                     setattr(model, kind, enc)  # loaded with the model below
-        dist_ckpt.load(ckpt, model, strict=False)
-        full = {n: t.detach() for n, t in _named_tensors(model).items()}
+        load_tensors(ckpt, model)
+        full = {n: t.detach() for n, t in local_tensors(model).items()}
         for kind, enc in encoders.items():
             full.update({f"{kind}.{n}": t.detach() for n, t in enc.state_dict().items()})
         _write_llm(tmp, llm, full, out_dtype, tok)
@@ -172,16 +168,8 @@ def export_hf(
     return Path(out)
 
 
-def _named_tensors(model) -> dict[str, torch.Tensor]:
-    from nemo_avllm.model.parallel_layout import local_tensors
-
-    return local_tensors(model)
-
-
 def _write_llm(folder: Path, llm: LLMConfig, full: dict, dtype: torch.dtype, tok) -> None:
     """llm/: a plain LlamaForCausalLM folder with the LLM's own tokenizer."""
-    from transformers import GenerationConfig
-
     from nemo_avllm.export.hf_model import LLM_DIR
 
     d = folder / LLM_DIR
@@ -189,20 +177,18 @@ def _write_llm(folder: Path, llm: LLMConfig, full: dict, dtype: torch.dtype, tok
     shapes = llama_bridge.hf_shapes(llm)
     _write(d / "model.safetensors", llama_bridge.to_hf(llm, full.__getitem__), dtype, shapes)
     llama_bridge.hf_llama_config(llm, dtype, tok.bos_token_id, tok.eos_token_id).save_pretrained(d)
-    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(d)
+    _generation_config(tok).save_pretrained(d)
     tok.save_pretrained(d)
 
 
 def _write_avllm(folder: Path, cfg, full: dict, dtype: torch.dtype, tok) -> None:
     """vision/, audio/, projectors, config.json and the tokenizer with the modality tokens."""
-    from transformers import GenerationConfig
-
     from nemo_avllm import modality
     from nemo_avllm.export import hf_model
     from nemo_avllm.model.provider import avllm_config
 
     section = avllm_config(cfg)
-    llm = section.llm
+    geo = section.vision.geometry()
     # vision: open_clip -> CLIPVisionModelWithProjection
     vision_cfg = encoders_bridge.clip_vision_config(section.vision)
     vision = encoders_bridge.open_clip_to_hf({n[len(VISION_PREFIX):]: t for n, t in full.items() if n.startswith(VISION_PREFIX)})
@@ -223,21 +209,20 @@ def _write_avllm(folder: Path, cfg, full: dict, dtype: torch.dtype, tok) -> None
     # tokenizer + config
     ids = _add_modality_tokens(tok)
     tok.save_pretrained(folder)
-    layers = section.vision.geometry()["layers"]
     f = section.vision.feature_layer
-    block = layers + f if f < 0 else f
+    block = geo["layers"] + f if f < 0 else f  # the ViT block whose output is used
     config = hf_model.AVLLMConfig(
-        text_config=llama_bridge.hf_llama_config(llm, dtype, tok.bos_token_id, tok.eos_token_id),
+        text_config=llama_bridge.hf_llama_config(section.llm, dtype, tok.bos_token_id, tok.eos_token_id),
         vision_config=vision_cfg,
         audio_config=audio_cfg,
         num_frames=section.num_frames,
-        num_patches=section.vision.geometry()["num_patches"],
+        num_patches=geo["num_patches"],
         num_audio_segments=section.num_audio_segments,
         vision_feature_layer=block + 1,  # hidden_states[0] is the embedding output
         vis_token_id=ids[modality.VIS_TOKEN],
         aud_token_id=ids[modality.AUD_TOKEN],
         aud_vis_token_id=ids[modality.AUD_VIS_TOKEN],
-        image_size=section.vision.geometry()["image_size"],
+        image_size=geo["image_size"],
         image_mean=list(section.vision.mean),
         image_std=list(section.vision.std),
         sample_rate=section.audio.sample_rate,
@@ -253,7 +238,7 @@ def _write_avllm(folder: Path, cfg, full: dict, dtype: torch.dtype, tok) -> None
         eos_token_id=tok.eos_token_id,
     )
     config.save_pretrained(folder)
-    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(folder)
+    _generation_config(tok).save_pretrained(folder)
 
 
 def run(cfg) -> Path:
