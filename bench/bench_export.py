@@ -73,7 +73,7 @@ def step(args) -> dict:
 def measure(kind: str, label: str, src: Path, dst: Path, extra: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, __file__, "--step", kind, "--src", str(src), "--dst", str(dst), *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
     r = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -60,7 +60,7 @@ _ACTIONS = {_CONFIG_AUTO: _register_config, _MODELING_AUTO: _register_models}
 def _run(name: str, module) -> None:
     try:
         _ACTIONS[name](module)
-    except Exception as e:  # never break importing transformers
+    except Exception as e:  # noqa: BLE001 - never break importing transformers
         warnings.warn(f"nemo_avllm could not register its Hugging Face classes with transformers: {e!r}", stacklevel=2)
 
 

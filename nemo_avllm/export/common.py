@@ -51,7 +51,10 @@ def whole_swiglu(sharded: dict) -> dict:
     The factory chunks fc1 into gate and up on save and concatenates them into new tensors on
     load: an extra copy of every layer's fc1 (about 45% of a LLaMA) held at once. A whole-tensor
     shard reads and writes in place; dist checkpointing still reshards it to any TP/PP."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedTensor,
+        ShardedTensorFactory,
+    )
 
     out = {}
     for name, v in sharded.items():

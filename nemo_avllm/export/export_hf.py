@@ -24,7 +24,15 @@ from omegaconf import OmegaConf
 
 from nemo_avllm.config import to_dict
 from nemo_avllm.export import encoders_bridge, llama_bridge
-from nemo_avllm.export.common import DTYPE_NAMES, dtype_name, empty_model, load_tensors, missing_tensors, single_process, staged_folder
+from nemo_avllm.export.common import (
+    DTYPE_NAMES,
+    dtype_name,
+    empty_model,
+    load_tensors,
+    missing_tensors,
+    single_process,
+    staged_folder,
+)
 from nemo_avllm.export.tensor_files import write_safetensors
 from nemo_avllm.modality import MODALITY_TOKENS
 from nemo_avllm.model.llm import LLMConfig

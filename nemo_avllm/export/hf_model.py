@@ -28,7 +28,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import ClapAudioModel, CLIPVisionModelWithProjection, GenerationConfig, GenerationMixin, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    ClapAudioModel,
+    CLIPVisionModelWithProjection,
+    GenerationConfig,
+    GenerationMixin,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 
 from nemo_avllm import modality
 from nemo_avllm.export.hf_config import AVLLMConfig

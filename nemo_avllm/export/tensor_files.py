@@ -66,7 +66,7 @@ class HFWeights:
                 )
         else:
             with self._open(self.source) as handle:
-                self.weight_map = {name: self.source for name in handle.keys()}
+                self.weight_map = {name: self.source for name in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
 
     @contextlib.contextmanager
     def _open(self, file: str):
@@ -81,7 +81,7 @@ class HFWeights:
             return
         sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(sd, dict):
-            raise ValueError(f"{path} does not hold a state dict")
+            raise TypeError(f"{path} does not hold a state dict")
         yield sd
 
     def keys(self) -> list[str]:
@@ -116,7 +116,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.is_dir():
         weights = HFWeights(path)
-        return {name: weights.get(name) for name in weights.keys()}
+        return {name: weights.get(name) for name in weights.weight_map}
     from nemo_avllm.model.encoders.frozen import load_state_dict_file
 
     return load_state_dict_file(path)

@@ -9,9 +9,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from nemo_avllm.export import llama_bridge
 
-VICUNA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+VICUNA_7B = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
+             "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 
 def test_vicuna7b_exports_to_llama_names_and_shapes(dist1):
