@@ -14,7 +14,10 @@ fi
 
 find_python312() {
   if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
-  if command -v python3.12 >/dev/null 2>&1; then command -v python3.12; return; fi
+  # a python3.12 on PATH that really runs (a pyenv shim may exist without being selected)
+  if command -v python3.12 >/dev/null 2>&1 && python3.12 -c 'import sys' >/dev/null 2>&1; then
+    command -v python3.12; return
+  fi
   if command -v pyenv >/dev/null 2>&1; then
     local root; root=$(pyenv root)
     local found; found=$(ls -d "$root"/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n1 || true)
