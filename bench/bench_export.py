@@ -8,14 +8,17 @@ imports, before any weights). Steps:
   tiny                  import of a tiny HF LLaMA; export of the tiny AVLLM (LLM + encoders + projectors)
   vicuna7b-Nlayers      the 7B *width* (vocab 32000, hidden 4096, ffn 11008, bf16) with N layers:
                         import, and export of the LLM (llm_only), measured
-  vicuna7b              by arithmetic from the meta-device model (no weights allocated): weights
-                        bytes, largest tensor, and the predicted peak = base + weights + largest
-                        transient, the rule the measured wide run checks; time scaled by bytes
+  vicuna7b              by arithmetic (shapes only): weights bytes, largest tensor, and the
+                        predicted peak = base + weights + transient, the rule first checked
+                        against the measured wide run (`check=rule` lines); time scaled by bytes;
+                        `vicuna7b-avllm` adds ViT-L/14, HTSAT-base and the projectors
 
-Why the peak is one model, not two: import allocates the model once, empty, in bf16, and fills it
-tensor by tensor from the safetensors shards (the largest transient is one layer's gate/up pair
-and their concatenation); export loads the checkpoint into one empty model and writes each
-safetensors file tensor by tensor (`write_safetensors`), so the largest transient is one tensor.
+Why the peak is one model, not two: import allocates the model once, empty, in bf16, fills it
+tensor by tensor from the safetensors shards (no file stays mapped; the transient is one layer's
+gate/up pair and their concatenation) and saves it in place (SwiGLU fc1 as whole tensors: megatron's
+gate/up checkpoint factory would copy every layer's fc1, +45%); export loads the checkpoint in
+place into one empty model (transient: dist checkpointing's read buffers, about two of the largest
+tensors) and writes each safetensors file tensor by tensor (`write_safetensors`).
 
 Prints machine-readable lines, e.g.
     import model=tiny seconds=1.9 peak_rss_mb=1234 base_rss_mb=1200
@@ -121,42 +124,64 @@ def tiny_avllm_checkpoint(folder: Path, tokenizer: Path) -> None:
     distributed.destroy()
 
 
-def arithmetic(base_import: float, base_export: float, wide: dict, wide_layers: int) -> None:
-    """7B numbers from the meta-device model, and the same rule applied to the measured wide run."""
+def _sizes(llm) -> dict:
+    """bf16 bytes of an LLM and of what import/export hold besides it (the rule the wide run checks)."""
+    b = 2
+    h, f, v = llm.hidden_size, llm.ffn_hidden_size, llm.padded_vocab_size
+    kv = llm.kv_groups * h // llm.num_attention_heads
+    qkv, fc1, emb = (h * h + 2 * kv * h) * b, 2 * f * h * b, v * h * b
+    return {
+        "weights": llm.num_parameters() * b,
+        "largest": max(emb, fc1 // 2),
+        # import: the HF parts of a fused tensor (q, k, v or gate, up) and their concatenation
+        "import_transient": max(2 * qkv, 2 * fc1, emb),
+        # export: dist checkpointing reads each tensor into a buffer before copying it in place,
+        # two at a time (its reader threads): about the two largest tensors
+        "export_transient": 2 * max(emb, fc1),
+    }
+
+
+def _encoders_bytes(model_name: str) -> int:
+    """bf16 bytes of the frozen encoders and projectors of a model config (vision tower counted on
+    the meta device; HTSAT is small and built for real, its front end refuses meta tensors)."""
     import torch
 
+    from nemo_avllm import config
+    from nemo_avllm.model.encoders import AudioEncoder, VisionEncoder
+    from nemo_avllm.model.provider import avllm_config
+
+    section = avllm_config(config.load_model(model_name))
+    section.vision.checkpoint = section.audio.checkpoint = None
+    with torch.device("meta"):
+        vision = sum(p.numel() for p in VisionEncoder(section.vision).parameters())
+    audio = sum(p.numel() for p in AudioEncoder(section.audio).parameters())
+    h, vw, aw = section.llm.hidden_size, section.vision.geometry()["width"], section.audio.width
+    projectors = 2 * (vw * h + h) + aw * h + h
+    return 2 * (vision + audio + projectors)
+
+
+def arithmetic(base: dict, wide: dict, wide_layers: int) -> None:
+    """7B numbers by arithmetic, after checking the rule against the measured wide run."""
     from nemo_avllm import config
     from nemo_avllm.config import to_dict
     from nemo_avllm.model.llm import LLMConfig
 
-    def sizes(llm: LLMConfig) -> dict:
-        b = 2  # bf16
-        h, f, v = llm.hidden_size, llm.ffn_hidden_size, llm.padded_vocab_size
-        kv = llm.kv_groups * h // llm.num_attention_heads
-        qkv, fc1, emb = (h * h + 2 * kv * h) * b, 2 * f * h * b, v * h * b
-        return {
-            "weights": llm.num_parameters() * b,
-            "largest": max(emb, fc1 // 2),
-            # import: the HF parts of a fused tensor (q, k, v or gate, up) and their concatenation
-            "import_transient": max(2 * qkv, 2 * fc1, emb),
-            # export: dist checkpointing reads each tensor into a buffer before copying it in place,
-            # two at a time (its reader threads): the two largest tensors
-            "export_transient": 2 * max(emb, fc1),
-        }
+    def llm(overrides):
+        return LLMConfig.from_dict(to_dict(config.load_model("vicuna7b", overrides).llm))
 
-    wide_cfg = LLMConfig.from_dict(to_dict(config.load_model("vicuna7b", [f"llm.num_layers={wide_layers}"]).llm))
-    full_cfg = LLMConfig.from_dict(to_dict(config.load_model("vicuna7b").llm))
-    w, s = sizes(wide_cfg), sizes(full_cfg)
-    for kind, base in (("import", base_import), ("export", base_export)):
-        pred_wide = base + (w["weights"] + w[f"{kind}_transient"]) / MB
+    w, s = _sizes(llm([f"llm.num_layers={wide_layers}"])), _sizes(llm([]))
+    encoders = _encoders_bytes("vicuna7b")
+    for kind in ("import", "export"):
         measured = wide[kind]
-        print(f"{kind} model=vicuna7b-{wide_layers}layers predicted_peak_mb={pred_wide:.0f} measured_peak_mb={measured['peak_rss_mb']:.0f} "
-              f"model_mb={w['weights'] / MB:.0f}", flush=True)
-        rate = w["weights"] / measured["seconds"]
-        pred = base + (s["weights"] + s[f"{kind}_transient"]) / MB
+        pred_wide = base[kind] + (w["weights"] + w[f"{kind}_transient"]) / MB
+        print(f"{kind} model=vicuna7b-{wide_layers}layers check=rule predicted_peak_mb={pred_wide:.0f} "
+              f"measured_peak_mb={measured['peak_rss_mb']:.0f} model_mb={w['weights'] / MB:.0f}", flush=True)
+        rate = w["weights"] / measured["seconds"]  # bytes/s of the measured run
+        pred = base[kind] + (s["weights"] + s[f"{kind}_transient"]) / MB
         print(f"{kind} model=vicuna7b estimate=arithmetic weights_mb={s['weights'] / MB:.0f} largest_tensor_mb={s['largest'] / MB:.0f} "
               f"transient_mb={s[f'{kind}_transient'] / MB:.0f} predicted_peak_mb={pred:.0f} seconds_est={s['weights'] / rate:.0f}", flush=True)
-    del torch
+    full = base["export"] + (s["weights"] + encoders + s["export_transient"]) / MB
+    print(f"export model=vicuna7b-avllm estimate=arithmetic encoders_projectors_mb={encoders / MB:.0f} predicted_peak_mb={full:.0f}", flush=True)
 
 
 def main() -> int:
@@ -198,7 +223,7 @@ def main() -> int:
         "export": measure("export", f"vicuna7b-{n}layers", work / "ckpt_wide", work / "out_wide",
                           ["--tokenizer", str(tok), "--llm-only"]),
     }
-    arithmetic(wide["import"]["base_rss_mb"], wide["export"]["base_rss_mb"], wide, n)
+    arithmetic({k: wide[k]["base_rss_mb"] for k in wide}, wide, n)
     print(f"# files in {work}", flush=True)
     return 0
 

@@ -66,3 +66,19 @@ def tokens_in(text: str) -> list[str]:
     import re
 
     return re.findall("|".join(map(re.escape, MODALITY_TOKENS)), text)
+
+
+def splice(embeds: torch.Tensor, input_ids: torch.Tensor, features: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Replace every placeholder position of `embeds` [b, s, h] by its feature row.
+
+    `features` maps a placeholder id to [b, length, h]. The j-th position of a kind in a sample
+    takes row j mod length, so several modality tokens in one conversation each get the whole
+    sequence, in order. Shared by the megatron model and the exported Hugging Face model."""
+    for pid, feat in features.items():
+        mask = input_ids == pid
+        if not mask.any():
+            continue
+        row = (mask.long().cumsum(dim=1) - 1).clamp(min=0) % feat.shape[1]
+        picked = torch.gather(feat, 1, row.unsqueeze(-1).expand(-1, -1, feat.shape[-1]))
+        embeds = torch.where(mask.unsqueeze(-1), picked.to(embeds.dtype), embeds)
+    return embeds

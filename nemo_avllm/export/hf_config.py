@@ -44,7 +44,7 @@ class AVLLMConfig(PretrainedConfig):
         aud_token_id: int | None = None,
         aud_vis_token_id: int | None = None,
         image_size: int = 224,
-        image_mean=(0.48145466, 0.4578275, 0.40821073),
+        image_mean=(0.48145466, 0.4578275, 0.40821073),  # CLIP's (export writes the training config's)
         image_std=(0.26862954, 0.26130258, 0.27577711),
         sample_rate: int = 48000,
         clip_samples: int = 480000,

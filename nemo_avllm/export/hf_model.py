@@ -135,30 +135,17 @@ def expand_modality_tokens(input_ids, config: AVLLMConfig, attention_mask=None, 
         valid = torch.zeros(len(rows), width, dtype=torch.bool, device=input_ids.device)
         for b, r in enumerate(rows):
             sl = slice(width - len(r), width) if left else slice(0, len(r))
-            new_ids[b, sl] = torch.tensor([t for t, _ in r])
-            src[b, sl] = torch.tensor([k for _, k in r])
+            new_ids[b, sl] = torch.tensor([t for t, _ in r], device=input_ids.device)
+            src[b, sl] = torch.tensor([k for _, k in r], device=input_ids.device)
             valid[b, sl] = True
-    mask = None
     if attention_mask is not None:
         mask = torch.where(valid, torch.gather(attention_mask, 1, src), torch.zeros_like(new_ids))
+    else:  # new padding needs a mask
+        mask = None if bool(valid.all()) else valid.long()
     if labels is not None:
         is_mod = torch.isin(new_ids, torch.tensor(modality_ids, device=new_ids.device))
         labels = torch.where(valid & ~is_mod, torch.gather(labels, 1, src), torch.full_like(new_ids, modality.IGNORE_INDEX))
     return Expanded(new_ids, mask, labels)
-
-
-def splice(embeds: torch.Tensor, placeholders: torch.Tensor, features: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Replace every placeholder position of `embeds` [b, s, h] by its feature row: the j-th
-    position of a kind in a sample takes row j mod length, so several modality tokens in one
-    conversation each get the whole sequence (the rule of `AVLLM.embed`)."""
-    for pid, feat in features.items():
-        mask = placeholders == pid
-        if not mask.any():
-            continue
-        row = (mask.long().cumsum(dim=1) - 1).clamp(min=0) % feat.shape[1]
-        picked = torch.gather(feat, 1, row.unsqueeze(-1).expand(-1, -1, feat.shape[-1]))
-        embeds = torch.where(mask.unsqueeze(-1), picked.to(embeds.dtype), embeds)
-    return embeds
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +263,7 @@ class AVLLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 features[modality.SPATIAL_ID] = self._scatter(self.proj_spatial, e_s, idx, len(ph))
             else:
                 features[modality.AUDIO_ID] = self._scatter(self.proj_audio, self.encode_audio(rows), idx, len(ph))
-        return splice(embeds, ph, features)
+        return modality.splice(embeds, ph, features)
 
     @staticmethod
     def _scatter(proj: nn.Linear, feats: torch.Tensor, idx: torch.Tensor, batch: int) -> torch.Tensor:

@@ -37,12 +37,17 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
 def _check_tokenizer(hf_dir: Path, llm: LLMConfig) -> str | None:
-    """The folder's tokenizer (if any) must fit the vocabulary. Returns its path."""
+    """The folder's tokenizer (if any) must fit the vocabulary. Returns its path (recorded in the
+    checkpoint for export-hf), or None when there is none that loads."""
     if not any((hf_dir / f).is_file() for f in TOKENIZER_FILES):
         return None
     from nemo_avllm.data.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(hf_dir)
+    try:
+        tok = load_tokenizer(hf_dir)
+    except (OSError, ValueError) as e:
+        log.warning("the tokenizer in %s does not load (%s); give model.tokenizer / tokenizer= yourself", hf_dir, e)
+        return None
     if len(tok) > llm.vocab_size:
         raise llama_bridge.ConfigMismatchError(
             f"{hf_dir}: the tokenizer has {len(tok)} tokens but vocab_size is {llm.vocab_size}; the folder mixes two models"

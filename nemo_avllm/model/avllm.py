@@ -111,6 +111,7 @@ class AVLLM(MegatronModule):
             (modality.SPATIAL_ID, feats.spatial, self.proj_spatial, self.layout.num_patches),
             (modality.AUDIO_ID, feats.audio, self.proj_audio, self.layout.num_audio_segments),
         )
+        projected = {}
         for pid, feat, proj, length in kinds:
             mask = input_ids == pid
             if not mask.any():
@@ -126,12 +127,8 @@ class AVLLM(MegatronModule):
                 )
             if feat.shape[1] != length:
                 raise ValueError(f"features for placeholder {pid} have {feat.shape[1]} rows; the model expects {length}")
-            h = proj(feat)  # [b, length, hidden]
-            # j-th placeholder of a kind in a sample takes feature row j mod length, so several
-            # modality tokens in one conversation each get the full sequence, in order.
-            row = (mask.long().cumsum(dim=1) - 1).clamp(min=0) % length
-            picked = torch.gather(h, 1, row.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-            emb = torch.where(mask.unsqueeze(-1), picked.to(emb.dtype), emb)
+            projected[pid] = proj(feat)  # [b, length, hidden]
+        emb = modality.splice(emb, input_ids, projected)
         emb = emb.transpose(0, 1).contiguous()
         if self.config.sequence_parallel:
             from megatron.core import tensor_parallel

@@ -59,6 +59,9 @@ class _CudaToCpuMode(TorchFunctionMode):
 class _NullStream:
     """Stands in for a CUDA stream/event: CPU ops are already ordered."""
 
+    def __init__(self, *args, **kwargs):
+        pass
+
     def wait_event(self, *a, **k):
         pass
 
@@ -143,8 +146,9 @@ def apply() -> bool:
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_stream = lambda *a, **k: _NullStream()
     torch.cuda.default_stream = lambda *a, **k: _NullStream()
-    torch.cuda.Stream = lambda *a, **k: _NullStream()
-    torch.cuda.Event = lambda *a, **k: _NullStream()
+    # classes, not functions: libraries evaluate `torch.cuda.Stream | None` in annotations
+    torch.cuda.Stream = _NullStream
+    torch.cuda.Event = _NullStream
     torch.cuda.stream = lambda *a, **k: _NullStream()
     torch.cuda.set_device = lambda *a, **k: None
     torch.cuda.get_device_capability = lambda *a, **k: (0, 0)

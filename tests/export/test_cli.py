@@ -34,3 +34,16 @@ def test_import_then_export_from_the_command_line(tmp_path, tokenizer_dir):
     before = load_file(str(tmp_path / "hf" / "model.safetensors"))
     after = load_file(str(tmp_path / "out" / "llm" / "model.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_importing_the_package_stays_light_and_registers_lazily():
+    """`import nemo_avllm` imports neither torch nor transformers, yet afterwards transformers'
+    Auto classes know `model_type: avllm` (registered when they are first imported)."""
+    _run(["-c", "import sys, nemo_avllm; assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)"])
+    code = ("import nemo_avllm\n"
+            "from transformers import AutoConfig, AutoModel, AutoModelForCausalLM\n"
+            "c = AutoConfig.for_model('avllm')\n"
+            "print(type(c).__name__, AutoModelForCausalLM._model_mapping[type(c)].real().__name__,"
+            " AutoModel._model_mapping[type(c)].real().__name__)")
+    out = _run(["-c", code])
+    assert "AVLLMConfig AVLLMForConditionalGeneration AVLLMForConditionalGeneration" in out

@@ -165,3 +165,35 @@ def test_save_pretrained_round_trip(trained, exported, tmp_path):
 
     AutoModelForCausalLM.from_pretrained(exported).save_pretrained(tmp_path / "again")
     assert torch.equal(_hf_logits(tmp_path / "again", trained["batch"]), _hf_logits(exported, trained["batch"]))
+
+
+def test_expand_modality_tokens_pads_masks_and_is_idempotent():
+    """Rows that grow differently are re-padded on the input's padding side; masks follow their
+    tokens, modality positions carry no loss, and expanded ids stay as they are."""
+    c = hf_model.AVLLMConfig(num_frames=2, num_patches=3, num_audio_segments=2,
+                             vis_token_id=600, aud_token_id=601, aud_vis_token_id=602)
+    V, A, AV = 600, 601, 602
+    ids = torch.tensor([[0, 0, 1, 5, V, 6], [1, 5, AV, 6, A, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, 1, 5, 9, 6], [1, 5, 9, 6, 9, 7]])
+    exp = hf_model.expand_modality_tokens(ids, c, mask, labels)
+    assert exp.input_ids.tolist() == [[0] * 3 + [0, 0, 1, 5] + [V] * 5 + [6],  # left padding kept
+                                      [1, 5] + [V] * 5 + [A] * 2 + [6] + [A] * 2 + [7]]
+    assert exp.attention_mask.tolist() == [[0] * 5 + [1] * 8, [1] * 13]
+    assert exp.labels.tolist() == [[-100] * 5 + [1, 5] + [-100] * 5 + [6], [1, 5] + [-100] * 7 + [6, -100, -100, 7]]
+    again = hf_model.expand_modality_tokens(exp.input_ids, c, exp.attention_mask)
+    assert torch.equal(again.input_ids, exp.input_ids) and torch.equal(again.attention_mask, exp.attention_mask)
+    # the training view of the same positions: T temporal then N spatial, K audio
+    ph = hf_model.placeholder_ids(exp.input_ids, c)[1].tolist()
+    t, s, a = hf_model.modality.TEMPORAL_ID, hf_model.modality.SPATIAL_ID, hf_model.modality.AUDIO_ID
+    assert ph == [1, 5, t, t, s, s, s, a, a, 6, a, a, 7]
+    with pytest.raises(ValueError, match="not a multiple of 5: expand the ids first"):
+        hf_model.placeholder_ids(torch.tensor([[1, V, V, 2]]), c)
+
+
+def test_auto_classes_build_the_model(exported):
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(exported)
+    assert isinstance(config, hf_model.AVLLMConfig)
+    assert isinstance(AutoModel.from_config(config), hf_model.AVLLMForConditionalGeneration)
