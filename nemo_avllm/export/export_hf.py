@@ -72,6 +72,19 @@ def _saved_keys(path: Path) -> set[str]:
     return set(dist_checkpointing.load_tensors_metadata(str(path)).keys())
 
 
+
+def _strip(full: dict, prefix: str) -> dict:
+    """The tensors under `prefix`, without it."""
+    return {n[len(prefix):]: t for n, t in full.items() if n.startswith(prefix)}
+
+
+def _write_encoder(folder: Path, hf_cfg, tensors: dict, dtype) -> None:
+    """One encoder as a Hugging Face folder: config.json + model.safetensors."""
+    folder.mkdir()
+    _write(folder / "model.safetensors", tensors, dtype)
+    hf_cfg.torch_dtype = dtype
+    hf_cfg.save_pretrained(folder)
+
 def _encoder(kind: str, cfg, saved: set[str], fallback: str | None, dtype: torch.dtype):
     """The vision/audio encoder to export: its weights come from the checkpoint when training
     built it, else from an encoder checkpoint file (training on cached features never has them)."""
@@ -197,20 +210,11 @@ def _write_avllm(folder: Path, cfg, full: dict, dtype: torch.dtype, tok) -> None
 
     section = avllm_config(cfg)
     geo = section.vision.geometry()
-    # vision: open_clip -> CLIPVisionModelWithProjection
+    # vision: open_clip -> CLIPVisionModelWithProjection; audio: laion HTSAT -> ClapAudioModel
     vision_cfg = encoders_bridge.clip_vision_config(section.vision)
-    vision = encoders_bridge.open_clip_to_hf({n[len(VISION_PREFIX):]: t for n, t in full.items() if n.startswith(VISION_PREFIX)})
-    (folder / hf_model.VISION_DIR).mkdir()
-    _write(folder / hf_model.VISION_DIR / "model.safetensors", vision, dtype)
-    vision_cfg.torch_dtype = dtype
-    vision_cfg.save_pretrained(folder / hf_model.VISION_DIR)
-    # audio: laion HTSAT -> ClapAudioModel
     audio_cfg = encoders_bridge.clap_audio_config(section.audio)
-    audio = encoders_bridge.laion_to_hf({n[len(AUDIO_PREFIX):]: t for n, t in full.items() if n.startswith(AUDIO_PREFIX)})
-    (folder / hf_model.AUDIO_DIR).mkdir()
-    _write(folder / hf_model.AUDIO_DIR / "model.safetensors", audio, dtype)
-    audio_cfg.torch_dtype = dtype
-    audio_cfg.save_pretrained(folder / hf_model.AUDIO_DIR)
+    _write_encoder(folder / hf_model.VISION_DIR, vision_cfg, encoders_bridge.open_clip_to_hf(_strip(full, VISION_PREFIX)), dtype)
+    _write_encoder(folder / hf_model.AUDIO_DIR, audio_cfg, encoders_bridge.laion_to_hf(_strip(full, AUDIO_PREFIX)), dtype)
     # projectors: megatron ColumnParallelLinear -> nn.Linear (same [out, in] layout)
     proj = {f"{p}.{n}": full[f"{p}.linear.{n}"] for p in hf_model.PROJECTORS for n in ("weight", "bias")}
     _write(folder / hf_model.PROJECTORS_FILE, proj, dtype)
