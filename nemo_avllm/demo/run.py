@@ -68,7 +68,7 @@ def _last_checkpoint(run_dir: Path) -> Path:
 
 
 def evaluate(model_cfg, checkpoint_dir: Path, eval_manifest: Path, tokenizer_dir: Path, feature_cache: Path,
-             batch_size: int = 32) -> dict:
+             batch_size: int = 32, max_new_tokens: int = 32) -> dict:
     """Greedy answers to held-out questions -> accuracy per (family, token)."""
     from nemo_avllm.data.dataset import stack_rows
     from nemo_avllm.data.features import FeatureCache
@@ -96,10 +96,13 @@ def evaluate(model_cfg, checkpoint_dir: Path, eval_manifest: Path, tokenizer_dir
         prompts = [prompt_ids(it["conversations"], tok, model.layout) for it, _ in keep]
         stacked = {k: stack_rows([f.get(k) for _, f in keep]) for k in ("temporal", "spatial", "audio")}
         ef = EncoderFeatures(**{k: v.float() if v is not None else None for k, v in stacked.items()})
-        answers = greedy_generate(model, prompts, features=ef, eos_id=tok.eos_token_id, max_new_tokens=6)
+        answers = greedy_generate(model, prompts, features=ef, eos_id=tok.eos_token_id, max_new_tokens=max_new_tokens)
         for (it, _), ans in zip(keep, answers):
             text = tok.decode(ans, skip_special_tokens=True)
-            ok = int(normalize_answer(text) == normalize_answer(it["answer"]))
+            words = normalize_answer(text).split()
+            # one-word answers must match exactly; a reasoning answer is scored on its verdict
+            verdict = words[-1] if it.get("reasoning") and words else " ".join(words)
+            ok = int(verdict == normalize_answer(it["answer"]))
             hits[(it["family"], it["token"])].append(ok)
             rows.append({"id": it["id"], "family": it["family"], "token": it["token"], "answer": it["answer"],
                          "generated": text, "correct": ok})

@@ -63,9 +63,19 @@ class ClipSpec:
     sound_late: bool  # the tone starts half-way through
 
     def answer(self, family: str) -> str:
+        """The word that answers `family` (what evaluation scores)."""
         if family == "sync":
             return "yes" if self.shape_late == self.sound_late else "no"
         return getattr(self, family)
+
+    def response(self, family: str) -> str:
+        """The training response. Sync is the reasoning family: the response states both
+        observations before the verdict, so the verdict follows from the model's own words."""
+        if family != "sync":
+            return self.answer(family)
+        when = lambda late: "half-way" if late else "at the start"  # noqa: E731
+        return (f"The shape appears {when(self.shape_late)} and the sound starts {when(self.sound_late)}, "
+                f"so {self.answer('sync')}.")
 
 
 def draw_spec(i: int, rng: random.Random, p_no_audio: float = 1 / 6) -> ClipSpec:
@@ -174,7 +184,7 @@ def stage2_sample(entry: dict, rng: random.Random, turns: int = 3) -> dict:
     conv = []
     for fam in fams[:turns]:
         tok = tokens_for(fam, spec, rng)
-        conv += [{"from": "human", "value": f"{tok} {QUESTIONS[fam]}"}, {"from": "gpt", "value": spec.answer(fam)}]
+        conv += [{"from": "human", "value": f"{tok} {QUESTIONS[fam]}"}, {"from": "gpt", "value": spec.response(fam)}]
     return {"id": entry["id"], "video": entry["video"], "conversations": conv}
 
 
@@ -185,7 +195,7 @@ def reasoning_sample(entry: dict) -> dict | None:
         return None
     return {"id": f"{entry['id']}-sync", "video": entry["video"],
             "conversations": [{"from": "human", "value": f"<AUD_VIS> {QUESTIONS['sync']}"},
-                              {"from": "gpt", "value": spec.answer("sync")}]}
+                              {"from": "gpt", "value": spec.response("sync")}]}
 
 
 def eval_items(entry: dict) -> list[dict]:
@@ -198,7 +208,7 @@ def eval_items(entry: dict) -> list[dict]:
             ["<AUD>", "<AUD_VIS>", "<VIS>"] if fam in AUDIO_FAMILIES else (["<VIS>", "<AUD_VIS>"] if spec.has_audio else ["<VIS>"]))
         for tok in toks:
             items.append({"id": entry["id"], "video": entry["video"], "family": fam, "token": tok,
-                          "answer": spec.answer(fam),
+                          "answer": spec.answer(fam), "reasoning": fam == "sync",
                           "conversations": [{"from": "human", "value": f"{tok} {QUESTIONS[fam]}"}]})
     return items
 
