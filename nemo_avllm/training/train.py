@@ -44,6 +44,11 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         raise ValueError(f"model.seq_length={m.seq_length} exceeds model.llm.max_position_embeddings={m.llm.max_position_embeddings}")
     if m.get("nan_policy", "skip") not in ("skip", "stop"):
         raise ValueError(f"model.nan_policy={m.nan_policy!r}; expected skip or stop")
+    data = m.get("data") or {}
+    if data.get("feature_cache"):
+        from nemo_avllm.data.features import FeatureCache
+
+        FeatureCache(data.feature_cache, m)  # refuses a cache made with other encoders / T / K
     if str(cfg.trainer.get("precision", "32")) not in ("32", "32-true"):
         raise ValueError(
             f"trainer.precision={cfg.trainer.precision}: precision is set by model.params_dtype "

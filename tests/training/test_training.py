@@ -132,3 +132,19 @@ def test_checkpoint_saved_at_tp2_resumes_at_pp2(tmp_path):
     assert sorted(got) == list(range(stopped + 1, 9))
     for step in got:
         assert got[step] == pytest.approx(ref[step], abs=1e-5)
+
+
+def test_a_feature_cache_made_for_another_layout_is_refused_before_training(tmp_path):
+    from nemo_avllm.data.features import build_feature_cache
+    from nemo_avllm.data.prepare import prepare
+    from nemo_avllm.demo import synthetic
+
+    paths = synthetic.generate(tmp_path / "d", 2, 0, seed=5)
+    prepare(str(paths["clips"]), tmp_path / "prep", num_workers=1, progress=False)
+    build_feature_cache(tmp_path / "prep", tmp_path / "cache", config.load_model("tiny"), index=tmp_path / "prep",
+                        dtype="fp32", progress=False)
+    ok = config.load("stage1_pretrain", ["model=tiny", f"model.data.feature_cache={tmp_path / 'cache'}"])
+    validate(ok)  # same encoders, T, K: accepted
+    bad = config.load("stage1_pretrain", ["model=tiny", "model.num_frames=8", f"model.data.feature_cache={tmp_path / 'cache'}"])
+    with pytest.raises(ValueError, match="num_frames|T"):
+        validate(bad)
