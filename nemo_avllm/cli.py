@@ -22,7 +22,7 @@ PLANNED = ("generate", "evaluate", "curate")
 USAGE = f"""usage: avllm TASK [--config-name NAME] [key=value ...]
 
 tasks: {", ".join(TASKS)}
-(planned, not yet available: {", ".join(PLANNED)})
+(not implemented yet: {", ".join(PLANNED)})
 
 examples:
   avllm demo
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     task, rest = argv[0], argv[1:]
     if task in PLANNED:
-        print(f"avllm {task}: not implemented yet (see the open issues)", file=sys.stderr)
+        print(f"avllm {task}: not implemented yet", file=sys.stderr)
         return 2
     if task not in TASKS:
         print(f"unknown task {task!r}\n\n{USAGE}", file=sys.stderr)
