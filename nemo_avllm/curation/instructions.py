@@ -10,6 +10,7 @@ writes an item in the training format with the modality token of its cell in the
 
 from __future__ import annotations
 
+import heapq
 import random
 import re
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ def plan(cell_targets: dict, videos: dict[str, bool], seed: int = 0) -> tuple[li
     order = sorted(videos)
     rng.shuffle(order)
     load = {v: 0 for v in order}
+    rank = {v: i for i, v in enumerate(order)}
     used: dict[tuple, int] = {}
     requests, short = [], {}
     # scarce cells first, so audio videos are not used up by visual cells
@@ -104,12 +106,15 @@ def plan(cell_targets: dict, videos: dict[str, bool], seed: int = 0) -> tuple[li
         if not eligible:
             short[f"{t}/{m}"] = n
             continue
-        eligible.sort(key=lambda v: load[v])  # stable: ties keep the seeded order
-        for i in range(n):
-            v = eligible[i % len(eligible)]
+        # least-loaded video first; ties keep the seeded order
+        heap = [(load[v], rank[v], v) for v in eligible]
+        heapq.heapify(heap)
+        for _ in range(n):
+            _, r, v = heapq.heappop(heap)
             k = used.get((v, t, m), 0)
             used[(v, t, m)] = k + 1
             load[v] += 1
+            heapq.heappush(heap, (load[v], r, v))
             requests.append(Request(v, t, m, k))
     return requests, short
 

@@ -252,6 +252,7 @@ class ChatClient:
             return hit["parsed"] if expect_json else hit["text"]
         tries = int(self.cfg.get("json_retries", 2)) + 1 if expect_json else 1
         ask = list(messages)
+        p_all = c_all = 0  # tokens of every attempt: what a rerun would have paid (cost per video)
         for attempt in range(tries):
             try:
                 text, p, c = self._send(ask)
@@ -259,6 +260,7 @@ class ChatClient:
                 self.usage.count("failures")
                 raise
             self.usage.add(stage, p, c, cached=False)
+            p_all, c_all = p_all + p, c_all + c
             if not expect_json:
                 parsed = None
                 break
@@ -278,6 +280,6 @@ class ChatClient:
                 ]
         if cache is not None:
             cache.put(name, {"stage": stage, "model": str(self.cfg.model), "prompt_version": self.prompt_version,
-                             "messages": messages, "text": text, "parsed": parsed, "prompt_tokens": p,
-                             "completion_tokens": c})
+                             "messages": messages, "text": text, "parsed": parsed, "prompt_tokens": p_all,
+                             "completion_tokens": c_all})
         return parsed if expect_json else text.strip()

@@ -121,10 +121,22 @@ def answer(messages: list[dict]) -> tuple[str, str]:
     return "other", "I cannot help with that."
 
 
+def _completion(n: int, body: dict, text: str) -> dict:
+    """A chat.completion object; tokens counted as words (the client just adds what it is told)."""
+    prompt_tokens = sum(len(m["content"].split()) for m in body["messages"])
+    return {
+        "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(text.split()),
+                  "total_tokens": prompt_tokens + len(text.split())},
+    }
+
+
 class ChatServer:
     """`ThreadingHTTPServer` on 127.0.0.1 speaking POST /v1/chat/completions."""
 
-    def __init__(self, slow_s: float = 0.0):
+    def __init__(self, slow_s: float = 0.0, respond=None):
+        """`respond(body, n)` -> (status, reply text) replaces the scripted behaviour (unit tests)."""
         self.requests: list[dict] = []  # every request: {"kind", "status"}
         self.lock = threading.Lock()
         self.slow_s = slow_s
@@ -153,6 +165,14 @@ class ChatServer:
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if respond is not None:
+                    with server.lock:
+                        n = len(server.requests)
+                        status, text = respond(body, n)
+                        server.requests.append({"kind": "scripted", "status": status, "slow": False, "truncated": False})
+                    if status != 200:
+                        return self._send(status, {"error": {"message": text, "type": "test"}})
+                    return self._send(200, _completion(n, body, text))
                 kind, text = answer(body["messages"])
                 with server.lock:
                     n = len(server.requests)
@@ -170,13 +190,7 @@ class ChatServer:
                     time.sleep(server.slow_s)
                 if truncate:
                     text = 'Sure! {"conversations": [{"question": "Why", "answer": "Because'
-                prompt_tokens = sum(len(m["content"].split()) for m in body["messages"])
-                self._send(200, {
-                    "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(text.split()),
-                              "total_tokens": prompt_tokens + len(text.split())},
-                })
+                self._send(200, _completion(n, body, text))
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

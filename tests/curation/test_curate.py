@@ -120,6 +120,7 @@ def test_curate_end_to_end_then_resume(tmp_path, clips, models, monkeypatch):
         assert again["usage"]["calls"] == 0 and again["usage"]["cached_calls"] == report["usage"]["calls"] - \
             report["usage"]["json_retries"]
         assert {n: (out / n).read_text() for n in before} == before
+        assert again["cost_per_1k_videos_usd"] == report["cost_per_1k_videos_usd"] > 0
 
 
 def test_dry_run_prints_prompts_and_estimate(tmp_path, clips, models, capsys):
