@@ -1,16 +1,22 @@
 """`avllm curate` end to end: ffmpeg clips -> tiny BLIP / CLAP captions -> a real local
 OpenAI-compatible server (failures included) -> real MiniLM verification -> manifests that the
-training's validator and `prepare` accept; then a rerun served entirely from the cache."""
+training's validator, `prepare` and one `avllm train` step accept; then a rerun served entirely
+from the cache."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from nemo_avllm import config
 from nemo_avllm.curation import pipeline
+from tests.conftest import REPO
 from tests.curation.helpers import OFF_TOPIC, ChatServer, tiny_blip, tiny_clap
 from tests.media_factory import make_clip, tone
 
@@ -51,7 +57,23 @@ def _cfg(tmp_path, clips, models, url, **over):
     return config.load("curate", overrides + [f"{k}={v}" for k, v in over.items()])
 
 
-def test_curate_end_to_end_then_resume(tmp_path, clips, models, monkeypatch):
+def _train_one_step(tmp_path, tokenizer_dir, manifests, index) -> list[dict]:
+    """`avllm train` (tiny model, real encoders on the clips) for one step on the manifests."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    args = ["train", "model=tiny", f"model.tokenizer={tokenizer_dir}", f"model.data.train_manifest=[{','.join(map(str, manifests))}]",
+            f"model.data.index={index}", "model.data.num_workers=0", "trainer.devices=1", "trainer.max_steps=1",
+            "model.optim.warmup_ratio=0", "model.micro_batch_size=1", "model.global_batch_size=2", "model.seq_length=128",
+            f"exp_manager.exp_dir={tmp_path / 'runs'}", "exp_manager.create_tensorboard_logger=false",
+            "exp_manager.create_checkpoint_callback=false", "trainer.enable_progress_bar=false"]
+    proc = subprocess.run([sys.executable, "-m", "nemo_avllm.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    from nemo_avllm.training.callbacks import read_metrics
+
+    return read_metrics(next((tmp_path / "runs").glob("*")))
+
+
+def test_curate_end_to_end_then_resume(tmp_path, clips, models, monkeypatch, tokenizer_dir):
     from nemo_avllm.data.manifest import validate_manifest
     from nemo_avllm.data.prepare import prepare
 
@@ -107,6 +129,9 @@ def test_curate_end_to_end_then_resume(tmp_path, clips, models, monkeypatch):
         assert prep.failed == 0 and prep.indexed == 3
         _, rep = validate_manifest([out / pipeline.STAGE1_NAME, out / pipeline.STAGE2_NAME], index=tmp_path / "prep")
         assert rep.ok and rep.kept == len(s1) + len(s2)
+        metrics = _train_one_step(tmp_path, tokenizer_dir, [out / pipeline.STAGE1_NAME, out / pipeline.STAGE2_NAME],
+                                  tmp_path / "prep")
+        assert metrics and metrics[-1]["step"] == 1 and math.isfinite(metrics[-1]["reduced_train_loss"])
 
         # -- the key never reaches disk
         for p in out.rglob("*"):
