@@ -320,7 +320,14 @@ def caption_videos(items, cfg, cache_root, bad: list[dict], progress: bool = Tru
                 log.warning("curate: skipping %s: %s", item.video, d.error)
                 bad.append({"path": item.video, "reason": d.error, "stage": "captions"})
                 continue
-            vc = captioner.caption(d)
+            # models load outside the per-video guard: a wrong model folder stops the run at once
+            _ = captioner.frame, (captioner.audio if d.segments is not None else None)
+            try:
+                vc = captioner.caption(d)
+            except Exception as e:  # noqa: BLE001 (one clip the models choke on must not stop the run)
+                log.warning("curate: captioning failed for %s: %s", item.video, e)
+                bad.append({"path": item.video, "reason": f"captioning: {type(e).__name__}: {e}"[:400], "stage": "captions"})
+                continue
             cache.put(name, vc.to_dict())
             out[item.id] = vc
     bar.close()

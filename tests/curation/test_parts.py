@@ -112,3 +112,17 @@ def test_api_key_only_from_the_environment(monkeypatch):
     assert api_key(_llm_cfg("http://127.0.0.1:8000/v1")) == "EMPTY"  # local servers take any key
     monkeypatch.setenv("AVLLM_TEST_KEY", "k")
     assert api_key(_llm_cfg("https://api.openai.com/v1")) == "k"
+
+
+def test_bad_settings_are_named(tmp_path):
+    from nemo_avllm.curation.captions import Captioner, load_labels
+
+    cfg = config.load("curate", ["input=x", "out_dir=y", f"captions.frame.model={tmp_path / 'no_such_model'}",
+                                 "captions.device=cpu"])
+    with pytest.raises(FileNotFoundError, match="captions.frame.model=.*not a folder"):
+        Captioner(cfg.captions).frame
+    with pytest.raises(FileNotFoundError, match=r"prompts.version='v9'.*versions there: \['v1'\]"):
+        PromptSet.load(None, "v9")
+    with pytest.raises(FileNotFoundError, match="captions.audio.labels"):
+        load_labels(str(tmp_path / "labels.txt"))
+    assert len(load_labels("audioset")) == 527 and load_labels("audioset")[0] == "Speech"
