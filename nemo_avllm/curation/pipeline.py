@@ -149,6 +149,14 @@ def dry_run(captions: dict[str, VideoCaptions], prompts: PromptSet, requests: li
 # --------------------------------------------------------------------------------------------
 
 
+def shard(items: list, spec) -> list:
+    """Every `count`-th input from `index` on: disjoint jobs that together cover the input."""
+    index, count = (int(spec.index), int(spec.count)) if spec else (0, 1)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard.index={index}, shard.count={count}: need count >= 1 and 0 <= index < count")
+    return items[index::count]
+
+
 def _write_jsonl(path: Path, rows) -> int:
     tmp = path.with_name(path.name + ".tmp")
     n = 0
@@ -171,7 +179,7 @@ def curate(cfg) -> dict:
     cache_root = Path(str(cfg.cache_dir)) if cfg.get("cache_dir") else out / "cache"
     progress = bool(cfg.get("progress", True))
     prompts = PromptSet.load(cfg.prompts.get("dir"), cfg.prompts.version)
-    items = read_inputs(str(cfg.input))
+    items = shard(read_inputs(str(cfg.input)), cfg.get("shard"))
     by_id = {it.id: it for it in items}
     bad: list[dict] = []
 

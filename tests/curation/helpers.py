@@ -168,8 +168,9 @@ class ChatServer:
                 if respond is not None:
                     with server.lock:
                         n = len(server.requests)
-                        status, text = respond(body, n)
-                        server.requests.append({"kind": "scripted", "status": status, "slow": False, "truncated": False})
+                        server.requests.append({"kind": "scripted", "status": None, "slow": False, "truncated": False})
+                    status, text = respond(body, n)  # outside the lock: requests overlap as they arrive
+                    server.requests[n]["status"] = status
                     if status != 200:
                         return self._send(status, {"error": {"message": text, "type": "test"}})
                     return self._send(200, _completion(n, body, text))

@@ -126,3 +126,47 @@ def test_bad_settings_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="captions.audio.labels"):
         load_labels(str(tmp_path / "labels.txt"))
     assert len(load_labels("audioset")) == 527 and load_labels("audioset")[0] == "Speech"
+
+
+def test_client_caps_concurrency_and_rate():
+    import threading
+    import time
+
+    state = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    def respond(body, n):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        time.sleep(0.2)
+        with lock:
+            state["now"] -= 1
+        return 200, "ok"
+
+    with ChatServer(respond=respond) as s:
+        c = ChatClient(_llm_cfg(s.url, max_concurrency=2), "v1")
+        threads = [threading.Thread(target=c.chat, args=("x", [{"role": "user", "content": str(i)}])) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(s.requests) == 6 and state["max"] == 2
+        c = ChatClient(_llm_cfg(s.url, max_concurrency=8, requests_per_minute=600), "v1")  # one start per 0.1 s
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=c.chat, args=("y", [{"role": "user", "content": str(i)}])) for i in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert time.monotonic() - t0 >= 0.4 + 0.2
+
+
+def test_shards_are_disjoint_and_cover_the_input():
+    from nemo_avllm.curation.pipeline import shard
+
+    items = list(range(10))
+    parts = [shard(items, OmegaConf.create({"index": i, "count": 3})) for i in range(3)]
+    assert sorted(sum(parts, [])) == items and parts[0] == [0, 3, 6, 9]
+    with pytest.raises(ValueError, match="shard.index=3"):
+        shard(items, OmegaConf.create({"index": 3, "count": 3}))
