@@ -148,10 +148,19 @@ def test_curate_end_to_end_then_resume(tmp_path, clips, models, monkeypatch, tok
         assert again["cost_per_1k_videos_usd"] == report["cost_per_1k_videos_usd"] > 0
 
 
-def test_dry_run_prints_prompts_and_estimate(tmp_path, clips, models, capsys):
-    cfg = _cfg(tmp_path, clips, models, "http://127.0.0.1:9/v1", dry_run="true")  # nothing listens there
-    r = pipeline.curate(cfg)
-    out = capsys.readouterr().out
-    assert r["dry_run"] and r["videos"] == 3
+def test_dry_run_from_the_command_line_prints_prompts_and_estimate(tmp_path, clips, models):
+    """`avllm curate ... dry_run=true`: captions, then prompts and a cost estimate, no LLM calls
+    (nothing listens at the configured URL)."""
+    args = ["curate", f"input={clips}", f"out_dir={tmp_path / 'out'}", "dry_run=true", "progress=false",
+            "captions.num_frames=4", "captions.num_segments=2", "captions.device=cpu",
+            f"captions.frame.model={models['blip']}", "captions.frame.max_new_tokens=6",
+            f"captions.audio.model={models['clap']}", "llm.base_url=http://127.0.0.1:9/v1", "instructions.per_video=4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env.pop("OPENAI_API_KEY", None)
+    proc = subprocess.run([sys.executable, "-m", "nemo_avllm.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
     assert "Below are captions of video frames" in out and "ROLE:" in out and "CONTEXT (" in out
-    assert "12 items requested" in out and "per 1k videos" in out
+    assert "3 videos, 12 items requested" in out and "per 1k videos" in out
+    assert "broken.mp4" in proc.stderr  # the bad file is reported
