@@ -42,9 +42,15 @@ def clips(tmp_path_factory):
     return manifest
 
 
-def _cfg(tmp_path, clips, models, url, **over):
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """Shared by the tests of this module: the dry run reuses the end-to-end run's captions."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _cfg(tmp_path, clips, models, url, cache_dir, **over):
     overrides = [
-        f"input={clips}", f"out_dir={tmp_path / 'out'}", "progress=false",
+        f"input={clips}", f"out_dir={tmp_path / 'out'}", "progress=false", f"cache_dir={cache_dir}",
         "captions.num_frames=4", "captions.num_segments=2", "captions.batch_size=4", "captions.device=cpu",
         f"captions.frame.model={models['blip']}", "captions.frame.max_new_tokens=6",
         f"captions.audio.model={models['clap']}",
@@ -73,13 +79,13 @@ def _train_one_step(tmp_path, tokenizer_dir, manifests, index) -> list[dict]:
     return read_metrics(next((tmp_path / "runs").glob("*")))
 
 
-def test_curate_end_to_end_then_resume(tmp_path, clips, models, monkeypatch, tokenizer_dir):
+def test_curate_end_to_end_then_resume(tmp_path, clips, models, monkeypatch, tokenizer_dir, cache_dir):
     from nemo_avllm.data.manifest import validate_manifest
     from nemo_avllm.data.prepare import prepare
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-secret")
     with ChatServer(slow_s=3.0) as server:
-        cfg = _cfg(tmp_path, clips, models, server.url)
+        cfg = _cfg(tmp_path, clips, models, server.url, cache_dir)
         report = pipeline.curate(cfg)
         first_requests = len(server.requests)
 
@@ -134,7 +140,7 @@ def test_curate_end_to_end_then_resume(tmp_path, clips, models, monkeypatch, tok
         assert metrics and metrics[-1]["step"] == 1 and math.isfinite(metrics[-1]["reduced_train_loss"])
 
         # -- the key never reaches disk
-        for p in out.rglob("*"):
+        for p in [*out.rglob("*"), *cache_dir.rglob("*")]:
             if p.is_file():
                 assert b"sk-test-not-a-secret" not in p.read_bytes(), p
 
@@ -148,10 +154,10 @@ def test_curate_end_to_end_then_resume(tmp_path, clips, models, monkeypatch, tok
         assert again["cost_per_1k_videos_usd"] == report["cost_per_1k_videos_usd"] > 0
 
 
-def test_dry_run_from_the_command_line_prints_prompts_and_estimate(tmp_path, clips, models):
+def test_dry_run_from_the_command_line_prints_prompts_and_estimate(tmp_path, clips, models, cache_dir):
     """`avllm curate ... dry_run=true`: captions, then prompts and a cost estimate, no LLM calls
     (nothing listens at the configured URL)."""
-    args = ["curate", f"input={clips}", f"out_dir={tmp_path / 'out'}", "dry_run=true", "progress=false",
+    args = ["curate", f"input={clips}", f"out_dir={tmp_path / 'out'}", "dry_run=true", "progress=false", f"cache_dir={cache_dir}",
             "captions.num_frames=4", "captions.num_segments=2", "captions.device=cpu",
             f"captions.frame.model={models['blip']}", "captions.frame.max_new_tokens=6",
             f"captions.audio.model={models['clap']}", "llm.base_url=http://127.0.0.1:9/v1", "instructions.per_video=4"]
