@@ -9,7 +9,8 @@
   the AudioSet label set (laion_clap's 527 classes) with CLAP: the audio embedding comes from the
   project's HTSAT encoder (`model.encoders.audio.AudioEncoder`, loaded from the HF `ClapModel`
   folder), projected by that model's audio projection; labels are embedded by its text tower.
-  The tags with their probabilities are the segment's caption.
+  The tags with their probabilities are the segment's caption. With `method: seq2seq` any HF
+  speech-to-text folder (e.g. a Whisper fine-tuned for audio captioning) captions each segment.
 
 Every caption carries its time span in seconds. Results are cached per video (`VideoCache`), keyed
 by the file's size and mtime and the captioning config: a rerun only captions new or changed files.
@@ -22,6 +23,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -156,15 +158,15 @@ def _pooled(out) -> torch.Tensor:
 
 
 class AudioTagger:
-    """CLAP zero-shot tagging of `[K, W]` segments against a label set."""
+    """CLAP zero-shot tagging of K segments (48 kHz, CLAP's window) against a label set."""
 
-    def __init__(self, cfg, device: str, batch_size: int):
+    sample_rate = media.SAMPLE_RATE
+
+    def __init__(self, cfg, device: str, batch_size: int, num_segments: int):
         from transformers import AutoTokenizer, ClapModel
 
         from nemo_avllm.model.encoders.audio import AudioEncoder
 
-        if cfg.method != "clap_zero_shot":
-            raise ValueError(f"captions.audio.method={cfg.method!r}; supported: clap_zero_shot")
         path = _model_path(str(cfg.model), "captions.audio.model")
         clap = ClapModel.from_pretrained(path).eval()
         self.encoder = AudioEncoder(audio_encoder_config(clap.config.audio_config, path)).to(device).eval()
@@ -172,7 +174,7 @@ class AudioTagger:
         self.scale = float(clap.logit_scale_a.exp())
         self.labels = load_labels(str(cfg.labels))
         self.top_k, self.min_prob = int(cfg.top_k), float(cfg.min_prob)
-        self.device, self.batch_size = device, max(1, int(batch_size))
+        self.device, self.batch_size, self.num_segments = device, max(1, int(batch_size)), int(num_segments)
         tok = AutoTokenizer.from_pretrained(path)
         texts = [str(cfg.label_prompt).format(label=lab) for lab in self.labels]
         clap = clap.to(device)
@@ -185,7 +187,9 @@ class AudioTagger:
         del clap  # the text tower is no longer needed
 
     @torch.no_grad()
-    def __call__(self, segments: torch.Tensor) -> list[list[tuple[str, float]]]:
+    def __call__(self, wave: np.ndarray) -> list[dict]:
+        """Mono 48 kHz waveform -> K {"text": "tag, tag", "tags": [(label, probability), ...]}."""
+        segments = torch.from_numpy(media.segment_audio(wave, self.num_segments, media.CLAP_WINDOW))
         out = []
         for i in range(0, segments.shape[0], self.batch_size):
             x = segments[i : i + self.batch_size].to(self.device)[None]  # [1, n, W]
@@ -194,8 +198,46 @@ class AudioTagger:
             for row in probs:
                 p, idx = row.topk(min(self.top_k, len(self.labels)))
                 tags = [(self.labels[j], round(float(q), 4)) for q, j in zip(p, idx)]
-                out.append([t for n, t in enumerate(tags) if n == 0 or t[1] >= self.min_prob])
+                tags = [t for n, t in enumerate(tags) if n == 0 or t[1] >= self.min_prob]
+                out.append({"text": ", ".join(t for t, _ in tags), "tags": tags})
         return out
+
+
+def split_segments(wave: np.ndarray, num_segments: int) -> list[np.ndarray]:
+    """K equal consecutive pieces of the track, the boundaries of `media.segment_audio`, unpadded."""
+    n = wave.shape[0]
+    return [wave[min(k * n // num_segments, n - 1) : max((k + 1) * n // num_segments, k * n // num_segments + 1)]
+            for k in range(num_segments)]
+
+
+class AudioCaptioner:
+    """Any Hugging Face speech-to-text folder used as an audio captioner (e.g. a Whisper model
+    fine-tuned for audio captioning): one caption per segment, at the model's sampling rate."""
+
+    def __init__(self, cfg, device: str, batch_size: int, num_segments: int):
+        from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
+
+        path = _model_path(str(cfg.model), "captions.audio.model")
+        self.processor = AutoProcessor.from_pretrained(path)
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        self.model = AutoModelForSpeechSeq2Seq.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.sample_rate = int(self.processor.feature_extractor.sampling_rate)
+        self.device, self.dtype, self.batch_size = device, dtype, max(1, int(batch_size))
+        self.num_segments, self.max_new_tokens = int(num_segments), int(cfg.get("max_new_tokens") or 30)
+
+    @torch.no_grad()
+    def __call__(self, wave: np.ndarray) -> list[dict]:
+        pieces = split_segments(wave, self.num_segments)
+        out = []
+        for i in range(0, len(pieces), self.batch_size):
+            x = self.processor(pieces[i : i + self.batch_size], sampling_rate=self.sample_rate, return_tensors="pt")
+            feats = x["input_features"].to(self.device, self.dtype)
+            ids = self.model.generate(input_features=feats, max_new_tokens=self.max_new_tokens, do_sample=False)
+            out += [{"text": t.strip()} for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+        return out
+
+
+AUDIO_METHODS = {"clap_zero_shot": AudioTagger, "seq2seq": AudioCaptioner}
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +254,8 @@ def caption_key(cfg, item) -> str:
         "video": [item.video, _stamp(item.video)], "audio": [item.audio, _stamp(item.audio)],
         "T": int(cfg.num_frames), "K": int(cfg.num_segments),
         "frame": [str(cfg.frame.model), cfg.frame.get("prompt"), int(cfg.frame.max_new_tokens)],
-        "audio_tagger": [a.method, str(a.model), str(a.labels), a.label_prompt, int(a.top_k), float(a.min_prob)],
+        "audio_model": [a.method, str(a.model), str(a.labels), a.label_prompt, int(a.top_k), float(a.min_prob),
+                        a.get("max_new_tokens")],
     })
 
 
@@ -222,14 +265,15 @@ class _Decoded:
     frames: np.ndarray | None = None
     spans: list[tuple[float, float]] = field(default_factory=list)
     duration: float = 0.0
-    segments: torch.Tensor | None = None
+    wave: np.ndarray | None = None  # mono, at the audio model's rate
     seg_spans: list[tuple[float, float]] = field(default_factory=list)
     error: str | None = None
 
 
-def decode_for_captions(item, num_frames: int, num_segments: int) -> _Decoded:
-    """The project's decoding: T uniform frames (uint8, upright) and K CLAP-window audio segments,
-    with the time span of each. Never raises: a bad file comes back with `error`."""
+def decode_for_captions(item, num_frames: int, num_segments: int, sample_rate: int = media.SAMPLE_RATE) -> _Decoded:
+    """The project's decoding: T uniform frames (uint8, upright) and the mono track at
+    `sample_rate`, with the time span of each frame and of each of the K audio segments.
+    Never raises: a bad file comes back with `error`."""
     try:
         info = media.probe(item.video)
         frames, indices, n = media.decode_video_frames(item.video, num_frames)
@@ -237,10 +281,10 @@ def decode_for_captions(item, num_frames: int, num_segments: int) -> _Decoded:
         spans = [(round(i * step, 3), round((i + 1) * step, 3)) for i in indices]
         d = _Decoded(item, frames=frames, spans=spans, duration=info.duration)
         src = item.audio or (item.video if info.has_audio else None)
-        wave = media.decode_audio(src, media.SAMPLE_RATE) if src else None
+        wave = media.decode_audio(src, sample_rate) if src else None
         if wave is not None and wave.size:
-            seconds = wave.size / media.SAMPLE_RATE
-            d.segments = torch.from_numpy(media.segment_audio(wave, num_segments, media.CLAP_WINDOW))
+            seconds = wave.size / sample_rate
+            d.wave = wave
             d.seg_spans = [(round(k * seconds / num_segments, 3), round((k + 1) * seconds / num_segments, 3))
                            for k in range(num_segments)]
             d.duration = max(d.duration, seconds)
@@ -266,19 +310,22 @@ class Captioner:
         return self._frame
 
     @property
-    def audio(self) -> AudioTagger:
+    def audio(self) -> "AudioTagger | AudioCaptioner":
         if self._audio is None:
-            self._audio = AudioTagger(self.cfg.audio, self.device, self.cfg.batch_size)
+            method = str(self.cfg.audio.method)
+            if method not in AUDIO_METHODS:
+                raise ValueError(f"captions.audio.method={method!r}; use one of {sorted(AUDIO_METHODS)}")
+            self._audio = AUDIO_METHODS[method](self.cfg.audio, self.device, self.cfg.batch_size, self.cfg.num_segments)
         return self._audio
 
     def caption(self, d: _Decoded) -> VideoCaptions:
         texts = self.frame(d.frames)
         vc = VideoCaptions(id=d.item.id, video=d.item.video, audio_path=d.item.audio, duration=round(d.duration, 3),
-                           has_audio=d.segments is not None,
+                           has_audio=d.wave is not None,
                            frames=[{"start": s, "end": e, "text": t} for (s, e), t in zip(d.spans, texts)])
-        if d.segments is not None:
-            for (s, e), tags in zip(d.seg_spans, self.audio(d.segments)):
-                vc.audio.append({"start": s, "end": e, "text": ", ".join(t for t, _ in tags), "tags": tags})
+        if d.wave is not None:
+            for (s, e), cap in zip(d.seg_spans, self.audio(d.wave)):
+                vc.audio.append({"start": s, "end": e, **cap})
         return vc
 
 
@@ -305,23 +352,26 @@ def caption_videos(items, cfg, cache_root, bad: list[dict], progress: bool = Tru
         else:
             todo.append((item, cache, name))
     bar = tqdm(total=len(todo), desc="captions", unit="video", disable=not progress)
+    rate = media.SAMPLE_RATE
+    if todo:  # models load before any decoding: a wrong folder stops the run at once
+        _ = captioner.frame
+        rate = captioner.audio.sample_rate  # the track is decoded at the audio model's rate
+    decode = partial(decode_for_captions, num_frames=int(cfg.num_frames), num_segments=int(cfg.num_segments),
+                     sample_rate=rate)
     with ThreadPoolExecutor(max(1, decode_workers)) as pool:
         window = max(2, 2 * decode_workers)
-        futures = [pool.submit(decode_for_captions, it, int(cfg.num_frames), int(cfg.num_segments))
-                   for it, _, _ in todo[:window]]
+        futures = [pool.submit(decode, it) for it, _, _ in todo[:window]]
         for n, (item, cache, name) in enumerate(todo):
             d = futures[n].result()
             futures[n] = None  # free the decoded frames
             if n + window < len(todo):
                 it = todo[n + window][0]
-                futures.append(pool.submit(decode_for_captions, it, int(cfg.num_frames), int(cfg.num_segments)))
+                futures.append(pool.submit(decode, it))
             bar.update(1)
             if d.error is not None:
                 log.warning("curate: skipping %s: %s", item.video, d.error)
                 bad.append({"path": item.video, "reason": d.error, "stage": "captions"})
                 continue
-            # models load outside the per-video guard: a wrong model folder stops the run at once
-            _ = captioner.frame, (captioner.audio if d.segments is not None else None)
             try:
                 vc = captioner.caption(d)
             except Exception as e:  # noqa: BLE001 (one clip the models choke on must not stop the run)

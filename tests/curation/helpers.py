@@ -67,6 +67,31 @@ def tiny_clap(folder: Path) -> Path:
     return folder
 
 
+def tiny_whisper(folder: Path) -> Path:
+    """A random `WhisperForConditionalGeneration` (the architecture of audio-captioning Whispers)
+    with a 2-second, 16-mel feature extractor at 16 kHz and a byte-level tokenizer."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import (WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor,
+                              WhisperTokenizer)
+
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>"]
+    vocab = specials + sorted(ByteLevel.alphabet())
+    tok = WhisperTokenizer(vocab={w: i for i, w in enumerate(vocab)}, merges=[], unk_token=specials[0],
+                           bos_token=specials[0], eos_token=specials[0], pad_token=specials[0])
+    tok.add_special_tokens({"additional_special_tokens": specials[1:]})
+    fe = WhisperFeatureExtractor(feature_size=16, sampling_rate=16000, chunk_length=2)
+    cfg = WhisperConfig(vocab_size=len(vocab), num_mel_bins=16, d_model=32, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_source_positions=fe.nb_max_frames // 2, max_target_positions=32, pad_token_id=0,
+                        bos_token_id=0, eos_token_id=0, decoder_start_token_id=1)
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(cfg)
+    model.generation_config.forced_decoder_ids = None
+    model.save_pretrained(folder)
+    WhisperProcessor(feature_extractor=fe, tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
 # --------------------------------------------------------------------------------------------
 # The chat-completions server
 # --------------------------------------------------------------------------------------------

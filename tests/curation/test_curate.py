@@ -17,7 +17,7 @@ import pytest
 from nemo_avllm import config
 from nemo_avllm.curation import pipeline
 from tests.conftest import REPO
-from tests.curation.helpers import OFF_TOPIC, ChatServer, tiny_blip, tiny_clap
+from tests.curation.helpers import OFF_TOPIC, ChatServer, tiny_blip, tiny_clap, tiny_whisper
 from tests.media_factory import make_clip, tone
 
 
@@ -170,3 +170,23 @@ def test_dry_run_from_the_command_line_prints_prompts_and_estimate(tmp_path, cli
     assert "Below are captions of video frames" in out and "ROLE:" in out and "CONTEXT (" in out
     assert "3 videos, 12 items requested" in out and "per 1k videos" in out
     assert "broken.mp4" in proc.stderr  # the bad file is reported
+
+
+def test_audio_captioning_model_instead_of_tags(tmp_path, clips, models):
+    """`captions.audio.method=seq2seq`: a speech-to-text model captions each segment, fed at its
+    own sampling rate (16 kHz here, not CLAP's 48 kHz)."""
+    from nemo_avllm.curation.captions import Captioner, caption_videos
+    from nemo_avllm.data.prepare import read_inputs
+
+    cfg = _cfg(tmp_path, clips, models, "http://127.0.0.1:9/v1", tmp_path / "cache", **{
+        "captions.audio.method": "seq2seq", "captions.audio.model": tiny_whisper(tmp_path / "whisper"),
+        "captions.audio.max_new_tokens": 4})
+    a = [it for it in read_inputs(str(clips)) if it.video.endswith("a.mp4")]
+    assert Captioner(cfg.captions).audio.sample_rate == 16000
+    bad: list = []
+    caps = caption_videos(a, cfg.captions, tmp_path / "cache", bad, progress=False)
+    vc = caps[a[0].id]
+    assert not bad and vc.has_audio and len(vc.audio) == 2
+    assert [s["start"] for s in vc.audio] == [0.0, pytest.approx(0.5, abs=0.02)]
+    assert vc.audio[1]["end"] == pytest.approx(1.0, abs=0.03)
+    assert all(isinstance(s["text"], str) and "tags" not in s for s in vc.audio)
