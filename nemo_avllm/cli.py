@@ -16,8 +16,9 @@ TASKS = {
     "demo": ("nemo_avllm.demo.run:main", "demo"),
     "import-hf": ("nemo_avllm.export.import_hf:run", "import_hf"),
     "export-hf": ("nemo_avllm.export.export_hf:run", "export_hf"),
+    "curate": ("nemo_avllm.curation.pipeline:run", "curate"),
 }
-PLANNED = ("generate", "evaluate", "curate")
+PLANNED = ("generate", "evaluate")
 
 USAGE = f"""usage: avllm TASK [--config-name NAME] [key=value ...]
 
