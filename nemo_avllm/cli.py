@@ -16,8 +16,11 @@ TASKS = {
     "demo": ("nemo_avllm.demo.run:main", "demo"),
     "import-hf": ("nemo_avllm.export.import_hf:run", "import_hf"),
     "export-hf": ("nemo_avllm.export.export_hf:run", "export_hf"),
+    "generate": ("nemo_avllm.inference.run:generate", "generate"),
+    "chat": ("nemo_avllm.inference.run:chat", "generate"),
+    "evaluate": ("nemo_avllm.evaluation.run:main", "evaluate"),
 }
-PLANNED = ("generate", "evaluate", "curate")
+PLANNED = ("curate",)
 
 USAGE = f"""usage: avllm TASK [--config-name NAME] [key=value ...]
 
