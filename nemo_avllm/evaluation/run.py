@@ -99,6 +99,8 @@ def predict(cfg, backend, items, out: Path) -> dict:
     path = out / f"predictions.rank{rank}.jsonl"
     bs = int(cfg.batch_size)
     with path.open("a") as f:
+        if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            f.write("\n")  # a line cut by a crash stays alone (and is ignored)
         for s in range(0, len(mine), bs):
             qs = []
             for it in mine[s: s + bs]:
