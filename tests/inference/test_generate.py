@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from nemo_avllm import modality
-from tests.conftest import REPO
+from tests.conftest import REPO, torchrun
 from tests.export.worker import scale_, tiny_cfg
 from tests.media_factory import make_audio_file, make_clip, make_image, tone
 
@@ -193,3 +193,20 @@ def test_pipeline_parallel_is_refused_with_the_way_out(ckpt):
 
     with pytest.raises(NotImplementedError, match="pipeline_model_parallel_size=1.*export-hf"):
         MegatronBackend(ckpt, pipeline_model_parallel_size=2)
+
+
+def test_tp2_generates_what_tp1_generates(backend, ckpt, tmp_path):
+    """The checkpoint loaded at TP=2 (two gloo processes) answers token for token as at TP=1."""
+    from nemo_avllm.inference.engine import SamplingConfig
+
+    turns = [[{"from": "human", "value": f"<AUD_VIS> {QUESTION}"}], [{"from": "human", "value": "<VIS> Describe it."}]]
+    prompts = [backend.prompt(t) for t in turns]
+    g = torch.Generator().manual_seed(11)
+    lay = backend.layout
+    video = torch.randn(2, lay.num_frames, 3, 64, 64, generator=g)
+    audio = torch.randn(2, lay.num_audio_segments, backend.decode.window, generator=g)
+    want = [x.tokens for x in backend.generate(prompts, backend.features(prompts, video, audio), SamplingConfig(max_new_tokens=10))]
+    torch.save({"prompts": prompts, "video": video, "audio": audio, "max_new_tokens": 10}, tmp_path / "in.pt")
+    torchrun(REPO / "tests/inference/tp_worker.py", 2, "--ckpt", str(ckpt), "--inputs", str(tmp_path / "in.pt"),
+             "--out", str(tmp_path / "out.json"))
+    assert json.loads((tmp_path / "out.json").read_text()) == want
