@@ -20,6 +20,7 @@ the benchmark's video root, the question, and the reference(s). Field names foll
 | vatex_cap      | vatex_public_test_english.json           | <videoID>.mp4                     | CIDEr, BLEU |
 | valor_cap      | desc_test.json                           | <video_id>.mp4                    | CIDEr, BLEU |
 | avsd_cap       | lbl_test_set4DSTC7-AVSD.json             | <image_id>.mp4                    | CIDEr, BLEU |
+| favdbench      | test.caption_coco_format.json (COCO)     | <image_id>.mp4                    | BLEU-1 (headline), CIDEr |
 
 Bad annotation files raise `AnnotationError` naming the file, the entry and the field.
 """
@@ -350,6 +351,24 @@ def read_avsd_caption(annotations: str, video_ext: str = "mp4", **_) -> list[Eva
     return items
 
 
+def read_coco_caption(annotations: str, video_ext: str = "mp4", **_) -> list[EvalItem]:
+    """COCO caption format `{annotations: [{image_id, caption, ...}], images: [{id}, ...]}`, the
+    reference format of FAVDBench (`AVLFormer/datasets/metadata/test.caption_coco_format.json`,
+    SwinBERT style: `image_id` is the clip name). Clips without a caption are an error."""
+    data = _load_json(annotations)
+    if not isinstance(data, dict) or "annotations" not in data:
+        raise AnnotationError(f"{annotations}: expected a COCO caption file with an 'annotations' list")
+    refs: dict[str, list[str]] = {}
+    for i, a in enumerate(_list(data["annotations"], annotations)):
+        w = f"{annotations}: annotations[{i}]"
+        refs.setdefault(str(_field(a, "image_id", w)), []).append(_field(a, "caption", w, str))
+    order = [str(_field(im, "id", f"{annotations}: images[{i}]")) for i, im in enumerate(data.get("images") or [])]
+    for vid in order:
+        if vid not in refs:
+            raise AnnotationError(f"{annotations}: image {vid} has no caption")
+    return [EvalItem(vid, f"{vid}.{video_ext}", "", refs[vid]) for vid in (order or list(refs))]
+
+
 @dataclass(frozen=True)
 class Reader:
     fn: Callable[..., list[EvalItem]]
@@ -370,6 +389,7 @@ READERS: dict[str, Reader] = {
     "vatex_cap": Reader(read_vatex_caption, "caption", ("annotations",)),
     "valor_cap": Reader(read_valor_caption, "caption", ("annotations",)),
     "avsd_cap": Reader(read_avsd_caption, "caption", ("annotations",)),
+    "favdbench": Reader(read_coco_caption, "caption", ("annotations",)),
 }
 
 

@@ -17,7 +17,7 @@ from tests.media_factory import make_clip, tone
 
 def test_evaluate_music_avqa_resumes(ckpt, tmp_path):  # noqa: F811
     from nemo_avllm import config
-    from nemo_avllm.evaluation.run import main
+    from nemo_avllm.evaluation.run import compare, main
 
     ann = tmp_path / "avqa-test.json"
     shutil.copy(FIXTURES / "music_avqa/avqa-test.head150.json", ann)
@@ -53,3 +53,10 @@ def test_evaluate_music_avqa_resumes(ckpt, tmp_path):  # noqa: F811
              if x.startswith("{") and x.endswith("}")}
     assert again == {p["qid"]: p["prediction"] for p in preds}
     assert res2["scores"]["exact"]["accuracy"] == res["scores"]["exact"]["accuracy"]
+
+    # Fig. 5 switch: the same questions asked with <VIS>; compare sets the runs next to the paper
+    main(config.load("evaluate", over + ["visual_only=true"]))
+    vis = [json.loads(x) for x in (tmp_path / "eval" / "music_avqa_vis" / "predictions.rank0.jsonl").read_text().splitlines()]
+    assert sorted(p["qid"] for p in vis) == sorted(want) and {p["modality"] for p in vis} == {"<VIS>"}
+    table = compare([str(run), str(tmp_path / "eval" / "music_avqa_vis")])
+    assert "| music_avqa | 47.9 |" in table and "music_avqa_vis" in table

@@ -117,7 +117,7 @@ def test_caption_readers(ann):
 
 
 def test_documented_formats_without_fixtures(tmp_path):
-    """VATEX and MVBench have no excerpt here: their documented field names."""
+    """VATEX, MVBench and FAVDBench have no excerpt here: their documented field names."""
     (tmp_path / "vatex.json").write_text(json.dumps([{"videoID": "abc_000010_000020", "enCap": ["a man sings", "x"],
                                                       "chCap": ["一"]}]))
     v = B.read("vatex_cap", annotations=tmp_path / "vatex.json")
@@ -127,6 +127,12 @@ def test_documented_formats_without_fixtures(tmp_path):
           "candidates": ["Ate the medicine.", "Tidied up the blanket."], "answer": "Ate the medicine."}]))
     m = B.read("mvbench", annotations=tmp_path / "action_sequence.json")
     assert m[0].qid == "action_sequence_0" and m[0].meta["answer_index"] == 0
+    (tmp_path / "favd.json").write_text(json.dumps(
+        {"annotations": [{"image_id": "fa01", "caption": "a dog barks.", "id": 0},
+                         {"image_id": "fa01", "caption": "a brown dog barks loudly.", "id": 1}],
+         "images": [{"id": "fa01"}], "type": "captions", "info": "dummy", "licenses": "dummy"}))
+    f = B.read("favdbench", annotations=tmp_path / "favd.json")
+    assert f[0].video == "fa01.mp4" and f[0].answer == ["a dog barks.", "a brown dog barks loudly."]
 
 
 def test_bad_annotation_names_file_and_field(tmp_path):

@@ -210,3 +210,20 @@ def test_tp2_generates_what_tp1_generates(backend, ckpt, tmp_path):
     torchrun(REPO / "tests/inference/tp_worker.py", 2, "--ckpt", str(ckpt), "--inputs", str(tmp_path / "in.pt"),
              "--out", str(tmp_path / "out.json"))
     assert json.loads((tmp_path / "out.json").read_text()) == want
+
+
+def test_checkpoint_without_encoder_weights_needs_them_named(tmp_path, dist1, tokenizer_dir):
+    """A model trained on cached features has no encoder weights: refused unless the encoder
+    checkpoints are given or random encoders are asked for explicitly."""
+    from nemo_avllm.config import to_dict
+    from nemo_avllm.inference.backends import MegatronBackend
+    from nemo_avllm.model.provider import build_model
+    from nemo_avllm.training import checkpoint
+
+    cfg = tiny_cfg(["build_encoders=false"])
+    common = to_dict(cfg)
+    common["tokenizer"] = str(tokenizer_dir)
+    checkpoint.save(tmp_path / "ck", build_model(cfg), common={"cfg": common})
+    with pytest.raises(ValueError, match=r"no vision encoder weights.*model.vision.checkpoint.*allow_random_init"):
+        MegatronBackend(tmp_path / "ck")
+    assert MegatronBackend(tmp_path / "ck", model_overrides={"allow_random_init": True}).model.vision is not None
