@@ -65,6 +65,10 @@ def _rank_info(backend) -> tuple[int, int, bool]:
         from megatron.core import parallel_state as ps
 
         return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), ps.get_tensor_model_parallel_rank() == 0
+    import os
+
+    if not torch.distributed.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.distributed.init_process_group("gloo")  # torchrun with an export folder: every rank is a DP rank
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size(), True
     return 0, 1, True

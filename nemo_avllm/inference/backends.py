@@ -71,7 +71,7 @@ class MegatronBackend:
                     f"is null: give model.{kind}.checkpoint=<the encoder weights the features were made with>, or "
                     f"model.allow_random_init=true for a model whose encoders were random (tests, the demo)")
         dist_ckpt.load(ckpt, self.model, strict=False)
-        self.model.eval()
+        self.model.to(distributed.device()).eval()  # the frozen encoders are built on the CPU
         self.cfg = cfg
         self.tokenizer = load_tokenizer(tokenizer or cfg.get("tokenizer") or _missing_tokenizer(ckpt))
         self.layout = self.model.layout
@@ -128,14 +128,15 @@ class HFBackend:
 
     name = "hf"
 
-    def __init__(self, folder: str | Path, dtype: str | None = None):
+    def __init__(self, folder: str | Path, dtype: str | None = None, device: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         import nemo_avllm  # noqa: F401  (registers the Auto classes)
         from nemo_avllm.export import hf_model
 
         kwargs = {"dtype": {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]} if dtype else {}
-        self.model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         hf_model.check_tokenizer(self.tokenizer, self.model.config)
         c = self.model.config
@@ -155,11 +156,12 @@ class HFBackend:
         for i, p in enumerate(prompts):  # left padding, as decoder-only generation wants
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        return ids, mask
+        return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
     def features(self, prompts, video=None, audio=None):
         ids, _ = self._ids(prompts)
+        video, audio = (x.to(self.device) if x is not None else None for x in (video, audio))
         return self.model.media_features(self._hf.placeholder_ids(ids, self.model.config), video, audio)
 
     @torch.no_grad()
@@ -203,6 +205,6 @@ def load_backend(cfg) -> MegatronBackend | HFBackend:
     if bool(cfg.get("checkpoint")) == bool(cfg.get("hf")):
         raise ValueError("give exactly one of checkpoint=<dist checkpoint folder> or hf=<export-hf folder>")
     if cfg.get("hf"):
-        return HFBackend(cfg.hf, cfg.get("dtype"))
+        return HFBackend(cfg.hf, cfg.get("dtype"), cfg.get("device"))
     return MegatronBackend(cfg.checkpoint, cfg.get("tokenizer"), int(cfg.get("tensor_model_parallel_size", 1)),
                            int(cfg.get("pipeline_model_parallel_size", 1)), cfg.get("model_overrides") or {})

@@ -137,8 +137,14 @@ class MegatronGenerator:
         ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p)
+        dev = self.device
         with torch.no_grad():
-            return self.model.encode(ids, video, audio)
+            return self.model.encode(ids.to(dev), video.to(dev) if video is not None else None,
+                                     audio.to(dev) if audio is not None else None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @torch.no_grad()
     def generate(
@@ -163,13 +169,14 @@ class MegatronGenerator:
         tokens = torch.zeros(b, total, dtype=torch.long)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = torch.tensor(p)
+        tokens = tokens.to(self.device)
         ctx = StaticInferenceContext(b, total)
         wrapper = _wrapper_class()(self.model, ctx)
         was_training = self.model.training
         wrapper.prep_model_for_inference()
         try:
             inp = wrapper.prep_inference_input(tokens, features)
-            generator = torch.Generator().manual_seed(int(sampling.seed))
+            generator = torch.Generator(device=self.device).manual_seed(int(sampling.seed))
             out: list[list[int]] = [[] for _ in range(b)]
             stream = TextStream(self.tok, b, sampling.stop, on_text)
             finish = [None] * b
@@ -178,14 +185,15 @@ class MegatronGenerator:
                 # the cache holds positions < start: only the new window runs through the LLM
                 batch = wrapper.get_batch_for_context_window(inp, start, end)
                 logits = wrapper.run_one_forward_step(batch)[:, -1]
-                nxt = sample_next(logits, sampling, generator, self.vocab_size)
+                nxt = sample_next(logits, sampling, generator, self.vocab_size).to(self.device)
                 if ps.get_tensor_model_parallel_world_size() > 1:  # every TP rank takes rank 0's tokens
                     torch.distributed.broadcast(nxt, ps.get_tensor_model_parallel_src_rank(),
                                                 group=ps.get_tensor_model_parallel_group())
+                nxt_host = nxt.tolist()
                 for i in range(b):
                     if finish[i] or end < lengths[i]:
                         continue  # done, or still reading its prompt (the prompt token stays)
-                    t = int(nxt[i])
+                    t = int(nxt_host[i])
                     if t == self.tok.eos_token_id:
                         finish[i] = "eos"
                         continue

@@ -14,6 +14,7 @@ question per line: `id`, `video` (path relative to the manifest), optional `audi
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -141,13 +142,15 @@ def generate(cfg) -> int:
         raise FileNotFoundError(f"input={path} does not exist")
     sampling = sampling_config(cfg)
     backend = load_backend(cfg)
+    if not _is_rank_zero():  # TP ranks compute with rank 0; only rank 0 prints and writes
+        cfg.stream = False
     if path.suffix == ".jsonl":
         questions = read_manifest(path, cfg.get("modality", "auto"))
         out = Path(cfg.out or path.with_suffix(".predictions.jsonl"))
         out.parent.mkdir(parents=True, exist_ok=True)
         bs = int(cfg.batch_size)
         t0, n_tok = time.perf_counter(), 0
-        with out.open("w") as f:
+        with (out.open("w") if _is_rank_zero() else open(os.devnull, "w")) as f:
             for s in range(0, len(questions), bs):
                 chunk = questions[s: s + bs]
                 for q, g in zip(chunk, answer_batch(backend, chunk, sampling)):
@@ -161,8 +164,15 @@ def generate(cfg) -> int:
     q = Question("0", str(path), cfg.get("audio"), [question_turn(str(cfg.question or ""), token)], token)
     print(f"[generate] {path.name}: {token} ({backend.name}: {backend.source})", file=sys.stderr)
     g = answer_batch(backend, [q], sampling, _printer(sys.stdout) if cfg.stream else None)[0]
-    print("" if cfg.stream else g.text)
+    if _is_rank_zero():
+        print("" if cfg.stream else g.text)
     return 0
+
+
+def _is_rank_zero() -> bool:
+    from nemo_avllm.runtime.distributed import is_rank_zero
+
+    return is_rank_zero()
 
 
 def chat(cfg, stdin=None, stdout=None) -> int:
@@ -171,6 +181,9 @@ def chat(cfg, stdin=None, stdout=None) -> int:
     from nemo_avllm.inference.backends import load_backend
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise NotImplementedError("avllm chat runs in one process (it reads the terminal); for a model that needs "
+                                  "TP, export it (`avllm export-hf`) and chat with hf=<folder>")
     path = Path(cfg.input or "")
     if not path.is_file():
         raise FileNotFoundError(f"input={path} does not exist: give input=<video, image or audio file>")
