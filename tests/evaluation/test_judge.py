@@ -114,3 +114,19 @@ def test_gives_up_after_retries(server, tmp_path, monkeypatch):
                       max_retries=1, backoff_s=0.01)
     with pytest.raises(RuntimeError, match="failed after 2 attempts"):
         Judge(cfg).qa("q", "a", "busy")
+
+
+def test_evaluate_scores_with_the_judge_from_config(server, tmp_path, monkeypatch):
+    """`avllm evaluate`'s scoring step builds the judge from conf/evaluate.yaml's keys."""
+    from nemo_avllm import config
+    from nemo_avllm.evaluation.run import headline, score
+
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    cfg = config.load("evaluate", ["benchmark=activitynet_qa", f"judge.client.base_url={server.url}",
+                                   "judge.client.model=pinned-judge", "judge.client.api_key_env=JUDGE_KEY",
+                                   f"judge.client.cache_dir={tmp_path}", "judge.dimensions=[detail]"])
+    items = [EvalItem("q1", "v.mp4", "is it a cat?", "yes"), EvalItem("q2", "v.mp4", "is it a dog?", "no")]
+    s = score(cfg, items, {"q1": "cat", "q2": "dog"})
+    assert s["judge"]["accuracy"] == 0.5 and s["judge"]["judge"]["model"] == "pinned-judge"
+    assert s["judge"]["unparseable"] == 0 and s["judge"]["dim_detail"] == pytest.approx((5 + 1) / 2)
+    assert s["exact"]["n"] == 2 and headline(s) == ("judge:accuracy", 50.0)

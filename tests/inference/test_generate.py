@@ -227,3 +227,18 @@ def test_checkpoint_without_encoder_weights_needs_them_named(tmp_path, dist1, to
     with pytest.raises(ValueError, match=r"no vision encoder weights.*model.vision.checkpoint.*allow_random_init"):
         MegatronBackend(tmp_path / "ck")
     assert MegatronBackend(tmp_path / "ck", model_overrides={"allow_random_init": True}).model.vision is not None
+
+
+def test_bad_manifest_lines_name_line_and_field(tmp_path, media):
+    from nemo_avllm.inference.run import read_manifest
+
+    man = tmp_path / "q.jsonl"
+    man.write_text(json.dumps({"id": "a", "video": str(media["av"]), "question": QUESTION}) + "\n"
+                   + json.dumps({"id": "b", "question": QUESTION}) + "\n")
+    with pytest.raises(ValueError, match=r"q.jsonl:2: field 'video' is missing"):
+        read_manifest(man, "auto")
+    man.write_text(json.dumps({"id": "a", "video": str(media["av"])}) + "\n")
+    with pytest.raises(ValueError, match=r"q.jsonl:1: give 'question'"):
+        read_manifest(man, "auto")
+    man.write_text(json.dumps({"id": "a", "video": str(media["av"]), "question": "Which colour?"}) + "\n")
+    assert read_manifest(man, "auto")[0].turns == [{"from": "human", "value": "<AUD_VIS> Which colour?"}]
