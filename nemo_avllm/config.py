@@ -265,9 +265,10 @@ def _override_text(v) -> str:
         return "null"
     if isinstance(v, bool):
         return str(v).lower()
-    if isinstance(v, (DictConfig, ListConfig)):
-        return OmegaConf.to_yaml(v, resolve=False).strip() if isinstance(v, DictConfig) else \
-            "[" + ",".join(_override_text(x) for x in v) + "]"
+    if isinstance(v, DictConfig):
+        return "{" + ", ".join(f"{k}: {_override_text(v._get_node(k)._value())}" for k in v) + "}"
+    if isinstance(v, ListConfig):
+        return "[" + ",".join(_override_text(x) for x in v) + "]"
     return str(v)
 
 
@@ -294,10 +295,23 @@ def describe(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> s
     choices = {k: v for k, v in defaults.overrides.known_choices.items() if v and not k.startswith("hydra/")}
     lines = [header, ""] if header else []
     lines.append(f"conf/{config_name}.yaml" + (", with " + " ".join(f"{k}={v}" for k, v in choices.items())
-                                               if choices else "") + " (a group choice picks a conf/<group>/ file)")
+                                               + " (a group choice picks a conf/<group>/ file)" if choices else ""))
     lines.append("keys (key=value as now, ??? = required):")
-    rows = [(f"{k}={_override_text(v)}", comments.get(k, "")) for k, v in flat_keys(cfg) if v is not None
-            or not isinstance(OmegaConf.select(cfg, k), DictConfig)]
+    rows, folded = [], ()
+    for k, v in flat_keys(cfg):
+        if k.startswith(folded):
+            continue
+        node = OmegaConf.select(cfg, k) if v is None else None
+        if isinstance(node, DictConfig):
+            # a mapping with a comment and none on its keys (a flow mapping): one row
+            flat = not any(isinstance(node._get_node(c), (DictConfig, ListConfig)) for c in node)
+            if flat and comments.get(k) and not any(c.startswith(k + ".") for c in comments):
+                rows.append((f"{k}={_override_text(node)}", comments[k]))
+                folded = k + "."
+            elif comments.get(k):
+                rows.append((f"{k}.*", comments[k]))
+            continue
+        rows.append((f"{k}={_override_text(v)}", comments.get(k, "")))
     width = min(44, max(len(r[0]) for r in rows))
     lines += [f"  {kv:<{width}}  {c}".rstrip() for kv, c in rows]
     return "\n".join(lines)
