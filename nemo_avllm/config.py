@@ -1,8 +1,10 @@
 """Where configs live and how they are composed (Hydra), for entry points and tests alike.
 
 `conf/` is the single source of hyper-parameters; code reads values from the composed config and
-never hard-codes them. `load(config_name, overrides)` gives what `scripts/*.py` get from
-`hydra_runner`, without a Hydra app (tests, the `avllm` CLI)."""
+never hard-codes them. `load(config_name, overrides)` gives what the `avllm` / `scripts/*.py`
+Hydra app gives a task, without an app (tests, the demo's stages). `check_values` is the one table
+of per-key checks (type, range, input paths) run before any task starts; `describe` is a task's
+`--help` (keys, values and their comments in conf/)."""
 
 from __future__ import annotations
 
@@ -91,7 +93,8 @@ VALUE_RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "model.optim.eps": ("a number > 0", _number(0, lo_open=True), "1e-8"),
     "model.optim.betas": ("two numbers in [0, 1)", _betas, "[0.9,0.98]"),
     "model.data.num_workers": ("a whole number >= 0", _whole(0), "4"),
-    "trainer.devices": ("a whole number >= 1, -1 (all) or auto", _whole(1, also=(-1, "auto")), "8"),
+    "trainer.devices": ("a whole number >= 1, -1 (all), auto or a list of device ids",
+                        lambda v: isinstance(v, ListConfig) or _whole(1, also=(-1, "auto"))(v), "8"),
     "trainer.num_nodes": ("a whole number >= 1", _whole(1), "4"),
     "trainer.max_steps": ("a whole number >= 1, or -1 (max_epochs decides)", _whole(1, also=(-1,)), "1000"),
     "trainer.max_epochs": ("a whole number >= 1", _whole(1), "3"),
