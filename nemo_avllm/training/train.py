@@ -119,7 +119,7 @@ def train(cfg: DictConfig, data=None):
         from nemo_avllm.training.data import TrainData
 
         data = TrainData(cfg)
-    from nemo_avllm.training.callbacks import MetricsJsonl
+    from nemo_avllm.training.callbacks import LastCheckpointAtEnd, MetricsJsonl
 
     steps = max_steps(cfg, data.num_samples)
     em = cfg.get("exp_manager") or {}
@@ -132,7 +132,7 @@ def train(cfg: DictConfig, data=None):
             log.warning("recovered checkpoint %s from an interrupted save", p)
     trainer = build_trainer(cfg, steps)
     log_dir = exp_manager(trainer, cfg.get("exp_manager"))
-    trainer.callbacks.append(MetricsJsonl(log_dir))
+    trainer.callbacks += [MetricsJsonl(log_dir), LastCheckpointAtEnd()]
     _ensure_preemption_callback(trainer, em)
     model = AVLLMModel(cfg.model, trainer=trainer)
     model.max_steps_for_schedule = steps
