@@ -87,7 +87,7 @@ def run(task: str, argv: list[str], prog: str) -> int:
 
     def task_function(cfg) -> None:  # once per job (several with --multirun)
         try:
-            config.check_values(cfg)
+            config.check_values(cfg, config_name=name)
             config.check_required(cfg)
             results.append(run_task(task, cfg))
         except Exception as e:

@@ -75,7 +75,8 @@ def _betas(v) -> bool:
     return isinstance(v, (list, tuple, ListConfig)) and len(v) == 2 and all(_number(0, 1, hi_open=True)(b) for b in v)
 
 
-# key -> (what a valid value is, test, an example). Keys absent from a task's config are skipped.
+# key -> (what a valid value is, test, an example). Keys absent from a task's config are skipped;
+# "CONFIG:key" applies to that config only (a task's own top-level keys).
 VALUE_RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "model.micro_batch_size": ("a whole number >= 1", _whole(1), "8"),
     "model.global_batch_size": ("a whole number >= 1 (a multiple of micro batch x data-parallel size)", _whole(1), "256"),
@@ -102,15 +103,15 @@ VALUE_RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "trainer.seed": ("a whole number >= 0", _whole(0), "1234"),
     "exp_manager.checkpoint_callback_params.save_top_k": ("a whole number >= -1 (-1: keep all)", _whole(-1), "2"),
     "exp_manager.checkpoint_callback_params.every_n_train_steps": ("a whole number >= 0 or null", _whole(0, nullable=True), "200"),
-    # task keys (conf/features.yaml, conf/prepare.yaml, conf/demo.yaml)
-    "batch_size": ("a whole number >= 1", _whole(1), "8"),
-    "clips_per_shard": ("a whole number >= 1", _whole(1), "256"),
-    "num_workers": ("a whole number >= 0, or null", _whole(0, nullable=True), "4"),
-    "num_train": ("a whole number >= 1", _whole(1), "800"),
-    "num_eval": ("a whole number >= 1", _whole(1), "60"),
+    "features:batch_size": ("a whole number >= 1", _whole(1), "8"),
+    "features:clips_per_shard": ("a whole number >= 1", _whole(1), "256"),
+    "prepare:num_workers": ("a whole number >= 1, or null (all cores)", _whole(1, nullable=True), "4"),
+    "demo:num_workers": ("a whole number >= 0, or null", _whole(0, nullable=True), "2"),
+    "demo:num_train": ("a whole number >= 1", _whole(1), "800"),
+    "demo:num_eval": ("a whole number >= 1", _whole(1), "60"),
 }
 
-# key -> (kind, what it should be). Inputs that must exist; null means "not used".
+# key (or "CONFIG:key") -> (kind, what it should be). Inputs that must exist; null means "not used".
 # kinds: file, dir, any (file or folder), checkpoint (a dist checkpoint folder with metadata.json)
 PATH_RULES: dict[str, tuple[str, str]] = {
     "model.tokenizer": ("dir", "the LLM's Hugging Face tokenizer folder (tokenizer.model + tokenizer_config.json)"),
@@ -120,18 +121,17 @@ PATH_RULES: dict[str, tuple[str, str]] = {
     "model.data.feature_cache": ("dir", "the folder `avllm features` wrote"),
     "model.vision.checkpoint": ("any", "open_clip / HF CLIP weights (file or folder)"),
     "model.audio.checkpoint": ("any", "laion_clap / HF CLAP weights (file or folder)"),
-    # task keys
-    "input": ("file", "a JSON Lines manifest or a text file of video paths"),
-    "source": ("any", "a manifest or the folder `avllm prepare` wrote"),
-    "index": ("any", "the folder `avllm prepare` wrote"),
-    "hf_dir": ("dir", "a Hugging Face LLaMA/Vicuna folder (config.json, weights, tokenizer)"),
-    "checkpoint": ("checkpoint", "a dist checkpoint folder, e.g. <exp_dir>/<name>/checkpoints/<name>--step_100-last"),
-    "tokenizer": ("dir", "a Hugging Face tokenizer folder"),
-    "vision_checkpoint": ("any", "open_clip / HF CLIP weights (file or folder)"),
-    "audio_checkpoint": ("any", "laion_clap / HF CLAP weights (file or folder)"),
-    "train_manifest": ("file", "a JSON Lines manifest"),
-    "stage2_manifest": ("file", "a JSON Lines manifest"),
-    "eval_manifest": ("file", "a JSON Lines manifest"),
+    "prepare:input": ("file", "a JSON Lines manifest or a text file of video paths"),
+    "features:source": ("any", "a manifest or the folder `avllm prepare` wrote"),
+    "features:index": ("any", "the folder `avllm prepare` wrote"),
+    "import_hf:hf_dir": ("dir", "a Hugging Face LLaMA/Vicuna folder (config.json, weights, tokenizer)"),
+    "export_hf:checkpoint": ("checkpoint", "a dist checkpoint folder, e.g. <exp_dir>/<name>/checkpoints/<name>--step_100-last"),
+    "export_hf:tokenizer": ("dir", "a Hugging Face tokenizer folder"),
+    "export_hf:vision_checkpoint": ("any", "open_clip / HF CLIP weights (file or folder)"),
+    "export_hf:audio_checkpoint": ("any", "laion_clap / HF CLAP weights (file or folder)"),
+    "demo:train_manifest": ("file", "a JSON Lines manifest"),
+    "demo:stage2_manifest": ("file", "a JSON Lines manifest"),
+    "demo:eval_manifest": ("file", "a JSON Lines manifest"),
 }
 
 _ABSENT = object()
@@ -162,17 +162,25 @@ def _path_problem(kind: str, path: Path) -> str | None:
     return None
 
 
-def check_values(cfg: DictConfig, paths: bool = True) -> None:
+def _rules(table: dict, config_name: str | None):
+    for key, rule in table.items():
+        scope, _, k = key.rpartition(":")
+        if not scope or scope == config_name:
+            yield k, rule
+
+
+def check_values(cfg: DictConfig, paths: bool = True, config_name: str | None = None) -> None:
     """Type and range of every `VALUE_RULES` key, and existence of every `PATH_RULES` input the
-    config sets. Raises a `UserError` naming the key, what is wrong and what to give instead.
-    Cross-key training checks (divisibility, ...) live in `nemo_avllm.training.train.validate`."""
-    for key, (need, ok, example) in VALUE_RULES.items():
+    config sets (with `config_name`, also that config's own keys). Raises a `UserError` naming
+    the key, what is wrong and what to give instead. Cross-key training checks (divisibility,
+    ...) live in `nemo_avllm.training.train.validate`."""
+    for key, (need, ok, example) in _rules(VALUE_RULES, config_name):
         v = _value(cfg, key)
         if v is not _ABSENT and not ok(v):
             raise UserError(f"{key}={_shown(v)} is not valid: give {need}, e.g. {key}={example}")
     if not paths:
         return
-    for key, (kind, what) in PATH_RULES.items():
+    for key, (kind, what) in _rules(PATH_RULES, config_name):
         v = _value(cfg, key)
         if v is _ABSENT or v is None or v == "":
             continue
