@@ -206,13 +206,13 @@ _KEY_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.-]*)\s*:(.*)$")
 
 
 def flat_keys(cfg: DictConfig, prefix: str = ""):
-    """(dotted key, value) of every leaf; a list or an empty mapping is a leaf. Interpolations
-    stay unresolved (`${name}`)."""
+    """(dotted key, value) of every key, depth first: a mapping yields itself, then its keys; a
+    list or an empty mapping is a leaf. Interpolations stay unresolved (`${name}`), `???` stays."""
     for k in cfg:
         node = cfg._get_node(k)
         full = f"{prefix}{k}"
         if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none() and len(node):
-            yield full, None
+            yield full, node
             yield from flat_keys(node, full + ".")
         else:
             yield full, node._value() if not isinstance(node, (DictConfig, ListConfig)) else node
@@ -312,12 +312,11 @@ def describe(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> s
     for k, v in flat_keys(cfg):
         if k.startswith(folded):
             continue
-        node = OmegaConf.select(cfg, k) if v is None else None
-        if isinstance(node, DictConfig):
+        if isinstance(v, DictConfig) and len(v):
             # a mapping with a comment and none on its keys (a flow mapping): one row
-            flat = not any(isinstance(node._get_node(c), (DictConfig, ListConfig)) for c in node)
+            flat = not any(isinstance(v._get_node(c), (DictConfig, ListConfig)) for c in v)
             if flat and comments.get(k) and not any(c.startswith(k + ".") for c in comments):
-                rows.append((f"{k}={_override_text(node)}", comments[k]))
+                rows.append((f"{k}={_override_text(v)}", comments[k]))
                 folded = k + "."
             elif comments.get(k):
                 rows.append((f"{k}.*", comments[k]))
