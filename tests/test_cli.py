@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
-from nemo_avllm.cli import split_args
+from nemo_avllm.cli import quote_override
 from tests.conftest import REPO
 
 AVLLM = [sys.executable, "-m", "nemo_avllm.cli"]
@@ -22,19 +26,178 @@ def _run(args, timeout=900):
     return proc.stdout + proc.stderr
 
 
-def test_split_args_reads_config_name_and_overrides():
-    assert split_args(["--config-name", "stage2_finetune", "a.b=1", "+x=2"], "d") == ("stage2_finetune", ["a.b=1", "+x=2"])
-    assert split_args(["--config-name=s", "k=v"], "d") == ("s", ["k=v"])
-    assert split_args(["-cn", "t"], "d") == ("t", [])
-    with pytest.raises(SystemExit, match="key=value"):
-        split_args(["oops"], "d")
+def test_quote_override_quotes_only_plain_values_with_an_equals_sign():
+    assert quote_override("model.restore_from=a/run--step=60-last") == "model.restore_from='a/run--step=60-last'"
+    assert quote_override("+x=a=b") == "+x='a=b'"
+    for unchanged in ("a.b=1", "model=tiny", "--config-name=s", "k='a=b'", "k=\"a=b\"", "k=range(start=1,stop=3)",
+                      "k=[a=1]", "k=a=1,b=2", "oops"):
+        assert quote_override(unchanged) == unchanged
 
 
 def test_help_and_unknown_task():
     out = subprocess.run(AVLLM + ["--help"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0 and "tasks:" in out.stdout and "prepare" in out.stdout
-    bad = subprocess.run(AVLLM + ["nope"], cwd=REPO, capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown task" in bad.stderr
+    bad = subprocess.run(AVLLM + ["trian"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown task 'trian' (did you mean train?)" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# A user's mistake: one line naming the key or file, exit code 2, nothing written or lost
+# ------------------------------------------------------------------------------------------------
+
+
+def _cli(args, cwd, entry=AVLLM, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(entry + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _tree(root: Path) -> dict:
+    """Every file and folder under root with its size, mtime and content hash."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.stat()
+        out[str(p.relative_to(root))] = (p.is_dir(), st.st_size, st.st_mtime_ns,
+                                         None if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest())
+    return out
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A user's folder: a manifest, and an earlier run whose checkpoint folders hold '=' (the names
+    older runs were given). No mistake may change anything in it."""
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    ckpts = tmp_path / "runs" / "demo_stage1" / "checkpoints"
+    for name in ("demo_stage1--step=60-last", "demo_stage1--step=40"):
+        (ckpts / name).mkdir(parents=True)
+        (ckpts / name / "common.pt").write_bytes(os.urandom(64))
+    (ckpts.parent / "train_metrics.jsonl").write_text('{"step": 60}\n')
+    return tmp_path
+
+
+def _train_args(workdir: Path, *extra: str) -> list[str]:
+    return ["train", "model=tiny", "trainer.devices=1", f"model.data.train_manifest={workdir / 'train.jsonl'}",
+            f"exp_manager.exp_dir={workdir / 'runs'}", "name=demo_stage1", *extra]
+
+
+ROWS = {
+    # issue 16's table, one row each (max_steps=1: test_demo_runs_end_to_end; --cfg: tests below)
+    "restore_from with '='": (
+        ["model.restore_from={ckpts}/demo_stage1--step=40"],
+        "model.restore_from={ckpts}/demo_stage1--step=40: is not a dist checkpoint (no metadata.json)"),
+    "batch size not a number": (
+        ["model.global_batch_size=abc"],
+        "model.global_batch_size='abc' is not valid: give a whole number >= 1"),
+    "missing manifest": (
+        ["model.data.train_manifest={w}/missing.jsonl"],
+        "model.data.train_manifest={w}/missing.jsonl: no such file or folder; give a JSON Lines manifest"),
+    "missing tokenizer": (
+        ["model.tokenizer={w}/vicuna-tokenizer"],
+        "model.tokenizer={w}/vicuna-tokenizer: no such file or folder; give the LLM's Hugging Face tokenizer folder"),
+    "unknown key": (
+        ["model.optim.lrr=1e-4"],
+        "model.optim.lrr is not a key of stage1_pretrain; did you mean model.optim.lr?"),
+    # more of the same kind
+    "learning rate out of range": (["model.optim.lr=-1"], "model.optim.lr=-1 is not valid: give a number > 0"),
+    "parallel size": (["model.tensor_model_parallel_size=0"], "model.tensor_model_parallel_size=0 is not valid"),
+    "zero steps": (["trainer.max_steps=0"], "trainer.max_steps=0 is not valid: give a whole number >= 1, or -1"),
+    "unknown config group option": (["model=tinyy"], "model=tinyy: conf/model/tinyy.yaml does not exist; choose one of"),
+    "unreadable override": (["model.optim.lr=[1"], "cannot read the override 'model.optim.lr=[1'"),
+}
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_a_mistake_is_one_line_with_exit_code_2_and_changes_nothing(workdir, row):
+    args, expected = ROWS[row]
+    ckpts = workdir / "runs" / "demo_stage1" / "checkpoints"
+    fill = dict(w=workdir, ckpts=ckpts)
+    before = _tree(workdir)
+    proc = _cli(_train_args(workdir, *[a.format(**fill) for a in args]), cwd=workdir)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("avllm train: error: "), proc.stderr
+    assert expected.format(**fill) in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert _tree(workdir) == before  # no run folder, no checkpoint touched, no Hydra output folder
+
+
+def test_debug_and_hydra_full_error_show_the_traceback(workdir):
+    for extra, env in ((["--debug"], {}), ([], {"HYDRA_FULL_ERROR": "1"})):
+        proc = subprocess.run(AVLLM + _train_args(workdir, "model.global_batch_size=abc", *extra), cwd=workdir,
+                              env=dict(os.environ, PYTHONPATH=str(REPO), **env), capture_output=True, text=True)
+        assert proc.returncode != 0 and "Traceback" in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].endswith("model.global_batch_size='abc' is not valid: give a whole "
+                                                             "number >= 1 (a multiple of micro batch x data-parallel "
+                                                             "size), e.g. model.global_batch_size=256")
+
+
+def test_a_required_key_left_at_question_marks_is_named(tmp_path):
+    proc = _cli(["export-hf", f"out={tmp_path / 'out'}"], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "avllm export-hf: error: checkpoint is required (??? in conf/): add checkpoint=...")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI behaves like the Hydra scripts: --cfg, --help, -m
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cfg_job_and_hydra_print_the_config_like_the_script(tmp_path):
+    ckpt = "checkpoints/runs/demo_stage1--step=60-last"
+    for mode in ("job", "hydra"):
+        args = ["--config-name", "stage2_finetune", "--cfg", mode, "model=tiny", f"model.restore_from={ckpt}"]
+        cli = _cli(["train", *args], cwd=tmp_path)
+        script = _cli(args, cwd=tmp_path, entry=[sys.executable, str(REPO / "scripts" / "train.py")])
+        assert cli.returncode == 0 and script.returncode == 0, cli.stderr + script.stderr
+        assert cli.stdout == script.stdout
+        if mode == "job":
+            cfg = yaml.safe_load(cli.stdout)
+            assert cfg["model"]["restore_from"] == ckpt and cfg["model"]["llm"]["name"] == "tiny-llama"
+        else:
+            assert "hydra:" in cli.stdout and "job_logging" in cli.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing ran, nothing written
+
+
+def test_task_help_lists_keys_with_their_conf_comments():
+    cli = _cli(["train", "--help", "--config-name", "stage2_finetune"], cwd=REPO)
+    script = _cli(["--help", "--config-name", "stage2_finetune"], cwd=REPO,
+                  entry=[sys.executable, str(REPO / "scripts" / "train.py")])
+    assert cli.returncode == 0 and cli.stdout.replace("avllm train", "train.py") == script.stdout
+    out = cli.stdout
+    assert "Stage 2 (paper §3.3, §4.1): fine-tune projectors + LLM" in out  # the file's header comment
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    # stage2_finetune's own comment wins over stage1_pretrain's for the same key
+    assert rows["model.restore_from=null"].endswith("the stage-1 checkpoint folder (one key: model.restore_from=...)")
+    assert rows["trainer.precision=32"].endswith("numerics come from model.params_dtype (megatron mixed precision)")
+    # conf/data/av_instruct.yaml's flow mapping: one row with its comment
+    assert rows["model.data.mat_ratios={V:"].endswith("Table 1: 80k visual, 25k audio, 55k audio-visual")
+    # stage2's value, stage1's comment (stage2_finetune.yaml has none for it)
+    assert rows["model.optim.lr=2e-05"].endswith("peak learning rate after warm-up")
+    imp = _cli(["import-hf", "--help"], cwd=REPO).stdout  # a comment continued on the next line is kept whole
+    assert "Vicuna v1.5 ships fp16 weights: bf16 rounds them" in imp
+
+
+def test_multirun_runs_each_job_in_the_current_folder(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    proc = _cli(["prepare", "-m", "input=empty.jsonl", "out_dir=a,b", "num_workers=1"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Launching 2 jobs locally" in proc.stdout
+    assert (tmp_path / "a" / "index.jsonl").is_file() and (tmp_path / "b" / "index.jsonl").is_file()
+
+
+def test_readme_override_examples_run_as_printed(tmp_path):
+    """The README's Overrides commands, as printed (plus --cfg job: compose and print, no export)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Overrides", 1)[1].split("\n## ", 1)[0]
+    commands = [line for line in section.split("```bash", 1)[1].split("```", 1)[0].splitlines() if line.startswith("avllm ")]
+    assert len(commands) == 3 and any("step=1000" in c and "\"" not in c for c in commands)
+    for command in commands:
+        words = shlex.split(command)
+        proc = _cli([*words[1:], "--cfg", "job"], cwd=tmp_path)
+        assert proc.returncode == 0, command + "\n" + proc.stderr
+        typed = next(w.split("=", 1)[1].strip("'") for w in words if w.startswith(("checkpoint=", "\"checkpoint", "'checkpoint")))
+        assert yaml.safe_load(proc.stdout)["checkpoint"] == typed.strip("'")
 
 
 def test_prepare_then_features_from_the_command_line(tmp_path):
@@ -62,10 +225,12 @@ def test_prepare_then_features_from_the_command_line(tmp_path):
 def test_demo_runs_end_to_end(tmp_path):
     """The README's main job, at toy size: data -> stage 1 -> stage 2 -> evaluation table."""
     out = _run(["demo", f"out_dir={tmp_path}", "num_train=40", "num_eval=4", "progress_bar=false",
-                "stage1.trainer.max_steps=2", "stage2.trainer.max_steps=3"])
+                "stage1.trainer.max_steps=1", "stage2.trainer.max_steps=3"])  # 1 step: warm-up clamps
     assert "| question family | chance |" in out
     assert "[demo] avllm generate checkpoint=" in out and "[generate] clip" in out  # raw-clip generate at the end
     results = json.loads((tmp_path / "results.json").read_text())
     assert {k.split("|")[0] for k in results["accuracy"]} == {"colour", "shape", "motion", "pitch", "loudness", "sync"}
     assert (tmp_path / "results.md").is_file()
-    assert list((tmp_path / "runs" / "demo_stage2" / "checkpoints").glob("*-last"))
+    last = list((tmp_path / "runs" / "demo_stage2" / "checkpoints").glob("*-last"))
+    assert [p.name for p in last] == ["demo_stage2--step_3-last"]  # no '=': typed without quotes
+    assert [p.name for p in (tmp_path / "runs" / "demo_stage1" / "checkpoints").iterdir()] == ["demo_stage1--step_1-last"]

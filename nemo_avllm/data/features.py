@@ -31,6 +31,7 @@ import torch
 
 from nemo_avllm.data.dataset import DecodeSettings, MediaSource, load_media
 from nemo_avllm.data.media import MediaError
+from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def _diff(cache: dict, model: dict, prefix: str = "") -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(UserError):
     """A cache that is missing, unfinished, or built for another model config."""
 
 

@@ -33,6 +33,7 @@ from typing import Iterable
 from nemo_avllm import modality
 from nemo_avllm.data.prepare import resolve_media_path, stable_id  # noqa: F401 (re-exported)
 from nemo_avllm.data.conversation import ConversationError, ConversationTemplate, check_turns, tokenize_conversation
+from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class ManifestProblem:
         return f"{self.file}:{self.line}: field '{self.field}': {self.message}. Fix: {self.fix}"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """Raised by `validate_manifest(strict=True)`; `.problem` says what and where."""
 
     def __init__(self, problem: ManifestProblem):

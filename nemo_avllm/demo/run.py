@@ -20,6 +20,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_avllm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -137,10 +139,16 @@ def main(cfg: DictConfig) -> int:
     from nemo_avllm.data.prepare import prepare
     from nemo_avllm.data.tokenizer import train_sentencepiece
     from nemo_avllm.demo import synthetic
-    from nemo_avllm.training.train import train
+    from nemo_avllm.training.train import train, validate
 
     t0 = time.time()
     out = Path(cfg.out_dir).resolve()
+    for stage in (1, 2):  # refuse bad stage settings before minutes of data generation (paths come later)
+        try:
+            validate(_stage_cfg(cfg, stage, out, {"stage1": out, "stage2": out}, str(out) if stage == 2 else None),
+                     paths=False)
+        except UserError as e:
+            raise UserError(f"stage{stage}.{e}") from e
     out.mkdir(parents=True, exist_ok=True)
     if cfg.get("train_manifest"):
         paths = {"stage1": Path(cfg.train_manifest), "stage2": Path(cfg.get("stage2_manifest") or cfg.train_manifest),

@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from nemo_avllm.config import to_dict
+from nemo_avllm.errors import UserError
 from nemo_avllm.export import encoders_bridge, llama_bridge
 from nemo_avllm.export.common import (
     DTYPE_NAMES,
@@ -62,7 +63,7 @@ def _generation_config(tok):
     return GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
-class MissingWeightsError(ValueError):
+class MissingWeightsError(UserError):
     """The checkpoint lacks tensors the export needs."""
 
 

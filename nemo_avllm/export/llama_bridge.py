@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from nemo_avllm.errors import UserError
 from nemo_avllm.model.llm import LLMConfig
 
 PREFIX = "llm."
@@ -42,7 +43,7 @@ _GLOBAL = {
 }
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError):
     """A Hugging Face checkpoint whose config or tensors do not fit the model config."""
 
 

@@ -28,3 +28,18 @@ class MetricsJsonl(Callback):
 def read_metrics(log_dir: str | Path) -> list[dict]:
     path = Path(log_dir) / "train_metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+class LastCheckpointAtEnd(Callback):
+    """Writes the `*-last` checkpoint at the end of training when NeMo's checkpoint callback did
+    not: it skips that save when the step count divides `val_check_interval` (1.0), i.e. after a
+    1-step run (`trainer.max_steps=1`), which would leave a smoke test with no checkpoint.
+    Runs after the checkpoint callback (appended after exp_manager)."""
+
+    def on_train_end(self, trainer, pl_module):
+        ckpt = trainer.checkpoint_callback
+        if ckpt is None or not ckpt.save_last or trainer.global_step == 0:
+            return
+        candidates = ckpt._monitor_candidates(trainer)
+        if ckpt.last_model_path != ckpt.format_checkpoint_name(candidates, ckpt.CHECKPOINT_NAME_LAST):
+            ckpt._save_last_checkpoint(trainer, candidates)

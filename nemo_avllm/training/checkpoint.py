@@ -113,7 +113,7 @@ def load(path: str | Path, module, optimizer=None, strict: bool = True) -> dict:
     if not is_checkpoint(path):
         raise FileNotFoundError(
             f"{path} is not a dist checkpoint folder (no metadata.json); give the folder a run saved, "
-            f"e.g. <exp_dir>/<name>/checkpoints/<name>--step=100-last"
+            f"e.g. <exp_dir>/<name>/checkpoints/<name>--step_100-last"
         )
     state = {"model": model_sharded_state_dict(module)}
     if not strict:

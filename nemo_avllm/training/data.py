@@ -11,6 +11,7 @@ import logging
 from omegaconf import DictConfig
 
 from nemo_avllm.data.tokenizer import load_tokenizer
+from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +23,14 @@ class TrainData:
 
         m, d = cfg.model, cfg.model.data
         if not d.get("train_manifest"):
-            raise ValueError("model.data.train_manifest is not set: give the JSON Lines manifest to train on")
+            raise UserError("model.data.train_manifest is not set: give the JSON Lines manifest to train on")
         if not m.get("tokenizer"):
-            raise ValueError("model.tokenizer is not set: give the LLM's Hugging Face tokenizer folder")
+            raise UserError("model.tokenizer is not set: give the LLM's Hugging Face tokenizer folder")
         self.cfg = cfg
         self.tokenizer = load_tokenizer(m.tokenizer)
         vocab = int(m.llm.vocab_size)
         if len(self.tokenizer) > vocab:
-            raise ValueError(f"tokenizer {m.tokenizer} has {len(self.tokenizer)} tokens, more than model.llm.vocab_size={vocab}")
+            raise UserError(f"model.tokenizer={m.tokenizer} has {len(self.tokenizer)} tokens, more than model.llm.vocab_size={vocab}")
         self.samples, self.report = validate_manifest(
             d.train_manifest,
             index=d.get("index"),
@@ -42,7 +43,8 @@ class TrainData:
         )
         log.info("training data: %s", self.report)
         if not self.samples:
-            raise ValueError(f"no usable sample in {d.train_manifest}:\n{self.report}")
+            raise UserError(f"model.data.train_manifest={d.train_manifest}: no usable sample "
+                            f"({str(self.report).splitlines()[0]}); fix the problems logged above")
 
     @property
     def num_samples(self) -> int:

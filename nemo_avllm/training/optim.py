@@ -66,7 +66,9 @@ def build_optimizer(ddp_model, optim_cfg, params_dtype: torch.dtype, use_distrib
 
 
 def warmup_steps(max_steps: int, warmup_ratio: float) -> int:
-    return int(math.ceil(warmup_ratio * max_steps))
+    """ceil(ratio x steps), clamped below `max_steps`: megatron's scheduler needs
+    warm-up < decay steps, and a 1-step run (smoke test) must still train its step."""
+    return max(0, min(int(math.ceil(warmup_ratio * max_steps)), max_steps - 1))
 
 
 def build_scheduler(optimizer, optim_cfg, max_steps: int):

@@ -11,46 +11,56 @@ import math
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from nemo_avllm.config import check_values
+from nemo_avllm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # trainer.* keys that belong to us, not to lightning.Trainer
 _OWN_TRAINER_KEYS = ("seed",)
 
 
-def validate(cfg: DictConfig, world_size: int | None = None) -> None:
-    """Clear errors for settings that cannot work, before any heavy work."""
+def validate(cfg: DictConfig, world_size: int | None = None, paths: bool = True) -> None:
+    """Refuse settings that cannot work, before any heavy work: every key's type and range and
+    every input path (`config.check_values`), then the training checks that involve several keys.
+    Raises `UserError` (the CLI prints it as one line)."""
     from nemo_avllm.model.provider import megatron_config
 
+    check_values(cfg, paths=paths)
     m = cfg.model
-    megatron_config(m)  # TP/PP vs heads/layers/vocab, dtype
+    try:
+        megatron_config(m)  # TP/PP vs heads/layers/vocab, dtype
+    except ValueError as e:
+        raise UserError(str(e)) from e
     tp, pp = int(m.tensor_model_parallel_size), int(m.pipeline_model_parallel_size)
     if world_size is None:
         world_size = int(cfg.trainer.devices) * int(cfg.trainer.get("num_nodes", 1)) if str(cfg.trainer.devices).isdigit() else None
     if world_size is not None:
         if world_size % (tp * pp):
-            raise ValueError(
+            raise UserError(
                 f"trainer.devices x trainer.num_nodes = {world_size} processes is not divisible by "
                 f"tensor_model_parallel_size x pipeline_model_parallel_size = {tp} x {pp}"
             )
         dp = world_size // (tp * pp)
         gbs, mbs = int(m.global_batch_size), int(m.micro_batch_size)
         if gbs % (mbs * dp):
-            raise ValueError(
+            raise UserError(
                 f"model.global_batch_size={gbs} is not divisible by model.micro_batch_size ({mbs}) x data-parallel "
                 f"size ({dp} = {world_size} processes / (TP {tp} x PP {pp})); choose e.g. global_batch_size="
                 f"{mbs * dp * max(1, gbs // (mbs * dp))}"
             )
     if int(m.seq_length) > int(m.llm.max_position_embeddings):
-        raise ValueError(f"model.seq_length={m.seq_length} exceeds model.llm.max_position_embeddings={m.llm.max_position_embeddings}")
-    if m.get("nan_policy", "skip") not in ("skip", "stop"):
-        raise ValueError(f"model.nan_policy={m.nan_policy!r}; expected skip or stop")
+        raise UserError(f"model.seq_length={m.seq_length} exceeds model.llm.max_position_embeddings={m.llm.max_position_embeddings}")
+    if float(m.optim.get("min_lr", 0.0)) > float(m.optim.lr):
+        raise UserError(f"model.optim.min_lr={m.optim.min_lr} is above model.optim.lr={m.optim.lr}; the schedule decays "
+                        f"from lr to min_lr, so give min_lr <= lr")
     data = m.get("data") or {}
-    if data.get("feature_cache"):
+    if paths and data.get("feature_cache"):
         from nemo_avllm.data.features import FeatureCache
 
         FeatureCache(data.feature_cache, m)  # refuses a cache made with other encoders / T / K
     if str(cfg.trainer.get("precision", "32")) not in ("32", "32-true"):
-        raise ValueError(
+        raise UserError(
             f"trainer.precision={cfg.trainer.precision}: precision is set by model.params_dtype "
             f"(bf16/fp16/fp32) and handled by megatron; leave trainer.precision at 32"
         )
@@ -97,11 +107,11 @@ def build_trainer(cfg: DictConfig, steps: int, callbacks=()):
 def train(cfg: DictConfig, data=None):
     """Run one training stage. `data` provides `num_samples` and `loader(model, consumed)`;
     by default it is built from `cfg.model.data`."""
+    validate(cfg)  # before the heavy imports: a bad setting is reported in a second
     from nemo.utils.exp_manager import exp_manager
 
     from nemo_avllm.training.model import AVLLMModel
 
-    validate(cfg)
     if cfg.model.get("data") and cfg.model.data.get("feature_cache") and cfg.model.get("build_encoders", True):
         # training reads cached encoder outputs: never build (or load) the frozen encoders
         cfg = with_overrides(cfg, **{"model.build_encoders": False})
@@ -109,7 +119,7 @@ def train(cfg: DictConfig, data=None):
         from nemo_avllm.training.data import TrainData
 
         data = TrainData(cfg)
-    from nemo_avllm.training.callbacks import MetricsJsonl
+    from nemo_avllm.training.callbacks import LastCheckpointAtEnd, MetricsJsonl
 
     steps = max_steps(cfg, data.num_samples)
     em = cfg.get("exp_manager") or {}
@@ -122,7 +132,7 @@ def train(cfg: DictConfig, data=None):
             log.warning("recovered checkpoint %s from an interrupted save", p)
     trainer = build_trainer(cfg, steps)
     log_dir = exp_manager(trainer, cfg.get("exp_manager"))
-    trainer.callbacks.append(MetricsJsonl(log_dir))
+    trainer.callbacks += [MetricsJsonl(log_dir), LastCheckpointAtEnd()]
     _ensure_preemption_callback(trainer, em)
     model = AVLLMModel(cfg.model, trainer=trainer)
     model.max_steps_for_schedule = steps

@@ -28,9 +28,10 @@ def test_import_then_export_from_the_command_line(tmp_path, tokenizer_dir):
     tiny_hf_llama(tmp_path / "hf")
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, tmp_path / "hf" / f.name)
-    out = _run(["-m", "nemo_avllm.cli", "import-hf", "model=tiny", f"hf_dir={tmp_path / 'hf'}", f"out={tmp_path / 'ckpt'}"])
-    assert f"model.restore_from={tmp_path / 'ckpt'}" in out
-    _run(["scripts/export_hf.py", f"checkpoint={tmp_path / 'ckpt'}", f"out={tmp_path / 'out'}", "llm_only=true"])
+    ckpt = tmp_path / "imported--step=0-last"  # '=' in a folder name: typed unquoted in both entry points
+    out = _run(["-m", "nemo_avllm.cli", "import-hf", "model=tiny", f"hf_dir={tmp_path / 'hf'}", f"out={ckpt}"])
+    assert f"model.restore_from={ckpt}" in out
+    _run(["scripts/export_hf.py", f"checkpoint={ckpt}", f"out={tmp_path / 'out'}", "llm_only=true"])
     before = load_file(str(tmp_path / "hf" / "model.safetensors"))
     after = load_file(str(tmp_path / "out" / "llm" / "model.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -24,7 +24,7 @@ def test_stage1_from_import_then_export_an_intermediate_checkpoint(tmp_path, dis
     imported = import_hf(tmp_path / "hf", tmp_path / "imported", tiny_cfg())
     helpers.run(helpers.overrides(tmp_path / "exp", steps=3, every=1, **{"model.restore_from": str(imported),
                                                                         "model.trainable": "[projectors]"}))
-    ckpts = sorted(p for p in (tmp_path / "exp" / "run" / "checkpoints").glob("run--step=2") if (p / "metadata.json").is_file())
+    ckpts = sorted(p for p in (tmp_path / "exp" / "run" / "checkpoints").glob("run--step_2") if (p / "metadata.json").is_file())
     assert ckpts, list((tmp_path / "exp" / "run" / "checkpoints").iterdir())
     out = export_hf(ckpts[0], tmp_path / "out", tokenizer=str(tokenizer_dir))
 

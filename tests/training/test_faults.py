@@ -33,6 +33,11 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert max(got) == 8 and min(got) in (5, 6), sorted(got)  # resumed from the step-4 checkpoint
     for step in got:
         assert got[step] == ref[step], (step, got[step], ref[step])  # bit-exact on CPU
+    # checkpoint folders: no '=' in a name (typed on a command line as is), one -last, and the
+    # top-k (save_top_k=2) of both runs together: the resumed run pruned what the first one kept
+    names = sorted(p.name for p in (tmp_path / "b" / "run" / "checkpoints").iterdir())
+    assert all("=" not in n for n in names) and [n for n in names if n.endswith("-last")] == ["run--step_8-last"], names
+    assert len([n for n in names if not n.endswith("-last")]) == 2, names
 
 
 _SAVER = textwrap.dedent(

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from nemo_avllm import config
+from nemo_avllm.cli import quote_override
+from nemo_avllm.errors import UserError
 from nemo_avllm.training import optim
 from nemo_avllm.training.train import validate
 from tests.training import helpers
@@ -88,6 +90,24 @@ def test_cosine_schedule_with_warmup(dist1):
     assert lrs[-1] == pytest.approx(0.0, abs=1e-3)
 
 
+@pytest.mark.parametrize("max_steps,ratio,warmup", [(1, 0.03, 0), (2, 0.5, 1), (3, 0.99, 2), (1000, 0.03, 30)])
+def test_warm_up_stays_below_the_step_count(max_steps, ratio, warmup):
+    assert optim.warmup_steps(max_steps, ratio) == warmup
+
+
+def test_a_one_step_run_has_a_schedule(dist1):
+    """trainer.max_steps=1: megatron's scheduler asserts warm-up < decay steps; the clamp makes
+    the single step train at the full learning rate."""
+    from nemo_avllm.model.provider import build_model
+
+    model = build_model(config.load_model("tiny"))
+    optim.freeze_for_stage(model, ["projectors"])
+    ocfg = config.load("stage1_pretrain", ["model=tiny", "model.optim.lr=0.5"]).model.optim
+    opt = optim.build_optimizer(optim.wrap_ddp(model, False), ocfg, torch.float32, False)
+    optim.build_scheduler(opt, ocfg, max_steps=1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -97,11 +117,17 @@ def test_cosine_schedule_with_warmup(dist1):
         (["trainer.precision=bf16-mixed"], "model.params_dtype"),
         (["model.seq_length=8192"], "max_position_embeddings"),
         (["model.nan_policy=ignore"], "nan_policy"),
+        (["model.micro_batch_size=2.5"], r"model.micro_batch_size=2.5 is not valid: give a whole number >= 1"),
+        (["model.optim.lr=1e-4", "model.optim.min_lr=1e-3"], r"model.optim.min_lr=0.001 is above model.optim.lr"),
+        (["model.optim.betas=[0.9]"], r"model.optim.betas=\[0.9\] is not valid: give two numbers in \[0, 1\)"),
+        (["model.optim.warmup_ratio=1.0"], r"model.optim.warmup_ratio=1.0 is not valid"),
+        (["trainer.devices=two"], r"trainer.devices='two' is not valid"),
+        (["model.restore_from=/no/such/run--step=2-last"], r"model.restore_from=/no/such/run--step=2-last: no such file"),
     ],
 )
 def test_config_is_validated_before_any_work(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        validate(config.load("stage1_pretrain", overrides))
+    with pytest.raises(UserError, match=message):
+        validate(config.load("stage1_pretrain", [quote_override(o) for o in overrides]))
 
 
 def test_every_key_can_be_overridden_from_the_command_line():
