@@ -16,6 +16,7 @@ TASKS = {
     "demo": ("nemo_avllm.demo.run:main", "demo"),
     "import-hf": ("nemo_avllm.export.import_hf:run", "import_hf"),
     "export-hf": ("nemo_avllm.export.export_hf:run", "export_hf"),
+    "launch": ("nemo_avllm.launch.run:main", "launch"),
 }
 PLANNED = ("generate", "evaluate", "curate")
 

@@ -1,0 +1,63 @@
+"""NeMo-Run executors for the recipes: local torchrun, and SLURM with a pyxis/enroot container.
+
+SLURM runs one task per GPU (`srun`, `--ntasks-per-node` = GPUs), as NeMo's Megatron recipes do;
+`nemo_avllm.runtime.distributed` reads the SLURM variables. `--signal=TERM@120` makes every
+rank receive SIGTERM two minutes before the time limit: training writes a checkpoint and exits,
+and the next job of the same run folder resumes from it (`exp_manager.resume_if_exists`)."""
+
+from __future__ import annotations
+
+import os
+
+
+def local_executor(gpus_per_node: int = 1, env: dict[str, str] | None = None, rdzv_port: int | None = None):
+    """torchrun on this machine with `gpus_per_node` processes (gloo on CPU, nccl on GPUs)."""
+    import nemo_run as run
+
+    launcher = run.Torchrun(rdzv_port=rdzv_port) if rdzv_port else run.Torchrun()
+    return run.LocalExecutor(ntasks_per_node=int(gpus_per_node), launcher=launcher, env_vars=dict(env or {}))
+
+
+def container_mounts(mounts, *paths) -> list[str]:
+    """`mounts` plus `p:p` for each path not already inside a mount (run folders must be shared)."""
+    out = [str(m) for m in mounts or []]
+    targets = [m.split(":")[1] if ":" in m else m for m in out]
+    for p in paths:
+        p = os.path.abspath(str(p))
+        if not any(p == t or p.startswith(t.rstrip("/") + "/") for t in targets):
+            out.append(f"{p}:{p}")
+            targets.append(p)
+    return out
+
+
+def slurm_executor(*, account: str, partition: str | None, nodes: int, gpus_per_node: int, container_image: str,
+                   container_mounts: list[str], time: str = "04:00:00", job_dir: str, host: str | None = None,
+                   user: str | None = None, exclusive: bool = True, signal: str = "TERM@120", retries: int = 0,
+                   code: str = "image", env: dict[str, str] | None = None, srun_args: list[str] | None = None):
+    """`sbatch` on the cluster (from this host when it is a login node, else over SSH to `host`).
+
+    `code=image` runs the package installed in the container (built from this repo's Dockerfile);
+    `code=git` ships this checkout's committed tree (NeMo-Run's GitArchivePackager) and puts it
+    first on PYTHONPATH."""
+    import nemo_run as run
+
+    if not container_image:
+        raise ValueError("slurm.container_image is not set: give the image built from this repo's Dockerfile "
+                         "(e.g. nvcr.io#myorg/nemo_avllm:latest or /lustre/images/nemo_avllm.sqsh)")
+    if not account:
+        raise ValueError("slurm.account is not set: give your SLURM account (sbatch --account)")
+    if code not in ("image", "git"):
+        raise ValueError(f"slurm.code={code!r}: expected image (the container's package) or git (this checkout)")
+    env = dict(env or {})
+    packager = run.Packager()
+    if code == "git":
+        packager = run.GitArchivePackager()
+        env["PYTHONPATH"] = "/nemo_run/code"
+    tunnel = run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""), job_dir=job_dir) if host \
+        else run.LocalTunnel(job_dir=job_dir)
+    return run.SlurmExecutor(
+        account=account, partition=partition or None, nodes=int(nodes), ntasks_per_node=int(gpus_per_node),
+        gpus_per_node=int(gpus_per_node), time=str(time), exclusive=bool(exclusive) or None, signal=signal or None,
+        container_image=container_image, container_mounts=list(container_mounts), job_name_prefix="avllm-",
+        retries=int(retries), env_vars=env, srun_args=list(srun_args or []) or None, packager=packager, tunnel=tunnel,
+    )
