@@ -8,14 +8,18 @@ and the next job of the same run folder resumes from it (`exp_manager.resume_if_
 from __future__ import annotations
 
 import os
+import sys
 
 
-def local_executor(gpus_per_node: int = 1, env: dict[str, str] | None = None, rdzv_port: int | None = None):
-    """torchrun on this machine with `gpus_per_node` processes (gloo on CPU, nccl on GPUs)."""
+def local_executor(gpus_per_node: int = 1, env: dict[str, str] | None = None):
+    """torchrun on this machine with `gpus_per_node` processes (gloo on CPU, nccl on GPUs); on one
+    node NeMo-Run's torchrun lets the rendezvous pick a free port."""
     import nemo_run as run
 
-    launcher = run.Torchrun(rdzv_port=rdzv_port) if rdzv_port else run.Torchrun()
-    return run.LocalExecutor(ntasks_per_node=int(gpus_per_node), launcher=launcher, env_vars=dict(env or {}))
+    # the torchrun (and python) of this interpreter's environment, also when it is not activated
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    return run.LocalExecutor(ntasks_per_node=int(gpus_per_node), launcher=run.Torchrun(),
+                             env_vars={"PATH": path, **(env or {})})
 
 
 def container_mounts(mounts, *paths) -> list[str]:

@@ -81,7 +81,7 @@ def make_executor(cfg: DictConfig, nodes: int):
         if nodes != 1:
             raise ValueError(f"executor=local runs on one machine: nodes={nodes}; use executor=slurm")
         env = {k: str(v) for k, v in (cfg.local.get("env") or {}).items()}
-        return executors.local_executor(int(cfg.gpus_per_node), env=env, rdzv_port=cfg.local.get("rdzv_port"))
+        return executors.local_executor(int(cfg.gpus_per_node), env=env)
     s = cfg.slurm
     exp_dir = os.path.abspath(str(cfg.exp_dir))
     if s.get("host") and not os.path.isabs(str(cfg.exp_dir)):
@@ -139,9 +139,9 @@ def _experiment(cfg: DictConfig, stages: list[recipes.Stage], nodes_of: dict, ba
                 print(f"# {DEPENDENCY_PLACEHOLDER} is stage 1's job id, filled in when the experiment is submitted")
             return 0
         exp.run(detach=bool(cfg.detach) and slurm)
-        if not slurm:
-            states = {job.id: str(job.status(exp._runner)) for job in exp.jobs}
-            print(f"avllm launch: {states}")
-            if any("SUCCEEDED" not in s for s in states.values()):
-                return 1
-    return 0
+    if slurm:  # submitted; `nemo experiment status <id>` follows the jobs
+        return 0
+    # local: leaving the experiment waited for every job
+    states = {name: str(job["status"]) for name, job in exp.status(return_dict=True).items()}
+    print(f"avllm launch: {states}")
+    return 0 if all(s.startswith("SUCCEEDED") for s in states.values()) else 1
