@@ -93,6 +93,33 @@ def test_stage1_runs_through_nemo_run_local_executor_on_two_processes(tmp_path, 
     assert [p.parent.name for p in ranks] == ["0", "1"], ranks
 
 
+@pytest.mark.parametrize("value", ["/data/tok dir", "it's", "1e-3", "true", "null", "a=b,c", "nvcr.io#org/img:1", "${name}"])
+def test_override_values_survive_hydra(value):
+    from omegaconf import OmegaConf
+
+    from nemo_avllm import config
+    from nemo_avllm.launch.overrides import format_value
+
+    cfg = config.load("stage1_pretrain", [f"model.tokenizer={format_value(value)}"])
+    assert OmegaConf.to_container(cfg.model, resolve=False)["tokenizer"] == value
+
+
+def test_a_stage_config_comes_back_from_its_overrides():
+    """What `avllm launch` composes for a stage equals what the job composes from the overrides."""
+    from omegaconf import OmegaConf
+
+    from nemo_avllm import config
+    from nemo_avllm.launch.run import stage_overrides
+
+    launch_cfg = config.load("launch", ["model@stage2.model=vicuna13b", "stage2.model.tensor_model_parallel_size=2",
+                                        "stage2.model.trainable=[projectors]", "stage2.model.data.mat_ratios.A=0.4",
+                                        "stage2.model.restore_from=/ckpt/s1", "stage2.trainer.max_steps=7"])
+    overrides = stage_overrides(launch_cfg.stage2, "stage2")
+    assert overrides[0] == "model=vicuna13b" and len(overrides) == 6, overrides
+    job_cfg = config.load("stage2_finetune", overrides)
+    assert OmegaConf.to_container(job_cfg, resolve=False) == OmegaConf.to_container(launch_cfg.stage2, resolve=False)
+
+
 def test_slurm_dry_run_prints_the_sbatch_scripts_with_layout_container_and_overrides(capsys):
     out = launch_here("recipe=two_stage", "executor=slurm", "nodes=4", "gpus_per_node=8", "stage2_nodes=2",
                   "exp_dir=/lustre/avllm/runs", "slurm.account=proj", "slurm.partition=batch",
