@@ -17,13 +17,15 @@ TASKS = {
     "import-hf": ("nemo_avllm.export.import_hf:run", "import_hf"),
     "export-hf": ("nemo_avllm.export.export_hf:run", "export_hf"),
     "launch": ("nemo_avllm.launch.run:main", "launch"),
+    "curate": ("nemo_avllm.curation.pipeline:run", "curate"),
+    "generate": ("nemo_avllm.inference.run:generate", "generate"),
+    "chat": ("nemo_avllm.inference.run:chat", "generate"),
+    "evaluate": ("nemo_avllm.evaluation.run:main", "evaluate"),
 }
-PLANNED = ("generate", "evaluate", "curate")
 
 USAGE = f"""usage: avllm TASK [--config-name NAME] [key=value ...]
 
 tasks: {", ".join(TASKS)}
-(not implemented yet: {", ".join(PLANNED)})
 
 examples:
   avllm demo
@@ -76,9 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     task, rest = argv[0], argv[1:]
-    if task in PLANNED:
-        print(f"avllm {task}: not implemented yet", file=sys.stderr)
-        return 2
     if task not in TASKS:
         print(f"unknown task {task!r}\n\n{USAGE}", file=sys.stderr)
         return 2

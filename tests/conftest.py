@@ -4,7 +4,6 @@ torchrun launcher for multi-process (gloo) tests."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +26,10 @@ TOKENIZER_TEXTS = [
      for d in ("left", "right", "up", "down") for p in ("low", "high")])]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def torchrun_cmd(nproc: int) -> list[str]:
+    """torchrun on local gloo processes. `--standalone` lets the rendezvous store bind a free port
+    itself: picking a "free" port first and passing it races with other processes on the machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
 
 
 @pytest.fixture(scope="session")
@@ -67,8 +66,7 @@ def tiny_cfg():
 def torchrun(script: str | Path, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `script` on `nproc` local gloo processes; fail the test with the output on error."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *args]
+    cmd = [*torchrun_cmd(nproc), str(script), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

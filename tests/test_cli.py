@@ -64,6 +64,7 @@ def test_demo_runs_end_to_end(tmp_path):
     out = _run(["demo", f"out_dir={tmp_path}", "num_train=40", "num_eval=4", "progress_bar=false",
                 "stage1.trainer.max_steps=2", "stage2.trainer.max_steps=3"])
     assert "| question family | chance |" in out
+    assert "[demo] avllm generate checkpoint=" in out and "[generate] clip" in out  # raw-clip generate at the end
     results = json.loads((tmp_path / "results.json").read_text())
     assert {k.split("|")[0] for k in results["accuracy"]} == {"colour", "shape", "motion", "pitch", "loudness", "sync"}
     assert (tmp_path / "results.md").is_file()

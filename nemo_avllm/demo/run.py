@@ -36,6 +36,8 @@ def _stage_cfg(cfg: DictConfig, stage: int, out: Path, paths: dict, restore: str
         f"model.data.index='{out / 'prepared'}'",
         f"model.data.feature_cache='{out / 'features'}'",
         f"model.data.num_workers={cfg.loader_workers}",
+        f"model.vision.checkpoint='{out / 'encoders' / 'vision.safetensors'}'",
+        f"model.audio.checkpoint='{out / 'encoders' / 'audio.safetensors'}'",
         f"model.restore_from='{restore}'" if restore else "model.restore_from=null",
         f"exp_manager.exp_dir='{out / 'runs'}'",
         "exp_manager.create_tensorboard_logger=true",
@@ -151,7 +153,7 @@ def main(cfg: DictConfig) -> int:
     print("[demo] prepare: probing clips, writing FLAC side-cars")
     sources = [str(paths["stage1"]), str(paths["stage2"]), str(paths["eval"])]
     print(prepare(sources, out / "prepared", num_workers=max(1, cfg.num_workers or 2), progress=cfg.progress_bar))
-    model_cfg = config.load_model(cfg.model)
+    model_cfg = save_demo_encoders(config.load_model(cfg.model), out / "encoders", cfg.seed)
     print("[demo] features: running the frozen encoders once per clip")
     print(build_feature_cache(out / "prepared", out / "features", model_cfg, index=out / "prepared", dtype="fp32",
                               progress=cfg.progress_bar))
@@ -180,4 +182,41 @@ def main(cfg: DictConfig) -> int:
         for r in results["rows"]:
             f.write(json.dumps(r) + "\n")
     print("\n" + summary)
+    ask_one_clip(ck2, paths["eval"])
     return 0
+
+
+def save_demo_encoders(model_cfg, folder: Path, seed: int):
+    """The demo's encoders are random (no downloads): build them from `seed` and save them in the
+    open_clip / laion_clap layouts, so features, training and `avllm generate` on raw clips all
+    use the same weights (the configs point at the files)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from nemo_avllm.data.features import build_encoders
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    vision, audio = build_encoders(model_cfg)
+    files = {"vision": folder / "vision.safetensors", "audio": folder / "audio.safetensors"}
+    save_file({f"visual.{k}": v.contiguous() for k, v in vision.visual.state_dict().items()}, str(files["vision"]))
+    save_file({f"module.audio_branch.{k}": v.contiguous() for k, v in audio.htsat.state_dict().items()},
+              str(files["audio"]))
+    model_cfg.vision.checkpoint, model_cfg.audio.checkpoint = str(files["vision"]), str(files["audio"])
+    return model_cfg
+
+
+def ask_one_clip(checkpoint: Path, eval_manifest: Path) -> str:
+    """`avllm generate` on one held-out clip with sound, from the raw file (as a user would)."""
+    from nemo_avllm import config
+    from nemo_avllm.inference.run import generate
+
+    items = [json.loads(line) for line in Path(eval_manifest).read_text().splitlines() if line.strip()]
+    item = next((it for it in items if it["token"] == "<AUD_VIS>"), items[0])
+    video = (Path(eval_manifest).parent / item["video"]).resolve()
+    question = item["conversations"][-1]["value"].split(" ", 1)[1]  # the file decides the token
+    print(f"[demo] avllm generate checkpoint=\"'{checkpoint}'\" input={video} question=\"{question}\"")
+    generate(config.load("generate", [f"checkpoint='{checkpoint}'", f"input='{video}'", f"question='{question}'",
+                                      "sampling.max_new_tokens=32"]))
+    print(f"[demo] (expected: {item['answer']})")
+    return item["answer"]

@@ -244,10 +244,19 @@ class AVLLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         mel = self.audio_frontend(audio.reshape(n * k, s)).to(self.audio_tower.dtype)
         return self.audio_tower(input_features=mel).pooler_output.reshape(n, k, -1)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values_videos=None, audio_values=None) -> torch.Tensor:
-        """Token embeddings with the modality positions replaced by projected encoder outputs."""
+    def embed(self, input_ids: torch.Tensor, pixel_values_videos=None, audio_values=None,
+              features: dict | None = None) -> torch.Tensor:
+        """Token embeddings with the modality positions replaced by projected encoder outputs.
+        `features` (from `media_features`) reuses encoder outputs, e.g. over the turns of a chat."""
         ph = placeholder_ids(input_ids, self.config)
         embeds = self.get_input_embeddings()(ph.clamp(min=0))
+        if features is None:
+            features = self.media_features(ph, pixel_values_videos, audio_values)
+        return modality.splice(embeds, ph, features)
+
+    def media_features(self, ph: torch.Tensor, pixel_values_videos=None, audio_values=None) -> dict:
+        """Projected encoder outputs per placeholder id for the samples of `ph` (training ids)
+        that ask for them; each encoder runs only on those samples."""
         features = {}
         for want, media, name in ((modality.needs_visual(ph), pixel_values_videos, "pixel_values_videos"),
                                   (modality.needs_audio(ph), audio_values, "audio_values")):
@@ -263,7 +272,7 @@ class AVLLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 features[modality.SPATIAL_ID] = self._scatter(self.proj_spatial, e_s, idx, len(ph))
             else:
                 features[modality.AUDIO_ID] = self._scatter(self.proj_audio, self.encode_audio(rows), idx, len(ph))
-        return modality.splice(embeds, ph, features)
+        return features
 
     @staticmethod
     def _scatter(proj: nn.Linear, feats: torch.Tensor, idx: torch.Tensor, batch: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from nemo_avllm.training.callbacks import read_metrics
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, torchrun_cmd
 
 RUNNER = REPO / "tests" / "training" / "run_train.py"
 
@@ -41,8 +41,7 @@ def start(args: list[str], nproc: int = 1, nan_at: int | None = None) -> subproc
     if nproc == 1:
         cmd = [sys.executable, str(RUNNER), *pre, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-               "127.0.0.1", "--master-port", str(free_port()), str(RUNNER), *pre, *args]
+        cmd = [*torchrun_cmd(nproc), str(RUNNER), *pre, *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

@@ -1,0 +1,132 @@
+"""The GPT judge against a real HTTP server on 127.0.0.1 speaking the chat-completions protocol
+(`http.server`, started by the test): normal, fenced and malformed replies, 429s, 500s, a
+timeout, the on-disk cache and the usage record."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from nemo_avllm.evaluation.benchmarks import EvalItem
+from nemo_avllm.evaluation.judge import Judge, JudgeConfig, judge_qa, parse_reply
+
+
+class Server:
+    """Replies chosen by the predicted answer in the prompt; counts requests per prediction."""
+
+    def __init__(self):
+        self.hits: dict[str, int] = {}
+        self.models: list[str] = []
+        srv = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                assert self.path.endswith("/chat/completions") and self.headers["Authorization"] == "Bearer sk-test"
+                srv.models.append(body["model"])
+                pred = body["messages"][-1]["content"].split("Predicted Answer: ")[1].split("\n")[0]
+                n = srv.hits[pred] = srv.hits.get(pred, 0) + 1
+                if pred == "busy" and n <= 2:
+                    return self._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}})
+                if pred == "flaky" and n == 1:
+                    return self._send(500, {"error": {"message": "boom"}})
+                if pred == "slow" and n == 1:
+                    time.sleep(1.5)
+                text = {"cat": "{'pred': 'yes', 'score': 5}", "dog": "```python\n{\"pred\": \"no\", \"score\": 1}\n```",
+                        "busy": "{'pred': 'yes', 'score': 4}", "flaky": "Sure! pred: yes, score: 3",
+                        "slow": "{'pred': 'no', 'score': 2}"}.get(pred, "I cannot evaluate this.")
+                self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                              "finish_reason": "stop"}],
+                                 "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}})
+
+            def _send(self, code, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+
+
+def test_parse_reply():
+    assert parse_reply("{'pred': 'yes', 'score': 4.8}") == (True, 4.8)
+    assert parse_reply('Here: {"pred": "no", "score": "2"}') == (False, 2.0)
+    assert parse_reply("pred = Yes; score = 3") == (True, 3.0)
+    assert parse_reply("yes") == (None, None)
+    assert parse_reply("{'score': 4}", want_pred=False) == (None, 4.0)
+
+
+def test_judge_over_http(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    cfg = JudgeConfig(base_url=server.url, model="judge-pinned-0613", api_key_env="JUDGE_KEY",
+                      cache_dir=str(tmp_path / "cache"), timeout_s=1.0, max_retries=3, backoff_s=0.05,
+                      usd_per_1k_prompt_tokens=1.0, usd_per_1k_completion_tokens=2.0)
+    items = [EvalItem(q, "v", f"question {q}?", "ref") for q in ("a", "b", "c", "d", "e", "f")]
+    preds = dict(zip("abcdef", ["cat", "dog", "busy", "flaky", "slow", "gibberish"]))
+    r = judge_qa(Judge(cfg), preds, items)
+    # yes: cat, busy, flaky; no: dog, slow; unparseable: gibberish (reported, not guessed)
+    assert r["n"] == 5 and r["accuracy"] == pytest.approx(3 / 5)
+    assert r["score"] == pytest.approx((5 + 1 + 4 + 3 + 2) / 5)
+    assert r["unparseable"] == 1 and r["unparseable_ids"] == ["f"]
+    assert server.hits == {"cat": 1, "dog": 1, "busy": 3, "flaky": 2, "slow": 2, "gibberish": 1}
+    u = r["judge_usage"]
+    assert u["calls"] == 6 and u["retries"] == 4 and u["prompt_tokens"] == 600
+    assert u["cost_usd"] == pytest.approx(0.6 + 0.12)
+    assert r["judge"]["model"] == "judge-pinned-0613" and "sk-test" not in json.dumps(r)
+    assert set(server.models) == {"judge-pinned-0613"}
+    # everything cached on disk: a second run sends nothing and gets the same numbers
+    again = judge_qa(Judge(cfg), preds, items)
+    assert again["accuracy"] == r["accuracy"] and again["judge_usage"]["cached"] == 6
+    assert sum(server.hits.values()) == 10
+    # another judge model is another cache key
+    judge_qa(Judge(JudgeConfig(**{**cfg.__dict__, "model": "other"})), {"a": "cat"}, items[:1])
+    assert server.hits["cat"] == 2
+
+
+def test_key_only_from_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    with pytest.raises(ValueError, match="set NO_SUCH_KEY"):
+        Judge(JudgeConfig(api_key_env="NO_SUCH_KEY", cache_dir=str(tmp_path)))
+
+
+def test_gives_up_after_retries(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    cfg = JudgeConfig(base_url=server.url, model="m", api_key_env="JUDGE_KEY", cache_dir=str(tmp_path),
+                      max_retries=1, backoff_s=0.01)
+    with pytest.raises(RuntimeError, match="failed after 2 attempts"):
+        Judge(cfg).qa("q", "a", "busy")
+
+
+def test_evaluate_scores_with_the_judge_from_config(server, tmp_path, monkeypatch):
+    """`avllm evaluate`'s scoring step builds the judge from conf/evaluate.yaml's keys."""
+    from nemo_avllm import config
+    from nemo_avllm.evaluation.run import headline, score
+
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    cfg = config.load("evaluate", ["benchmark=activitynet_qa", f"judge.client.base_url={server.url}",
+                                   "judge.client.model=pinned-judge", "judge.client.api_key_env=JUDGE_KEY",
+                                   f"judge.client.cache_dir={tmp_path}", "judge.dimensions=[detail]"])
+    items = [EvalItem("q1", "v.mp4", "is it a cat?", "yes"), EvalItem("q2", "v.mp4", "is it a dog?", "no")]
+    s = score(cfg, items, {"q1": "cat", "q2": "dog"})
+    assert s["judge"]["accuracy"] == 0.5 and s["judge"]["judge"]["model"] == "pinned-judge"
+    assert s["judge"]["unparseable"] == 0 and s["judge"]["dim_detail"] == pytest.approx((5 + 1) / 2)
+    assert s["exact"]["n"] == 2 and headline(s) == ("judge:accuracy", 50.0)
