@@ -2,8 +2,9 @@
 
 SLURM runs one task per GPU (`srun`, `--ntasks-per-node` = GPUs), as NeMo's Megatron recipes do;
 `nemo_avllm.runtime.distributed` reads the SLURM variables. `--signal=TERM@120` makes every
-rank receive SIGTERM two minutes before the time limit: training writes a checkpoint and exits,
-and the next job of the same run folder resumes from it (`exp_manager.resume_if_exists`)."""
+rank receive SIGTERM two minutes before the time limit: training writes a checkpoint and exits 0,
+the job requeues itself (`REQUEUE_NEAR_LIMIT`) and the next allocation resumes from that checkpoint
+(`exp_manager.resume_if_exists`)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,39 @@ def container_mounts(mounts, *paths) -> list[str]:
             out.append(f"{p}:{p}")
             targets.append(p)
     return out
+
+
+# NeMo-Run requeues failed jobs only; a job whose ranks saved on the time-limit SIGTERM ends with 0.
+# These lines (sbatch setup) requeue a job that ends successfully within the signal window of its
+# time limit, so the run folder resumes in the next allocation (a finished run resumes, sees
+# max_steps reached and ends at once). The window is the signal time + 60 s.
+REQUEUE_NEAR_LIMIT = r"""
+avllm_seconds() {  # squeue %L (D-HH:MM:SS, HH:MM:SS, MM:SS) -> seconds
+  local t=$1 d=0 h=0 m=0 s=0 a b c
+  case $t in *-*) d=${t%%-*}; t=${t#*-} ;; esac
+  IFS=: read -r a b c <<< "$t"
+  if [ -n "$c" ]; then h=$a; m=$b; s=$c; elif [ -n "$b" ]; then m=$a; s=$b; else s=$a; fi
+  echo $(( ((10#$d * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s ))
+}
+avllm_requeue_near_limit() {
+  local rc=$? left
+  left=$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null)
+  case $left in ''|*[!0-9:-]*) return ;; esac
+  if [ "$rc" = 0 ] && [ "$(avllm_seconds "$left")" -le {window} ] && [ "${SLURM_RESTART_COUNT:-0}" -lt {max_requeues} ]; then
+    echo "[avllm] stopped at the time limit after a checkpoint: requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
+}
+trap avllm_requeue_near_limit EXIT
+"""
+
+
+def requeue_lines(signal: str | None, max_requeues: int = 20) -> str | None:
+    """`REQUEUE_NEAR_LIMIT` for a `--signal` such as `TERM@120` (None without a signal time)."""
+    if not signal or "@" not in signal:
+        return None
+    window = int(signal.rsplit("@", 1)[1]) + 60
+    return REQUEUE_NEAR_LIMIT.replace("{window}", str(window)).replace("{max_requeues}", str(max_requeues))
 
 
 def slurm_executor(*, account: str, partition: str | None, nodes: int, gpus_per_node: int, container_image: str,
@@ -64,4 +98,5 @@ def slurm_executor(*, account: str, partition: str | None, nodes: int, gpus_per_
         gpus_per_node=int(gpus_per_node), time=str(time), exclusive=bool(exclusive) or None, signal=signal or None,
         container_image=container_image, container_mounts=list(container_mounts), job_name_prefix="avllm-",
         retries=int(retries), env_vars=env, srun_args=list(srun_args or []) or None, packager=packager, tunnel=tunnel,
+        setup_lines=requeue_lines(signal),
     )

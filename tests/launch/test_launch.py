@@ -250,3 +250,28 @@ def test_container_install_keeps_the_images_prerelease_builds_and_refuses_a_wron
         plan(reqs, {**image, "torch": "2.13.0a0+old"})
     with pytest.raises(SystemExit, match="transformer-engine.*not installed"):
         plan(reqs, {k: v for k, v in image.items() if k != "transformer_engine"})
+
+
+@pytest.mark.parametrize("time_left,requeued", [("01:30", True), ("1-03:00:00", False)])
+def test_nemo_run_sbatch_requeues_a_job_stopped_at_the_time_limit(tmp_path, capsys, time_left, requeued):
+    """The sbatch script NeMo-Run would submit, run with stand-in SLURM commands: training exits 0
+    (it saved on SIGTERM); with 90 s left the job requeues itself, with a day left it does not."""
+    out = launch_here("executor=slurm", "slurm.account=proj", "slurm.container_image=/images/avllm.sqsh",
+                      f"exp_dir={tmp_path / 'runs'}", capsys=capsys)
+    script = tmp_path / "job.sbatch"
+    script.write_text(out.split("# SBATCH_SCRIPT\n#----------------\n", 1)[1])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {"srun": 'case "$*" in *hostname*) echo 10.0.0.1 ;; *) echo "$@" > "$FAKE_OUT/srun_args" ;; esac',
+             "scontrol": 'if [ "$1" = show ]; then echo node1; else echo "$@" >> "$FAKE_OUT/scontrol"; fi',
+             "squeue": 'echo "$FAKE_LEFT"'}
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_OUT=str(tmp_path), FAKE_LEFT=time_left,
+               SLURM_JOB_ID="77", SLURM_JOB_NODELIST="node1")
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "nemo_avllm.cli train --config-name stage1_pretrain" in (tmp_path / "srun_args").read_text()
+    calls = (tmp_path / "scontrol").read_text().split() if (tmp_path / "scontrol").exists() else []
+    assert calls == (["requeue", "77"] if requeued else [])
