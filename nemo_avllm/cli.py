@@ -31,6 +31,7 @@ TASKS = {
     "demo": ("nemo_avllm.demo.run:main", "demo"),
     "import-hf": ("nemo_avllm.export.import_hf:run", "import_hf"),
     "export-hf": ("nemo_avllm.export.export_hf:run", "export_hf"),
+    "launch": ("nemo_avllm.launch.run:main", "launch"),
     "curate": ("nemo_avllm.curation.pipeline:run", "curate"),
     "generate": ("nemo_avllm.inference.run:generate", "generate"),
     "chat": ("nemo_avllm.inference.run:chat", "generate"),

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh machine, safe to re-run: ffmpeg, Python 3.12 virtualenv in .venv,
+# One-time set-up on a fresh machine, safe to re-run: ffmpeg, shellcheck, Python 3.12 virtualenv in .venv,
 # the package with its test extra. Re-installs only when pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v ffmpeg >/dev/null 2>&1 || ! command -v ffprobe >/dev/null 2>&1; then
-  echo "[setup] installing ffmpeg (Debian package)"
+# ffmpeg: media for the data pipeline and tests; shellcheck: the SLURM scripts' lint test
+missing=()
+command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || missing+=(ffmpeg)
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[setup] installing ${missing[*]} (Debian packages)"
   as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq ffmpeg >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 find_python312() {

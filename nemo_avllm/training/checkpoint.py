@@ -9,6 +9,7 @@ kill during a save leaves the previous checkpoint untouched and loadable."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -103,17 +104,36 @@ def is_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / "metadata.json").is_file()
 
 
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (`<exp_dir>/<name>`, or its `checkpoints/`) meaning its
+    newest `*-last` checkpoint: what a job submitted before the previous stage ran can name."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return path
+    candidates = [p for d in (path / "checkpoints", path) for p in d.glob("*-last") if is_checkpoint(p)]
+    if not candidates:
+        return path
+
+    def step(p: Path) -> tuple[int, float]:
+        m = re.search(r"step[=_](\d+)", p.name)  # step_N (now) or step=N (older runs)
+        return (int(m.group(1)) if m else -1, p.stat().st_mtime)
+
+    return max(candidates, key=step)
+
+
 def load(path: str | Path, module, optimizer=None, strict: bool = True) -> dict:
-    """Load a checkpoint into `module` (and `optimizer`), resharding to the current TP/PP.
-    Returns the common state. `strict=False` loads only the tensors the checkpoint has (e.g. a
-    stage-1 checkpoint into stage 2, or LLM weights into a fresh model)."""
+    """Load a checkpoint (or a run folder's last one, see `resolve`) into `module` (and
+    `optimizer`), resharding to the current TP/PP. Returns the common state. `strict=False` loads
+    only the tensors the checkpoint has (e.g. a stage-1 checkpoint into stage 2, or LLM weights
+    into a fresh model)."""
     from megatron.core import dist_checkpointing
 
-    path = Path(path)
+    path = resolve(path)
     if not is_checkpoint(path):
         raise FileNotFoundError(
-            f"{path} is not a dist checkpoint folder (no metadata.json); give the folder a run saved, "
-            f"e.g. <exp_dir>/<name>/checkpoints/<name>--step_100-last"
+            f"{path} is not a dist checkpoint folder (no metadata.json) nor a run folder with a "
+            f"*-last checkpoint; give the folder a run saved, e.g. <exp_dir>/<name>/checkpoints/"
+            f"<name>--step_100-last, or the run folder <exp_dir>/<name>"
         )
     state = {"model": model_sharded_state_dict(module)}
     if not strict:

