@@ -192,7 +192,9 @@ def check_values(cfg: DictConfig, paths: bool = True, config_name: str | None = 
 
 def check_required(cfg: DictConfig) -> None:
     """Every ??? of the config must have been set on the command line."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    # walk the nodes without resolving interpolations: a stage config nested in another (launch)
+    # holds `${name}`-style references that only resolve in the stage's own config
+    missing = sorted(k for k, v in flat_keys(cfg) if v == "???")
     if missing:
         keys = " ".join(f"{k}=..." for k in missing)
         raise UserError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (??? in conf/): add {keys}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
+from nemo_avllm.errors import UserError
+
 
 def local_executor(gpus_per_node: int = 1, env: dict[str, str] | None = None):
     """torchrun on this machine with `gpus_per_node` processes (gloo on CPU, nccl on GPUs); on one
@@ -80,12 +82,12 @@ def slurm_executor(*, account: str, partition: str | None, nodes: int, gpus_per_
     import nemo_run as run
 
     if not container_image:
-        raise ValueError("slurm.container_image is not set: give the image built from this repo's Dockerfile "
+        raise UserError("slurm.container_image is not set: give the image built from this repo's Dockerfile "
                          "(e.g. nvcr.io#myorg/nemo_avllm:latest or /lustre/images/nemo_avllm.sqsh)")
     if not account:
-        raise ValueError("slurm.account is not set: give your SLURM account (sbatch --account)")
+        raise UserError("slurm.account is not set: give your SLURM account (sbatch --account)")
     if code not in ("image", "git"):
-        raise ValueError(f"slurm.code={code!r}: expected image (the container's package) or git (this checkout)")
+        raise UserError(f"slurm.code={code!r}: expected image (the container's package) or git (this checkout)")
     env = dict(env or {})
     packager = run.Packager()
     if code == "git":

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nemo_avllm.errors import UserError
+
 from nemo_avllm.launch.overrides import format_value
 
 STAGE_CONFIGS = {"stage1": "stage1_pretrain", "stage2": "stage2_finetune"}
@@ -54,7 +56,7 @@ class Stage:
 
 def _layout(nodes: int, gpus_per_node: int, exp_dir: str | os.PathLike) -> list[str]:
     if int(nodes) < 1 or int(gpus_per_node) < 1:
-        raise ValueError(f"nodes={nodes} and gpus_per_node={gpus_per_node} must both be >= 1")
+        raise UserError(f"nodes={nodes} and gpus_per_node={gpus_per_node} must both be >= 1")
     return [f"trainer.num_nodes={int(nodes)}", f"trainer.devices={int(gpus_per_node)}",
             f"exp_manager.exp_dir={format_value(str(exp_dir))}"]
 
@@ -77,7 +79,7 @@ def stage2_finetune(restore_from: str | os.PathLike, overrides=(), nodes: int = 
     """Stage 2 (projectors + LLM on instructions), restored from a stage-1 checkpoint or run folder
     (a run folder means its last checkpoint, found when the job starts)."""
     if not restore_from:
-        raise ValueError("stage 2 needs restore_from: a stage-1 checkpoint folder or stage-1 run folder "
+        raise UserError("stage 2 needs restore_from: a stage-1 checkpoint folder or stage-1 run folder "
                          "(<exp_dir>/avllm_stage1_pretrain); set stage2.model.restore_from=...")
     ov = (*overrides, f"model.restore_from={format_value(str(restore_from))}", *_layout(nodes, gpus_per_node, exp_dir))
     return Stage("stage2", STAGE_CONFIGS["stage2"], ov, run_name(ov, "stage2"))

@@ -16,6 +16,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from nemo_avllm.errors import UserError
+
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_avllm.launch import recipes
@@ -45,7 +47,7 @@ def stage_overrides(stage_cfg: DictConfig, stage: str) -> list[str]:
 
 def build_stages(cfg: DictConfig) -> list[recipes.Stage]:
     if cfg.recipe not in RECIPES:
-        raise ValueError(f"recipe={cfg.recipe!r}: expected one of {', '.join(RECIPES)}")
+        raise UserError(f"recipe={cfg.recipe!r}: expected one of {', '.join(RECIPES)}")
     exp_dir = os.path.abspath(str(cfg.exp_dir))
     layout = dict(nodes=int(cfg.nodes), gpus_per_node=int(cfg.gpus_per_node), exp_dir=exp_dir)
     if cfg.recipe == "stage1":
@@ -58,19 +60,20 @@ def build_stages(cfg: DictConfig) -> list[recipes.Stage]:
                              stage2_nodes=cfg.get("stage2_nodes"), **layout)
 
 
-def check_stage(stage: recipes.Stage, world_size: int) -> DictConfig:
+def check_stage(stage: recipes.Stage, world_size: int, paths: bool = True) -> DictConfig:
     """Compose the stage exactly as the job will and run training's checks (parallel sizes vs the
     process count, batch divisibility, ...) before anything is submitted. The feature cache is
-    checked by the job itself (its path may exist only on the cluster)."""
+    checked by the job itself (its path may exist only on the cluster); with `paths=False` (SLURM:
+    paths are the container's) no input path is checked here."""
     from nemo_avllm import config
     from nemo_avllm.training.train import validate, with_overrides
 
     try:
         composed = config.load(stage.config_name, list(stage.overrides))
     except Exception as e:  # a typo in a key, a bad value: name the stage and its overrides
-        raise ValueError(f"{stage.name}: the overrides {list(stage.overrides)} do not compose "
+        raise UserError(f"{stage.name}: the overrides {list(stage.overrides)} do not compose "
                          f"conf/{stage.config_name}.yaml: {e}") from e
-    validate(with_overrides(composed, **{"model.data.feature_cache": None}), world_size=world_size)
+    validate(with_overrides(composed, **{"model.data.feature_cache": None}), world_size=world_size, paths=paths)
     return composed
 
 
@@ -79,13 +82,13 @@ def make_executor(cfg: DictConfig, nodes: int):
 
     if cfg.executor == "local":
         if nodes != 1:
-            raise ValueError(f"executor=local runs on one machine: nodes={nodes}; use executor=slurm")
+            raise UserError(f"executor=local runs on one machine: nodes={nodes}; use executor=slurm")
         env = {k: str(v) for k, v in (cfg.local.get("env") or {}).items()}
         return executors.local_executor(int(cfg.gpus_per_node), env=env)
     s = cfg.slurm
     exp_dir = os.path.abspath(str(cfg.exp_dir))
     if s.get("host") and not os.path.isabs(str(cfg.exp_dir)):
-        raise ValueError(f"exp_dir={cfg.exp_dir} must be an absolute path on the cluster when slurm.host is set")
+        raise UserError(f"exp_dir={cfg.exp_dir} must be an absolute path on the cluster when slurm.host is set")
     return executors.slurm_executor(
         account=s.account, partition=s.partition, nodes=nodes, gpus_per_node=int(cfg.gpus_per_node),
         container_image=s.container_image, container_mounts=executors.container_mounts(s.container_mounts, exp_dir),
@@ -106,12 +109,12 @@ def describe(job, executor_kind: str) -> str:
 
 def main(cfg: DictConfig) -> int:
     if cfg.executor not in EXECUTORS:
-        raise ValueError(f"executor={cfg.executor!r}: expected local or slurm")
+        raise UserError(f"executor={cfg.executor!r}: expected local or slurm")
     stages = build_stages(cfg)
     stage2_nodes = cfg.get("stage2_nodes") if cfg.recipe == "two_stage" else None
     nodes_of = {"stage1": int(cfg.nodes), "stage2": int(stage2_nodes or cfg.nodes)}
     for st in stages:
-        check_stage(st, nodes_of[st.name] * int(cfg.gpus_per_node))
+        check_stage(st, nodes_of[st.name] * int(cfg.gpus_per_node), paths=cfg.executor == "local")
     if cfg.dryrun:  # NeMo-Run writes its records even for a dry run: keep them out of the run folders
         with tempfile.TemporaryDirectory() as tmp:
             return _experiment(cfg, stages, nodes_of, tmp)
