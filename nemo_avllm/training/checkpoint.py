@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 COMMON_KEY = "common"
+# What an LLM-only checkpoint (`avllm import-hf`) lacks of an AVLLM: `load(..., allow_missing=)`.
+NOT_IN_LLM_CHECKPOINT = ("proj_", "vision.", "audio.")
 
 
 def _sync_writer_queue() -> None:
@@ -103,11 +105,22 @@ def is_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / "metadata.json").is_file()
 
 
-def load(path: str | Path, module, optimizer=None, strict: bool = True) -> dict:
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that lacks tensors the model needs (or holds ones it cannot take)."""
+
+
+def load(path: str | Path, module, optimizer=None, allow_missing: tuple[str, ...] = ()) -> dict:
     """Load a checkpoint into `module` (and `optimizer`), resharding to the current TP/PP.
-    Returns the common state. `strict=False` loads only the tensors the checkpoint has (e.g. a
-    stage-1 checkpoint into stage 2, or LLM weights into a fresh model)."""
+    Returns the common state.
+
+    Strict: every tensor of `module` must be in the checkpoint, except those whose names start
+    with one of `allow_missing` (the caller says what may legitimately be absent, e.g. the new
+    projectors when an imported LLM starts stage 1: `training.restore`); those keep their
+    current values. Tensors the checkpoint has and `module` lacks are not read (a model built
+    without encoders restores from a run that had them). `optimizer=None` restores weights only:
+    the checkpoint's optimizer state is not read."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     path = Path(path)
     if not is_checkpoint(path):
@@ -116,25 +129,34 @@ def load(path: str | Path, module, optimizer=None, strict: bool = True) -> dict:
             f"e.g. <exp_dir>/<name>/checkpoints/<name>--step=100-last"
         )
     state = {"model": model_sharded_state_dict(module)}
-    if not strict:
-        saved = {k for k in _saved_keys(path)}
-        state["model"] = {k: v for k, v in state["model"].items() if _key_of(v) in saved}
-        if not state["model"]:
-            raise ValueError(f"checkpoint {path} holds none of this model's tensors")
+    saved = _saved_keys(path)
+    missing = sorted(name for name, v in state["model"].items()
+                     if not isinstance(v, ShardedObject) and _key_of(v) not in saved)
+    refused = [n for n in missing if not n.startswith(tuple(allow_missing))]
+    if refused:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} lacks {len(refused)} tensors of this model: "
+            f"{', '.join(refused[:6])}{' ...' if len(refused) > 6 else ''}. It was saved for another model "
+            f"config (model.llm.*, encoders, TP/PP-independent names) or is incomplete; restore from a "
+            f"checkpoint of this model (model.restore_from / the run's last checkpoint)"
+        )
+    state["model"] = {k: v for k, v in state["model"].items() if _key_of(v) in saved}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True)
     state[COMMON_KEY] = {}
     loaded = dist_checkpointing.load(state, str(path))
-    model_sd = loaded["model"]
-    if strict:
-        unwrap(module).load_state_dict(model_sd, strict=True)
-    else:
-        missing, unexpected = unwrap(module).load_state_dict(model_sd, strict=False)
-        if unexpected:
-            raise ValueError(f"checkpoint {path}: unexpected tensors {unexpected[:5]}")
+    _, unexpected = unwrap(module).load_state_dict(loaded["model"], strict=False)
+    if unexpected:
+        raise CheckpointMismatchError(f"checkpoint {path}: unexpected tensors {unexpected[:5]}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     return loaded.get(COMMON_KEY, {})
+
+
+def saved_parts(path: str | Path) -> set[str]:
+    """Top-level parts of the model the checkpoint holds tensors of: `llm`, `proj_temporal`,
+    `vision`, ... (checkpoint keys start with the AVLLM attribute names)."""
+    return {k.split(".", 1)[0] for k in _saved_keys(Path(path))}
 
 
 def _key_of(sharded) -> str | None:
@@ -142,9 +164,10 @@ def _key_of(sharded) -> str | None:
 
 
 def _saved_keys(path: Path) -> set[str]:
+    """Keys of the checkpoint's tensors and objects (ShardedObjects by their key, not shard id)."""
     from megatron.core import dist_checkpointing
 
-    return set(dist_checkpointing.load_tensors_metadata(str(path)).keys())
+    return {k.split("/shard_")[0] for k in dist_checkpointing.load_sharded_metadata(str(path))}
 
 
 def load_common(path: str | Path) -> dict:
