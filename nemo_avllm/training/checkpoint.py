@@ -167,7 +167,7 @@ def _saved_keys(path: Path) -> set[str]:
     """Keys of the checkpoint's tensors and objects (ShardedObjects by their key, not shard id)."""
     from megatron.core import dist_checkpointing
 
-    return {k.split("/shard_")[0] for k in dist_checkpointing.load_sharded_metadata(str(path))}
+    return {k.split("/shard_")[0] for k in dist_checkpointing.serialization.load_sharded_metadata(str(path))}
 
 
 def load_common(path: str | Path) -> dict:
