@@ -1,6 +1,6 @@
 """bf16 (the paper's training dtype) with live media: the LLM and projectors in bf16 while the
 frozen encoders run in their own dtype (`model.encoder_dtype`: fp32 on CPU by default, bf16 on
-GPUs), with the decoded video and audio cast to it, in training and in `avllm features`."""
+GPUs), with the decoded video and audio cast to it, in training, generation and `avllm features`."""
 
 from __future__ import annotations
 
@@ -62,6 +62,14 @@ def test_bf16_forward_backward_with_live_video_and_audio(samples, tokenizer, dis
         grad = getattr(model, name).linear.weight.grad
         assert grad is not None and grad.dtype == torch.bfloat16, name
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+    # generation (greedy decoding) runs the same encoders on the same live media
+    from nemo_avllm.inference.generate import greedy_generate, prompt_ids
+
+    prompts = [prompt_ids([{"from": "human", "value": f"{tok} Describe."}], tokenizer, model.layout)
+               for tok in ("<VIS>", "<AUD>", "<AUD_VIS>")]
+    answers = greedy_generate(model, prompts, video=batch["video"], audio=batch["audio"], max_new_tokens=2)
+    assert len(answers) == 3 and all(len(a) <= 2 for a in answers)
 
     # the encoders' tokens follow those of fp32 copies of the same weights (what `auto` runs on CPU)
     rows = [(model.vision, batch["video"]), (model.audio, batch["audio"][1:])]  # sample 0 has no sound
