@@ -13,6 +13,12 @@ from nemo_avllm.model.encoders import AudioEncoderConfig, VisionEncoderConfig
 from nemo_avllm.model.llm import LLMConfig, transformer_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ENCODERS = ("vision", "audio")
+# What each frozen encoder's weights are, for messages that name the key to set.
+ENCODER_WEIGHTS = {
+    "vision": "open_clip ViT-L-14-quickgelu OpenAI weights (or an HF CLIP folder)",
+    "audio": "laion_clap 630k-audioset-best.pt (or an HF CLAP folder)",
+}
 
 
 def _dtype(name: str, key: str = "model.params_dtype") -> torch.dtype:
@@ -102,14 +108,6 @@ def build_model(
             if name not in ENCODERS:
                 child.to(dtype)
     return model
-
-
-ENCODERS = ("vision", "audio")
-# What each frozen encoder's weights are, for messages that name the key to set.
-ENCODER_WEIGHTS = {
-    "vision": "open_clip ViT-L-14-quickgelu OpenAI weights (or an HF CLIP folder)",
-    "audio": "laion_clap 630k-audioset-best.pt (or an HF CLAP folder)",
-}
 
 
 def check_encoder_weights(model_cfg, provided: tuple[str, ...] = ()) -> None:
