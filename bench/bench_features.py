@@ -4,7 +4,7 @@
 
 Makes `--clips` H.264+AAC clips (320x240, 30 fps) with ffmpeg, runs `prepare` (FLAC side-cars),
 then `build_feature_cache` over them with the model config's encoders (random weights unless the
-config names checkpoints). Prints machine-readable lines:
+config names checkpoints: throughput does not depend on them). Prints machine-readable lines:
 
     encoders model=tiny device=cpu batch=8 clips_per_s=...      # vision + audio forward only
     features model=tiny device=cpu clips=16 clips_per_s=...     # decode + encode + write shards
@@ -56,7 +56,8 @@ def main() -> int:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
-    cfg = config.load_model(args.model)
+    # throughput only: random encoder weights are fine here
+    cfg = config.load_model(args.model, ["allow_random_init=true"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)

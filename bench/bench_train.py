@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     paths = synthetic.generate(work / "data", args.clips, 0, seed=1)
     train_sentencepiece(synthetic.corpus(paths), work / "tokenizer", vocab_size=512)
     prepare(str(paths["stage2"]), work / "prepared", progress=False)
-    build_feature_cache(work / "prepared", work / "features", config.load_model("tiny"), index=work / "prepared",
+    build_feature_cache(work / "prepared", work / "features", config.load_model("tiny", ["allow_random_init=true"]), index=work / "prepared",
                         dtype="fp32", progress=False)
     for mode in ("decode", "cache"):
         name = f"bench_{mode}"
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
             f"model.data.train_manifest={paths['stage2']}", f"model.data.index={work / 'prepared'}",
             f"model.data.feature_cache={work / 'features' if mode == 'cache' else 'null'}",
             f"model.data.num_workers={0 if mode == 'cache' else args.workers}", "model.data.decode_backend=cpu",
-            "model.restore_from=null", f"trainer.max_steps={args.steps}", "trainer.devices=1",
+            "model.restore_from=null", "model.allow_random_init=true", f"trainer.max_steps={args.steps}", "trainer.devices=1",
             "trainer.enable_progress_bar=false", f"exp_manager.exp_dir={work / 'runs'}",
             "exp_manager.resume_if_exists=false", "exp_manager.create_checkpoint_callback=false",
             f"model.micro_batch_size={args.micro_batch}", f"model.global_batch_size={args.global_batch}",

@@ -216,7 +216,7 @@ def test_prepare_then_features_from_the_command_line(tmp_path):
     assert "broken.mp4" in (tmp_path / "prep" / "bad_files.jsonl").read_text()
     assert list((tmp_path / "shards").glob("*.tar")) and (tmp_path / "shards" / "shards.json").is_file()
     out = _run(["features", "model=tiny", f"source={tmp_path / 'prep'}", f"index={tmp_path / 'prep'}",
-                f"out_dir={tmp_path / 'feat'}", "dtype=fp32"])
+                f"out_dir={tmp_path / 'feat'}", "dtype=fp32", "model.allow_random_init=true"])  # tiny: no weights
     assert "6 encoded" in out
     meta = json.loads((tmp_path / "feat" / "meta.json").read_text())
     assert meta  # hash of the encoder config, T, K, ...

@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from nemo_avllm.config import to_dict
 from nemo_avllm.data.dataset import DecodeSettings, MediaSource, load_media
 from nemo_avllm.data.media import MediaError
 from nemo_avllm.errors import UserError
@@ -270,18 +271,15 @@ def _write_json(path: Path, obj) -> None:
 
 
 def build_encoders(model_cfg, device: str | torch.device = "cpu"):
-    """The frozen vision and audio encoders of a model config, in its params dtype, eval mode."""
+    """The frozen vision and audio encoders of a model config, in `model.encoder_dtype`, eval mode.
+    Null encoder checkpoints are refused unless `model.allow_random_init=true`."""
     from nemo_avllm.model.encoders import AudioEncoder, VisionEncoder
-    from nemo_avllm.model.provider import _dtype, avllm_config
+    from nemo_avllm.model.provider import avllm_config, check_encoder_weights
 
+    check_encoder_weights({**to_dict(model_cfg), "build_encoders": True})
     cfg = avllm_config(model_cfg)
-    for name, enc in (("vision", cfg.vision), ("audio", cfg.audio)):
-        if not enc.checkpoint:
-            log.warning("model.%s.checkpoint is null: caching features of a randomly initialised encoder "
-                        "(only useful for tests)", name)
-    dtype = _dtype(model_cfg.get("params_dtype", "fp32"))
-    return (VisionEncoder(cfg.vision).to(device=device, dtype=dtype),
-            AudioEncoder(cfg.audio).to(device=device, dtype=dtype))
+    return (VisionEncoder(cfg.vision).to(device).set_dtype(cfg.encoder_dtype),
+            AudioEncoder(cfg.audio).to(device).set_dtype(cfg.encoder_dtype))
 
 
 def build_feature_cache(

@@ -41,6 +41,7 @@ def _stage_cfg(cfg: DictConfig, stage: int, out: Path, paths: dict, restore: str
         f"model.vision.checkpoint='{out / 'encoders' / 'vision.safetensors'}'",
         f"model.audio.checkpoint='{out / 'encoders' / 'audio.safetensors'}'",
         f"model.restore_from='{restore}'" if restore else "model.restore_from=null",
+        f"model.allow_random_init={str(cfg.allow_random_init).lower()}",
         f"exp_manager.exp_dir='{out / 'runs'}'",
         "exp_manager.create_tensorboard_logger=true",
         "exp_manager.checkpoint_callback_params.every_n_train_steps=1000000",
@@ -161,7 +162,8 @@ def main(cfg: DictConfig) -> int:
     print("[demo] prepare: probing clips, writing FLAC side-cars")
     sources = [str(paths["stage1"]), str(paths["stage2"]), str(paths["eval"])]
     print(prepare(sources, out / "prepared", num_workers=max(1, cfg.num_workers or 2), progress=cfg.progress_bar))
-    model_cfg = save_demo_encoders(config.load_model(cfg.model), out / "encoders", cfg.seed)
+    model_cfg = config.load_model(cfg.model, [f"allow_random_init={str(cfg.allow_random_init).lower()}"])
+    model_cfg = save_demo_encoders(model_cfg, out / "encoders", cfg.seed)
     print("[demo] features: running the frozen encoders once per clip")
     print(build_feature_cache(out / "prepared", out / "features", model_cfg, index=out / "prepared", dtype="fp32",
                               progress=cfg.progress_bar))

@@ -71,7 +71,7 @@ def whole_swiglu(sharded: dict) -> dict:
 
 def llm_only_module(model_cfg):
     """A megatron module holding just the LLM under AVLLM's `llm.` prefix, so its checkpoint keys are
-    the ones AVLLM loads (`model.restore_from` loads it with strict=False)."""
+    the ones AVLLM loads (`model.restore_from`: projectors and encoders are not in it)."""
     from megatron.core.transformer.module import MegatronModule
 
     from nemo_avllm.model.llm import build_gpt

@@ -199,12 +199,17 @@ def hf_to_laion(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def is_hf_clap(sd: dict[str, torch.Tensor]) -> bool:
+    """Hugging Face CLAP names (`audio_encoder.*`), which lack laion's log-mel front end and head."""
+    return any(k.removeprefix("module.").removeprefix("audio_model.").startswith("audio_encoder.") for k in sd)
+
+
 def laion_htsat(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Any supported audio checkpoint -> laion HTSAT keys: a laion_clap checkpoint
     (`module.audio_branch.*`), a bare HTSAT state dict, or HF CLAP (`audio_encoder.*`)."""
+    if is_hf_clap(sd):
+        return hf_to_laion({k.removeprefix("module."): v for k, v in sd.items()})
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    if any(k.removeprefix("audio_model.").startswith("audio_encoder.") for k in sd):
-        return hf_to_laion(sd)
     return {k[len("audio_branch.") :]: v for k, v in sd.items() if k.startswith("audio_branch.")} or sd
 
 

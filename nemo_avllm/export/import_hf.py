@@ -2,7 +2,7 @@
 
 The checkpoint is the format `nemo_avllm.training.checkpoint.save` writes, with the LLM tensors
 only (keys `llm.*`), saved from a TP=1/PP=1 model: dist checkpoints reshard on load, so the same
-folder starts stage 1 at any TP/PP (`model.restore_from=<folder>`, loaded with strict=False;
+folder starts stage 1 at any TP/PP (`model.restore_from=<folder>`: every LLM tensor must be there;
 projectors keep their fresh initialisation, encoders come from their own checkpoints).
 
 Memory: the model is allocated once, empty, in the target dtype (bf16 for 7B: 12.6 GiB) and

@@ -59,7 +59,7 @@ class MegatronBackend:
         cfg.build_encoders = True
         distributed.initialize(int(tensor_model_parallel_size), 1)
         self.model = build_model(cfg)
-        missing = _missing_keys(ckpt, self.model)
+        missing = dist_ckpt.missing_tensors(ckpt, self.model)
         if any(not k.startswith(("vision.", "audio.")) for k in missing):
             raise ValueError(f"{ckpt} lacks model tensors {[k for k in missing if not k.startswith(('vision.', 'audio.'))][:3]}: "
                              f"not a trained AVLLM checkpoint (an import-hf checkpoint holds the LLM only)")
@@ -70,7 +70,7 @@ class MegatronBackend:
                     f"{ckpt} has no {kind} encoder weights (trained on cached features) and model.{kind}.checkpoint "
                     f"is null: give model.{kind}.checkpoint=<the encoder weights the features were made with>, or "
                     f"model.allow_random_init=true for a model whose encoders were random (tests, the demo)")
-        dist_ckpt.load(ckpt, self.model, strict=False)
+        dist_ckpt.load(ckpt, self.model, allow_missing=("vision.", "audio."))  # checked above
         self.model.to(distributed.device()).eval()  # the frozen encoders are built on the CPU
         self.cfg = cfg
         self.tokenizer = load_tokenizer(tokenizer or cfg.get("tokenizer") or _missing_tokenizer(ckpt))
@@ -87,19 +87,6 @@ class MegatronBackend:
 
     def generate(self, prompts, features, sampling: SamplingConfig, on_text: Callable | None = None) -> list[Generation]:
         return self.generator.generate(prompts, sampling, features=features, on_text=on_text)
-
-
-def _missing_keys(ckpt: Path, model) -> list[str]:
-    """Checkpoint keys of `model` (at this rank's TP) that the dist checkpoint lacks."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedObject
-
-    from nemo_avllm.training.checkpoint import model_sharded_state_dict
-
-    saved = set(dist_checkpointing.load_tensors_metadata(str(ckpt)))
-    keys = {getattr(v, "key", None) for v in model_sharded_state_dict(model).values()
-            if not isinstance(v, ShardedObject)}  # objects (layer _extra_state) are not tensors
-    return sorted(k for k in keys - saved if k)
 
 
 def _missing_tokenizer(ckpt):

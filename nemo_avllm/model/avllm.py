@@ -31,6 +31,7 @@ class AVLLMConfig:
     transformer_impl: str = "local"  # local | transformer_engine
     # False when training reads cached encoder outputs: the encoders are then never built.
     build_encoders: bool = True
+    encoder_dtype: torch.dtype = torch.float32  # frozen encoders' own dtype (model.encoder_dtype)
 
     def layout(self) -> modality.TokenLayout:
         """Embedding positions per modality token, from the configs alone (no weights needed)."""
@@ -61,8 +62,8 @@ class AVLLM(MegatronModule):
         vision_width, audio_width = cfg.vision.geometry()["width"], cfg.audio.width
         self.layout = cfg.layout()
         if pre_process and cfg.build_encoders:
-            self.vision = VisionEncoder(cfg.vision)
-            self.audio = AudioEncoder(cfg.audio)
+            self.vision = VisionEncoder(cfg.vision).set_dtype(cfg.encoder_dtype)
+            self.audio = AudioEncoder(cfg.audio).set_dtype(cfg.encoder_dtype)
         if pre_process:
             h = cfg.llm.hidden_size
             self.proj_temporal = Projector(vision_width, h, config)

@@ -13,12 +13,29 @@ from nemo_avllm.model.encoders import AudioEncoderConfig, VisionEncoderConfig
 from nemo_avllm.model.llm import LLMConfig, transformer_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ENCODERS = ("vision", "audio")
+# What each frozen encoder's weights are, for messages that name the key to set.
+ENCODER_WEIGHTS = {
+    "vision": "open_clip ViT-L-14-quickgelu OpenAI weights (or an HF CLIP folder)",
+    "audio": "laion_clap 630k-audioset-best.pt (or an HF CLAP folder)",
+}
 
 
-def _dtype(name: str) -> torch.dtype:
+def _dtype(name: str, key: str = "model.params_dtype") -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"model.params_dtype={name!r}; expected one of {sorted(DTYPES)}")
+        raise ValueError(f"{key}={name!r}; expected one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def encoder_dtype(model_cfg) -> torch.dtype:
+    """The dtype the frozen encoders run in (`model.encoder_dtype`), independent of the LLM's.
+
+    `auto`: bf16 with a GPU, fp32 on CPU (CPU bf16 convolutions and attention are slow and gain
+    nothing). Inputs are cast to it by the encoders, outputs by the projectors."""
+    name = str(model_cfg.get("encoder_dtype", "auto"))
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return _dtype(name, "model.encoder_dtype")
 
 
 def _section(cls, d: dict, where: str):
@@ -39,6 +56,7 @@ def avllm_config(model_cfg) -> AVLLMConfig:
         num_audio_segments=int(d["num_audio_segments"]),
         transformer_impl=d.get("transformer_impl", "local"),
         build_encoders=bool(d.get("build_encoders", True)),
+        encoder_dtype=encoder_dtype(model_cfg),
     )
 
 
@@ -84,6 +102,24 @@ def build_model(
         )
     dtype = _dtype(model_cfg.get("params_dtype", "fp32"))
     if dtype != torch.float32:
-        # LLM and projectors train in bf16/fp16; frozen encoders follow (they only run forward)
-        model.to(dtype)
+        # LLM and projectors train in bf16/fp16; the frozen encoders keep the dtype AVLLM gave
+        # them (model.encoder_dtype)
+        for name, child in model.named_children():
+            if name not in ENCODERS:
+                child.to(dtype)
     return model
+
+
+def check_encoder_weights(model_cfg, provided: tuple[str, ...] = ()) -> None:
+    """Refuse frozen encoders that would keep their random initial weights: each built encoder
+    needs `model.<name>.checkpoint`, or its weights in a checkpoint being restored (`provided`
+    names those), or `model.allow_random_init=true` (tests, the synthetic demo)."""
+    if not model_cfg.get("build_encoders", True) or model_cfg.get("allow_random_init", False):
+        return
+    for name in ENCODERS:
+        if not model_cfg[name].get("checkpoint") and name not in provided:
+            raise ValueError(
+                f"model.{name}.checkpoint is null: the frozen {name} encoder would keep random weights. Set "
+                f"model.{name}.checkpoint=<{ENCODER_WEIGHTS[name]}>, or model.allow_random_init=true to "
+                f"run with a random encoder on purpose"
+            )

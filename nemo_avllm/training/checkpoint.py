@@ -15,7 +15,11 @@ from pathlib import Path
 
 import torch
 
+from nemo_avllm.errors import UserError
+
 COMMON_KEY = "common"
+# What an LLM-only checkpoint (`avllm import-hf`) lacks of an AVLLM: `load(..., allow_missing=)`.
+NOT_IN_LLM_CHECKPOINT = ("proj_", "vision.", "audio.")
 
 
 def _sync_writer_queue() -> None:
@@ -121,11 +125,30 @@ def resolve(path: str | Path) -> Path:
     return max(candidates, key=step)
 
 
-def load(path: str | Path, module, optimizer=None, strict: bool = True) -> dict:
-    """Load a checkpoint (or a run folder's last one, see `resolve`) into `module` (and
-    `optimizer`), resharding to the current TP/PP. Returns the common state. `strict=False` loads
-    only the tensors the checkpoint has (e.g. a stage-1 checkpoint into stage 2, or LLM weights
-    into a fresh model)."""
+class CheckpointMismatchError(UserError):
+    """A checkpoint that lacks tensors the model needs (or holds ones it cannot take)."""
+
+
+def missing_tensors(path: str | Path, module, sharded: dict | None = None) -> list[str]:
+    """Names of `module`'s tensors (at this rank's TP/PP) that the checkpoint at `path` lacks;
+    objects (layer `_extra_state`) are not tensors."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    saved = _saved_keys(path)
+    sharded = model_sharded_state_dict(module) if sharded is None else sharded
+    return sorted(name for name, v in sharded.items() if not isinstance(v, ShardedObject) and _key_of(v) not in saved)
+
+
+def load(path: str | Path, module, optimizer=None, allow_missing: tuple[str, ...] = ()) -> dict:
+    """Load a checkpoint (or a run folder's last one, see `resolve`) into `module` (and `optimizer`), resharding to the current TP/PP.
+    Returns the common state.
+
+    Strict: every tensor of `module` must be in the checkpoint, except those whose names start
+    with one of `allow_missing` (the caller says what may legitimately be absent, e.g. the new
+    projectors when an imported LLM starts stage 1: `training.restore`); those keep their
+    current values. Tensors the checkpoint has and `module` lacks are not read (a model built
+    without encoders restores from a run that had them). `optimizer=None` restores weights only:
+    the checkpoint's optimizer state is not read."""
     from megatron.core import dist_checkpointing
 
     path = resolve(path)
@@ -136,25 +159,32 @@ def load(path: str | Path, module, optimizer=None, strict: bool = True) -> dict:
             f"<name>--step_100-last, or the run folder <exp_dir>/<name>"
         )
     state = {"model": model_sharded_state_dict(module)}
-    if not strict:
-        saved = {k for k in _saved_keys(path)}
-        state["model"] = {k: v for k, v in state["model"].items() if _key_of(v) in saved}
-        if not state["model"]:
-            raise ValueError(f"checkpoint {path} holds none of this model's tensors")
+    saved = _saved_keys(path)
+    refused = [n for n in missing_tensors(path, module, state["model"]) if not n.startswith(tuple(allow_missing))]
+    if refused:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} lacks {len(refused)} tensors of this model: "
+            f"{', '.join(refused[:6])}{' ...' if len(refused) > 6 else ''}. It was saved for another model "
+            f"config (model.llm.*, encoders, TP/PP-independent names) or is incomplete; restore from a "
+            f"checkpoint of this model (model.restore_from / the run's last checkpoint)"
+        )
+    state["model"] = {k: v for k, v in state["model"].items() if _key_of(v) in saved}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True)
     state[COMMON_KEY] = {}
     loaded = dist_checkpointing.load(state, str(path))
-    model_sd = loaded["model"]
-    if strict:
-        unwrap(module).load_state_dict(model_sd, strict=True)
-    else:
-        missing, unexpected = unwrap(module).load_state_dict(model_sd, strict=False)
-        if unexpected:
-            raise ValueError(f"checkpoint {path}: unexpected tensors {unexpected[:5]}")
+    _, unexpected = unwrap(module).load_state_dict(loaded["model"], strict=False)
+    if unexpected:
+        raise CheckpointMismatchError(f"checkpoint {path}: unexpected tensors {unexpected[:5]}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     return loaded.get(COMMON_KEY, {})
+
+
+def saved_parts(path: str | Path) -> set[str]:
+    """Top-level parts of the model the checkpoint holds tensors of: `llm`, `proj_temporal`,
+    `vision`, ... (checkpoint keys start with the AVLLM attribute names)."""
+    return {k.split(".", 1)[0] for k in _saved_keys(Path(path))}
 
 
 def _key_of(sharded) -> str | None:
@@ -162,9 +192,10 @@ def _key_of(sharded) -> str | None:
 
 
 def _saved_keys(path: Path) -> set[str]:
+    """Keys of the checkpoint's tensors and objects (ShardedObjects by their key, not shard id)."""
     from megatron.core import dist_checkpointing
 
-    return set(dist_checkpointing.load_tensors_metadata(str(path)).keys())
+    return {k.split("/shard_")[0] for k in dist_checkpointing.serialization.load_sharded_metadata(str(path))}
 
 
 def load_common(path: str | Path) -> dict:

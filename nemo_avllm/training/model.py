@@ -86,34 +86,36 @@ class AVLLMModel(ModelPT):
         return bool(value)
 
     def configure_model(self) -> None:
+        """Build this rank's model, restore its weights, then wrap it in megatron DDP and build the
+        optimizer. The order matters: megatron's mixed-precision optimizer keeps fp32 master copies
+        of the bf16 weights taken when it is built (restored weights must be in place by then), and
+        DDP picks its gradient scale from `calculate_per_token_loss` when it is built."""
         if self.module is not None:
             return
-        from nemo_avllm.model.provider import DTYPES, build_model
+        from megatron.core.distributed import finalize_model_grads
 
+        from nemo_avllm.model.provider import DTYPES, build_model
+        from nemo_avllm.training import restore
+
+        weights = restore.plan(self._cfg)  # refuses silently random weights before building
+        max_steps = self.max_steps_for_schedule or self.trainer.max_steps
+        if max_steps is None or max_steps < 1:
+            raise ValueError("trainer.max_steps must be known before the model is configured")
         model = build_model(self._cfg)
         if distributed.has_gpu():
             model.cuda()
+        restore.restore(weights, model)
+        if weights.path:
+            log.info("model weights restored from %s", weights.path)
         self.trainable_counts = optim.freeze_for_stage(model, list(self._cfg.trainable))
         dist_opt = self.use_distributed_optimizer()
         self.module = optim.wrap_ddp(model, dist_opt)
         self.optimizer = optim.build_optimizer(self.module, self._cfg.optim, DTYPES[self._cfg.params_dtype], dist_opt)
         cfg = model.config
-        from megatron.core.distributed import finalize_model_grads
-
         cfg.finalize_model_grads_func = finalize_model_grads
         cfg.grad_scale_func = self.optimizer.scale_loss
         cfg.no_sync_func = self.module.no_sync
-        cfg.calculate_per_token_loss = True  # average over all loss tokens of the global batch
-        max_steps = self.max_steps_for_schedule or self.trainer.max_steps
-        if max_steps is None or max_steps < 1:
-            raise ValueError("trainer.max_steps must be known before the model is configured")
         self.scheduler = optim.build_scheduler(self.optimizer, self._cfg.optim, max_steps)
-        restore = self._cfg.get("restore_from")
-        if restore:
-            from nemo_avllm.training import checkpoint
-
-            checkpoint.load(restore, self.module, strict=False)
-            log.info("model weights restored from %s", restore)
 
     @property
     def avllm(self):

@@ -31,8 +31,16 @@ def freeze_for_stage(model, trainable: list[str]) -> dict[str, int]:
 
 
 def wrap_ddp(model, use_distributed_optimizer: bool, overlap_grad_reduce: bool = False):
-    """megatron-core DDP: contiguous fp32 grad buffers, reduce over data-parallel ranks."""
+    """megatron-core DDP: contiguous fp32 grad buffers, summed over data-parallel ranks.
+
+    The loss is per token (`training.step.loss_func` returns loss sums and token counts): the
+    schedule leaves gradients unscaled, DDP sums them over data-parallel ranks, and
+    `finalize_model_grads` divides by the global batch's token count. DDP chooses its gradient
+    scale when it is built (1/dp unless `calculate_per_token_loss`), so the flag is set here,
+    before; `average_in_collective` stays False (megatron refuses it with per-token loss)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    model.config.calculate_per_token_loss = True
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,

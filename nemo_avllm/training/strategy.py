@@ -74,7 +74,7 @@ class MegatronStrategy(DDPStrategy):
     def load_checkpoint(self, checkpoint_path) -> dict[str, Any]:
         module = self.lightning_module
         path = ckpt_dir(checkpoint_path)
-        common = dist_ckpt.load(path, module.module, module.optimizer, strict=True)
+        common = dist_ckpt.load(path, module.module, module.optimizer)
         module.load_common_state(common)
         log.info("resumed from %s (consumed samples %d)", path, module.consumed_samples)
         state = dict(common.get(LIGHTNING_KEY, {}))

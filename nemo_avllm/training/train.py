@@ -64,6 +64,9 @@ def validate(cfg: DictConfig, world_size: int | None = None, paths: bool = True)
             f"trainer.precision={cfg.trainer.precision}: precision is set by model.params_dtype "
             f"(bf16/fp16/fp32) and handled by megatron; leave trainer.precision at 32"
         )
+    from nemo_avllm.training import restore
+
+    restore.plan(m)  # initial weights: restore_from, encoder checkpoints, allow_random_init
 
 
 def max_steps(cfg: DictConfig, num_samples: int) -> int:
@@ -115,6 +118,7 @@ def train(cfg: DictConfig, data=None):
     if cfg.model.get("data") and cfg.model.data.get("feature_cache") and cfg.model.get("build_encoders", True):
         # training reads cached encoder outputs: never build (or load) the frozen encoders
         cfg = with_overrides(cfg, **{"model.build_encoders": False})
+    validate(cfg)
     if data is None:
         from nemo_avllm.training.data import TrainData
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg binary 
 
 @pytest.fixture(scope="module")
 def cfg():
-    return config.load_model("tiny")
+    return config.load_model("tiny", ["allow_random_init=true"])  # tiny encoders: no pretrained weights
 
 
 @pytest.fixture(scope="module")

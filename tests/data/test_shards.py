@@ -25,7 +25,7 @@ RATIOS = {"V": 0.5, "A": 0.2, "AV": 0.3}
 
 @pytest.fixture(scope="module")
 def cfg():
-    return config.load_model("tiny")
+    return config.load_model("tiny", ["allow_random_init=true"])  # tiny encoders: no pretrained weights
 
 
 @pytest.fixture(scope="module")

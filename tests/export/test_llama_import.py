@@ -20,7 +20,7 @@ def _megatron_text_logits(ckpt, cfg, ids):
     from nemo_avllm.training import checkpoint
 
     model = build_model(cfg).eval()
-    checkpoint.load(ckpt, model, strict=False)
+    checkpoint.load(ckpt, model, allow_missing=checkpoint.NOT_IN_LLM_CHECKPOINT)
     with torch.no_grad():
         return model(ids, runtime_gather_output=True)
 
@@ -112,7 +112,7 @@ def test_sharded_bin_and_safetensors_import_the_same(tmp_path, dist1):
     for fmt in ("st", "bin"):
         ckpt = import_hf(tmp_path / fmt, tmp_path / f"ckpt_{fmt}", cfg)
         model = build_model(cfg)
-        checkpoint.load(ckpt, model, strict=False)
+        checkpoint.load(ckpt, model, allow_missing=checkpoint.NOT_IN_LLM_CHECKPOINT)
         tensors.append({n: t.detach().clone() for n, t in parallel_layout.local_tensors(model).items() if n.startswith("llm.")})
     assert tensors[0].keys() == tensors[1].keys() and len(tensors[0]) == 2 + 4 * 6 + 1
     assert all(torch.equal(tensors[0][n], tensors[1][n]) for n in tensors[0])

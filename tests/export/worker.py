@@ -4,7 +4,7 @@ As a script (torchrun, gloo):
   `--mode save`   builds the tiny AVLLM at TP x PP, loads a full (TP=1/PP=1) state dict into its
                   shards (`parallel_layout.load_full_state_dict`) and saves a dist checkpoint with
                   `nemo_avllm.training.checkpoint.save`, as training would;
-  `--mode logits` loads a dist checkpoint (strict=False, e.g. an import-hf one) into the tiny
+  `--mode logits` loads a dist checkpoint (an import-hf one lacks projectors and encoders) into the tiny
                   AVLLM at TP x PP and writes the logits of given token ids through megatron's
                   pipeline schedule (last stage, TP rank 0).
 """
@@ -100,7 +100,7 @@ def _logits(args, model) -> None:
 
     from nemo_avllm.training import checkpoint
 
-    checkpoint.load(args.ckpt, model, strict=False)
+    checkpoint.load(args.ckpt, model, allow_missing=checkpoint.NOT_IN_LLM_CHECKPOINT)
     model.eval()
     ids = torch.load(args.ids, weights_only=True)
 

@@ -17,10 +17,10 @@ def test_vicuna7b_builds_on_meta_with_published_parameter_count(dist1):
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert {p.dtype for p in model.llm.parameters()} == {torch.bfloat16}
     assert model.layout.num_frames == 32 and model.layout.num_patches == 256 and model.layout.num_audio_segments == 4
-    # projectors into the LLM width: ViT-L/14 width 1024, HTSAT-base 1024
+    # projectors into the LLM width: ViT-L/14 width 1024, HTSAT-tiny 768 (laion_clap 630k-audioset)
     assert model.proj_temporal.linear.weight.shape == (4096, 1024)
     assert model.proj_spatial.linear.weight.shape == (4096, 1024)
-    assert model.proj_audio.linear.weight.shape == (4096, 1024)
+    assert model.proj_audio.linear.weight.shape == (4096, 768)
     assert len(model.llm.decoder.layers) == 32
 
 

@@ -26,6 +26,7 @@ def overrides(exp_dir: Path, steps: int, every: int = 2, name: str = "run", **ex
         "model.seq_length": 64,
         "model.trainable": "[projectors,llm]",
         "model.optim.lr": 1e-3,
+        "model.allow_random_init": "true",  # the tiny test model has no pretrained weights
         "exp_manager.exp_dir": str(exp_dir),
         "name": name,
         "exp_manager.create_tensorboard_logger": "false",

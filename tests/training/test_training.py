@@ -167,9 +167,10 @@ def test_a_feature_cache_made_for_another_layout_is_refused_before_training(tmp_
 
     paths = synthetic.generate(tmp_path / "d", 2, 0, seed=5)
     prepare(str(paths["clips"]), tmp_path / "prep", num_workers=1, progress=False)
-    build_feature_cache(tmp_path / "prep", tmp_path / "cache", config.load_model("tiny"), index=tmp_path / "prep",
+    build_feature_cache(tmp_path / "prep", tmp_path / "cache", config.load_model("tiny", ["allow_random_init=true"]), index=tmp_path / "prep",
                         dtype="fp32", progress=False)
-    ok = config.load("stage1_pretrain", ["model=tiny", f"model.data.feature_cache={tmp_path / 'cache'}"])
+    ok = config.load("stage1_pretrain", ["model=tiny", "model.allow_random_init=true",
+                                         f"model.data.feature_cache={tmp_path / 'cache'}"])
     validate(ok)  # same encoders, T, K: accepted
     bad = config.load("stage1_pretrain", ["model=tiny", "model.num_frames=8", f"model.data.feature_cache={tmp_path / 'cache'}"])
     with pytest.raises(ValueError, match="num_frames|T"):

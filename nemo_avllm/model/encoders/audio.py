@@ -2,7 +2,7 @@
 
 Each of the K audio segments (48 kHz mono, CLAP's 480 000-sample window, repeat-padded by the
 data pipeline) becomes one embedding: HTSAT's pooled last hidden state, before CLAP's projection
-(1024-d for HTSAT-base). HTSAT computes its own log-mel front end from the waveform.
+(768-d for HTSAT-tiny, 1024-d for HTSAT-base). HTSAT computes its own log-mel front end from the waveform.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _htsat_module():
 
 @dataclass
 class AudioEncoderConfig:
-    model_name: str = "base"  # HTSAT size: tiny | base | large
+    model_name: str = "tiny"  # HTSAT size: tiny (laion_clap 630k-audioset checkpoints) | base | large
     # Overrides of the HTSAT size (tiny test models): embed_dim, depths, num_heads
     embed_dim: int | None = None
     depths: tuple | None = None
@@ -76,6 +76,10 @@ class AudioEncoderConfig:
 
 
 class AudioEncoder(FrozenEncoder):
+    # The log-mel front end (STFT and mel filter bank as fixed weights) stays fp32: a bf16 power
+    # spectrum loses the quiet bins; HTSAT proper runs in the encoder's dtype.
+    FP32_MODULES = ("htsat.spectrogram_extractor", "htsat.logmel_extractor")
+
     def __init__(self, cfg: AudioEncoderConfig):
         super().__init__()
         arch = cfg.arch()
@@ -109,22 +113,34 @@ class AudioEncoder(FrozenEncoder):
         if cfg.checkpoint:
             self.load_checkpoint(cfg.checkpoint)
         self.freeze()
+        self.htsat.logmel_extractor.register_forward_hook(self._mel_to_compute_dtype)
+
+    def _mel_to_compute_dtype(self, _module, _inputs, mel: torch.Tensor) -> torch.Tensor:
+        """The fp32 log-mel goes on in HTSAT's dtype."""
+        return mel.to(self.dtype)
 
     def load_checkpoint(self, path: str) -> None:
         """laion_clap weights (630k-audioset layout `module.audio_branch.*`, or HTSAT alone) or Hugging
         Face CLAP weights (`ClapAudioModel`/`ClapModel`: a file or a model folder), mapped to laion
         names by `nemo_avllm.export.encoders_bridge`. HF checkpoints lack laion's log-mel front end
         (a fixed function of this config, kept as built) and its AudioSet head (unused)."""
-        from nemo_avllm.export.encoders_bridge import HTSAT_NOT_IN_HF, laion_htsat
+        from nemo_avllm.export.encoders_bridge import HTSAT_NOT_IN_HF, is_hf_clap, laion_htsat
         from nemo_avllm.export.tensor_files import read_state_dict
 
-        sd = laion_htsat(read_state_dict(path))
-        missing, unexpected = self.htsat.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.startswith(HTSAT_NOT_IN_HF)]
+        raw = read_state_dict(path)
+        missing, unexpected = self.htsat.load_state_dict(laion_htsat(raw), strict=False)
+        if is_hf_clap(raw):  # HF has no front end / AudioSet head: those stay as built
+            missing = [k for k in missing if not k.startswith(HTSAT_NOT_IN_HF)]
+        if any(k.startswith(("mel_conv2d.", "fusion_model.")) for k in unexpected):
+            raise ValueError(
+                f"audio checkpoint {path} is a laion_clap feature-fusion model (*-fusion-best.pt), whose fusion "
+                f"branch this encoder does not build; use the non-fusion 630k-audioset-best.pt"
+            )
         if missing or unexpected:
             raise ValueError(
-                f"audio checkpoint {path} does not match HTSAT-{self.cfg.model_name}: "
-                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"audio checkpoint {path} does not match HTSAT-{self.cfg.model_name} (model.audio): "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}; "
+                f"laion_clap's 630k-audioset checkpoints are HTSAT-tiny (model/audio=htsat_tiny)"
             )
 
     @torch.no_grad()
@@ -133,7 +149,6 @@ class AudioEncoder(FrozenEncoder):
         b, k, n = audio.shape
         if n != self.cfg.clip_samples:
             raise ValueError(f"audio segments have {n} samples; HTSAT expects {self.cfg.clip_samples} (CLAP's window)")
-        wav = audio.reshape(b * k, n).float()
+        wav = audio.reshape(b * k, n).float()  # the front end is fp32
         out = self.htsat({"waveform": wav}, device=wav.device)
-        emb = out["embedding"].to(next(self.htsat.parameters()).dtype)
-        return emb.view(b, k, -1)
+        return out["embedding"].to(self.dtype).view(b, k, -1)

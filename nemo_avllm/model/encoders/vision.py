@@ -88,7 +88,7 @@ class VisionEncoder(FrozenEncoder):
     def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """video [B, T, 3, H, W] (CLIP-normalised) -> E_t [B, T, D], E_s [B, N, D]."""
         b, t = video.shape[:2]
-        frames = video.flatten(0, 1).to(dtype=next(self.visual.parameters()).dtype)
+        frames = video.flatten(0, 1).to(dtype=self.dtype)
         out = self.visual.forward_intermediates(
             frames,
             indices=[self.layer_index],

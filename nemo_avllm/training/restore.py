@@ -1,0 +1,83 @@
+"""Where a training run's initial weights come from; runs whose weights would silently stay
+random are refused (paper §3.3: stage 1 starts from the imported LLM, stage 2 from stage 1).
+
+- `model.restore_from`: a dist checkpoint (`avllm import-hf` output, or a stage-1 checkpoint).
+  Every LLM tensor must be in it. Projectors: all of them, or none (an LLM-only checkpoint:
+  stage 1 trains new projectors, so this needs `projectors` in `model.trainable`). Encoders:
+  from the checkpoint when it has them, else from `model.vision/audio.checkpoint`.
+- Weights only: the restored checkpoint's optimizer state and schedule are not read (a stage
+  starts its own AdamW moments and LR schedule); resuming an interrupted run is the strategy's
+  job and loads everything.
+- No `model.restore_from` (null, or stage 2's `???`): only with `model.allow_random_init=true`
+  (tests, the synthetic demo); the same key allows encoders without weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_avllm.model.provider import ENCODERS, check_encoder_weights
+from nemo_avllm.training import checkpoint
+
+PROJECTORS = ("proj_temporal", "proj_spatial", "proj_audio")
+
+
+@dataclass
+class RestorePlan:
+    path: str | None  # checkpoint to load the weights from; None: keep the initial weights
+    allow_missing: tuple[str, ...] = ()  # name prefixes the checkpoint may lack (`checkpoint.load`)
+
+
+def _restore_from(model_cfg) -> str | None:
+    if isinstance(model_cfg, DictConfig) and OmegaConf.is_missing(model_cfg, "restore_from"):
+        return None
+    return model_cfg.get("restore_from") or None
+
+
+def plan(model_cfg) -> RestorePlan:
+    """Check where the weights of `model_cfg` come from (no model is built); raises ValueError
+    naming the key to set when some would stay random without `model.allow_random_init=true`."""
+    path = _restore_from(model_cfg)
+    trainable = list(model_cfg.get("trainable", []))
+    if path is None:
+        if not model_cfg.get("allow_random_init", False):
+            if "llm" in trainable:
+                raise ValueError(
+                    "model.restore_from is not set: stage 2 starts from the stage-1 checkpoint; set "
+                    "model.restore_from=<exp_dir>/avllm_stage1_pretrain/checkpoints/<name>-last, or "
+                    "model.allow_random_init=true to train from random weights on purpose"
+                )
+            raise ValueError(
+                "model.restore_from is not set: stage 1 starts from the imported LLM; run "
+                "`avllm import-hf hf_dir=<vicuna-7b-v1.5 folder> out=<dir>` and set model.restore_from=<dir>, "
+                "or model.allow_random_init=true to train from a random LLM on purpose"
+            )
+        return RestorePlan(None)
+    if not checkpoint.is_checkpoint(path):
+        raise FileNotFoundError(
+            f"model.restore_from={path} is not a dist checkpoint folder (no metadata.json); give an "
+            f"`avllm import-hf` output or a training checkpoint folder (<name>--step=N-last)"
+        )
+    parts = checkpoint.saved_parts(path)
+    if "llm" not in parts:
+        raise ValueError(f"model.restore_from={path} holds no LLM weights (llm.*); give an `avllm import-hf` "
+                         f"output or a training checkpoint")
+    allow = [f"{name}." for name in ENCODERS if name not in parts]  # from their own checkpoints
+    if not parts & set(PROJECTORS):
+        if "projectors" not in trainable:
+            raise ValueError(
+                f"model.restore_from={path} holds no projector weights (an imported LLM), but "
+                f"model.trainable={trainable} keeps the projectors frozen at random values; start stage 2 "
+                f"from a stage-1 checkpoint, or add projectors to model.trainable"
+            )
+        allow.append("proj_")  # an imported LLM: stage 1 trains new projectors
+    check_encoder_weights(model_cfg, provided=tuple(n for n in ENCODERS if n in parts))
+    return RestorePlan(str(path), tuple(allow))
+
+
+def restore(restore_plan: RestorePlan, module) -> None:
+    """Load the planned weights into `module` (before the optimizer takes its fp32 copies)."""
+    if restore_plan.path is not None:
+        checkpoint.load(restore_plan.path, module, allow_missing=restore_plan.allow_missing)
