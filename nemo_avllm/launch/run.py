@@ -114,7 +114,9 @@ def main(cfg: DictConfig) -> int:
     stage2_nodes = cfg.get("stage2_nodes") if cfg.recipe == "two_stage" else None
     nodes_of = {"stage1": int(cfg.nodes), "stage2": int(stage2_nodes or cfg.nodes)}
     for st in stages:
-        check_stage(st, nodes_of[st.name] * int(cfg.gpus_per_node), paths=cfg.executor == "local")
+        # SLURM: paths are the cluster's; two-stage: stage 2's checkpoint is written by stage 1
+        later = cfg.recipe == "two_stage" and st.name == "stage2"
+        check_stage(st, nodes_of[st.name] * int(cfg.gpus_per_node), paths=cfg.executor == "local" and not later)
     if cfg.dryrun:  # NeMo-Run writes its records even for a dry run: keep them out of the run folders
         with tempfile.TemporaryDirectory() as tmp:
             return _experiment(cfg, stages, nodes_of, tmp)

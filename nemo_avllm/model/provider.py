@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from nemo_avllm.config import to_dict
+from nemo_avllm.errors import UserError
 from nemo_avllm.model.avllm import AVLLM, AVLLMConfig
 from nemo_avllm.model.encoders import AudioEncoderConfig, VisionEncoderConfig
 from nemo_avllm.model.llm import LLMConfig, transformer_config
@@ -118,7 +119,7 @@ def check_encoder_weights(model_cfg, provided: tuple[str, ...] = ()) -> None:
         return
     for name in ENCODERS:
         if not model_cfg[name].get("checkpoint") and name not in provided:
-            raise ValueError(
+            raise UserError(
                 f"model.{name}.checkpoint is null: the frozen {name} encoder would keep random weights. Set "
                 f"model.{name}.checkpoint=<{ENCODER_WEIGHTS[name]}>, or model.allow_random_init=true to "
                 f"run with a random encoder on purpose"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_avllm.errors import UserError
 from nemo_avllm.model.provider import ENCODERS, check_encoder_weights
 from nemo_avllm.training import checkpoint
 
@@ -36,38 +37,44 @@ def _restore_from(model_cfg) -> str | None:
     return model_cfg.get("restore_from") or None
 
 
-def plan(model_cfg) -> RestorePlan:
-    """Check where the weights of `model_cfg` come from (no model is built); raises ValueError
-    naming the key to set when some would stay random without `model.allow_random_init=true`."""
+def plan(model_cfg, files: bool = True) -> RestorePlan:
+    """Check where the weights of `model_cfg` come from (no model is built); raises UserError
+    naming the key to set when some would stay random without `model.allow_random_init=true`.
+    `files=False` checks only that the keys are set (a launcher on a submit host, where the
+    checkpoint lives on the cluster or is written by an earlier stage)."""
     path = _restore_from(model_cfg)
     trainable = list(model_cfg.get("trainable", []))
     if path is None:
         if not model_cfg.get("allow_random_init", False):
             if "llm" in trainable:
-                raise ValueError(
+                raise UserError(
                     "model.restore_from is not set: stage 2 starts from the stage-1 checkpoint; set "
                     "model.restore_from=<exp_dir>/avllm_stage1_pretrain/checkpoints/<name>-last, or "
                     "model.allow_random_init=true to train from random weights on purpose"
                 )
-            raise ValueError(
+            raise UserError(
                 "model.restore_from is not set: stage 1 starts from the imported LLM; run "
                 "`avllm import-hf hf_dir=<vicuna-7b-v1.5 folder> out=<dir>` and set model.restore_from=<dir>, "
                 "or model.allow_random_init=true to train from a random LLM on purpose"
             )
         return RestorePlan(None)
+    if not files:
+        return RestorePlan(str(path))
+    path = checkpoint.resolve(path)  # a run folder means its last checkpoint
     if not checkpoint.is_checkpoint(path):
-        raise FileNotFoundError(
-            f"model.restore_from={path} is not a dist checkpoint folder (no metadata.json); give an "
-            f"`avllm import-hf` output or a training checkpoint folder (<name>--step=N-last)"
+        raise UserError(
+            f"model.restore_from={path} is not a dist checkpoint folder (no metadata.json) nor a run folder "
+            f"with a *-last checkpoint; give an `avllm import-hf` output, a training checkpoint folder "
+            f"(<name>--step_N-last) or its run folder"
         )
     parts = checkpoint.saved_parts(path)
     if "llm" not in parts:
-        raise ValueError(f"model.restore_from={path} holds no LLM weights (llm.*); give an `avllm import-hf` "
+        raise UserError(f"model.restore_from={path} holds no LLM weights (llm.*); give an `avllm import-hf` "
                          f"output or a training checkpoint")
     allow = [f"{name}." for name in ENCODERS if name not in parts]  # from their own checkpoints
     if not parts & set(PROJECTORS):
         if "projectors" not in trainable:
-            raise ValueError(
+            raise UserError(
                 f"model.restore_from={path} holds no projector weights (an imported LLM), but "
                 f"model.trainable={trainable} keeps the projectors frozen at random values; start stage 2 "
                 f"from a stage-1 checkpoint, or add projectors to model.trainable"

@@ -66,7 +66,7 @@ def validate(cfg: DictConfig, world_size: int | None = None, paths: bool = True)
         )
     from nemo_avllm.training import restore
 
-    restore.plan(m)  # initial weights: restore_from, encoder checkpoints, allow_random_init
+    restore.plan(m, files=paths)  # initial weights: restore_from, encoder checkpoints, allow_random_init
 
 
 def max_steps(cfg: DictConfig, num_samples: int) -> int:

@@ -46,6 +46,7 @@ def tiny_stage(stage: str, **extra) -> list[str]:
         "trainer.log_every_n_steps": 1,
         "exp_manager.create_tensorboard_logger": "false",
         "exp_manager.checkpoint_callback_params.every_n_train_steps": 1,
+        "model.allow_random_init": "true",  # the tiny model has no imported LLM or encoder weights
         **extra,
     }
     return [f"model@{stage}.model=tiny", *(f"{stage}.{k}={v}" for k, v in values.items())]
@@ -73,7 +74,7 @@ def test_stage1_runs_through_nemo_run_local_executor_on_two_processes(tmp_path, 
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # the ranks import this checkout
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = launch_here("recipe=stage1", "executor=local", "gpus_per_node=2", "dryrun=false", f"exp_dir={tmp_path / 'runs'}",
-                      *data, *tiny_stage("stage1"),  # random initial weights: the one place for model.allow_random_init
+                      *data, *tiny_stage("stage1"),
                       capsys=capsys)
     assert "avllm launch: {'stage1': 'SUCCEEDED" in out
     from nemo_avllm.training.callbacks import read_metrics
@@ -128,7 +129,8 @@ def test_slurm_dry_run_prints_the_sbatch_scripts_with_layout_container_and_overr
                   "model@stage1.model=vicuna13b", "model@stage2.model=vicuna13b",
                   "stage1.model.tensor_model_parallel_size=2", "stage2.model.tensor_model_parallel_size=4",
                   "stage1.model.data.train_manifest=/data/desc.jsonl", "stage2.model.data.train_manifest=/data/inst.jsonl",
-                  "stage1.model.tokenizer=/hf/vicuna 13b", "stage1.model.optim.lr=0.001", capsys=capsys)
+                  "stage1.model.tokenizer=/hf/vicuna 13b", "stage1.model.optim.lr=0.001",
+                  "stage1.model.restore_from=/lustre/ckpt/vicuna13b_mcore", capsys=capsys)
     s1, s2 = out.split("# ---- stage2")
     assert "#SBATCH --nodes=4" in s1 and "#SBATCH --nodes=2" in s2
     for script in (s1, s2):
@@ -146,6 +148,7 @@ def test_slurm_dry_run_prints_the_sbatch_scripts_with_layout_container_and_overr
     assert "model.restore_from=/lustre/avllm/runs/avllm_stage1_pretrain" in s2
     assert "#SBATCH --dependency=afterok:STAGE1_JOB_ID" in s2 and "--dependency" not in s1
     assert "model.optim.lr" not in s2 and "model.tokenizer" not in s2  # stage keys stay with their stage
+    assert "model.restore_from=/lustre/ckpt/vicuna13b_mcore" in s1
     assert not Path("/lustre/avllm").exists() or not any(Path("/lustre/avllm/runs").glob("*"))
 
 
@@ -163,7 +166,10 @@ def test_launch_refuses_a_layout_that_cannot_work_before_submitting(capsys):
         "stage1.model.tensor_model_parallel_size=4")
     assert "stage 2 needs restore_from" in refused("recipe=stage2", "executor=slurm", "slurm.account=proj",
                                                    "slurm.container_image=/i.sqsh")
-    assert "slurm.container_image is not set" in refused("executor=slurm", "slurm.account=proj")
+    assert "slurm.container_image is not set" in refused("executor=slurm", "slurm.account=proj",
+                                                         "stage1.model.restore_from=/ckpt/vicuna7b_mcore")
+    assert "model.restore_from is not set: stage 1 starts from the imported LLM" in refused(
+        "executor=slurm", "slurm.account=proj", "slurm.container_image=/i.sqsh")
     assert "lrr" in refused("stage1.model.optim.lrr=0.1")  # a typo in a stage key stops at the submit host
 
 
@@ -261,7 +267,7 @@ def test_nemo_run_sbatch_requeues_a_job_stopped_at_the_time_limit(tmp_path, caps
     """The sbatch script NeMo-Run would submit, run with stand-in SLURM commands: training exits 0
     (it saved on SIGTERM); with 90 s left the job requeues itself, with a day left it does not."""
     out = launch_here("executor=slurm", "slurm.account=proj", "slurm.container_image=/images/avllm.sqsh",
-                      f"exp_dir={tmp_path / 'runs'}", capsys=capsys)
+                      "stage1.model.restore_from=/ckpt/vicuna7b_mcore", f"exp_dir={tmp_path / 'runs'}", capsys=capsys)
     script = tmp_path / "job.sbatch"
     script.write_text(out.split("# SBATCH_SCRIPT\n#----------------\n", 1)[1])
     bin_dir = tmp_path / "bin"
