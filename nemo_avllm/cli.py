@@ -56,6 +56,8 @@ examples:
 _GRAMMAR = re.compile(r"[\s'\"\\()\[\]{},$]")
 # what NeMo's hydra_runner appends to every command line
 _NEMO_OVERRIDES = ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.run.dir=."]
+# tasks whose stdout is their answer: their logs go to stderr (conf/hydra/job_logging/stderr.yaml)
+ANSWER_ON_STDOUT = {"generate", "chat"}
 
 
 # Tasks whose config nests whole stage configs (stage1/stage2): they compose and check each stage
@@ -111,7 +113,8 @@ def run(task: str, argv: list[str], prog: str) -> int:
         if args.help:
             print(task_help(task, prog, name, overrides))
             return 0
-        args.overrides = overrides + _NEMO_OVERRIDES
+        logs = "hydra/job_logging=stderr" if task in ANSWER_ON_STDOUT else "hydra/job_logging=stdout"
+        args.overrides = overrides + [o if not o.startswith("hydra/job_logging=") else logs for o in _NEMO_OVERRIDES]
         version.setbase("1.3")  # jobs run in the current folder (no chdir), as single runs do
         _run_hydra(args=args, args_parser=parser, task_function=task_function, config_path=str(config.conf_dir()),
                    config_name=TASKS[task][1])

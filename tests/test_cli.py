@@ -168,7 +168,7 @@ def test_task_help_lists_keys_with_their_conf_comments():
     assert "Stage 2 (paper §3.3, §4.1): fine-tune projectors + LLM" in out  # the file's header comment
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     # stage2_finetune's own comment wins over stage1_pretrain's for the same key
-    assert rows["model.restore_from=null"].endswith("the stage-1 checkpoint folder (one key: model.restore_from=...)")
+    assert rows["model.restore_from=null"].endswith("the stage-1 checkpoint folder or its run folder (one key: model.restore_from=...)")
     assert rows["trainer.precision=32"].endswith("numerics come from model.params_dtype (megatron mixed precision)")
     # conf/data/av_instruct.yaml's flow mapping: one row with its comment
     assert rows["model.data.mat_ratios={V:"].endswith("Table 1: 80k visual, 25k audio, 55k audio-visual")

@@ -129,11 +129,12 @@ def llm_only_checkpoint(tmp_path_factory, dist1) -> Path:
 
 
 @pytest.mark.parametrize("name", ["vision", "audio"])
-def test_null_encoder_checkpoint_is_refused(llm_only_checkpoint, name):
+def test_null_encoder_checkpoint_is_refused(llm_only_checkpoint, name, tmp_path):
     from nemo_avllm.data.features import build_encoders
 
     other = "audio" if name == "vision" else "vision"
-    overrides = ["model=tiny", f"model.restore_from={llm_only_checkpoint}", f"model.{other}.checkpoint=/x/{other}.pt"]
+    (tmp_path / f"{other}.pt").write_bytes(b"")  # the other encoder's file exists (its path is checked first)
+    overrides = ["model=tiny", f"model.restore_from={llm_only_checkpoint}", f"model.{other}.checkpoint={tmp_path / other}.pt"]
     cfg = config.load("stage1_pretrain", overrides)
     with pytest.raises(ValueError, match=rf"model.{name}.checkpoint is null.*model.{name}.checkpoint=<.*"
                                          r"model.allow_random_init=true"):
