@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Sequence
@@ -300,20 +301,41 @@ def collate_av(items: list[dict | None], seq_length: int | None = None, pad_id: 
 
 
 def _worker_init(_worker_id: int) -> None:
+    """Workers ignore SIGTERM/SIGINT: a scheduler (or Ctrl-C) signals the whole process group, and
+    the training process handles it (pre-emption checkpoint, then exit) and then shuts its
+    workers down itself; a worker that died first would crash that with "DataLoader worker
+    exited unexpectedly"."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)  # decode/resize workers: one core each, no oversubscription
 
 
 def worker_context():
     """DataLoader workers start from a forkserver, not a plain fork: a child forked from a process
     that has already decoded video (PyAV/swscale threads) deadlocks in its first frame
-    conversion. The server imports this module once, so workers still start in about a second."""
+    conversion. The server imports this module once, so workers still start in about a second;
+    it also imports `forkserver_init`, which keeps the server alive through a process-group
+    SIGTERM (see there)."""
     import multiprocessing as mp
 
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["nemo_avllm.data.dataset"])
+    ctx.set_forkserver_preload(["nemo_avllm.data.forkserver_init", "nemo_avllm.data.dataset"])
     return ctx
+
+
+def worker_kwargs(num_workers: int) -> dict:
+    """DataLoader arguments shared by every loader of the project: workers (see `_worker_init`,
+    `worker_context`) and a generator of the loader's own. Without one, each new iterator (every
+    epoch, every resume) draws its worker seed from the global torch RNG, which dropout also
+    draws from: a resumed run would then not repeat the uninterrupted one bit for bit."""
+    return {
+        "num_workers": num_workers,
+        "worker_init_fn": _worker_init if num_workers else None,
+        "multiprocessing_context": worker_context() if num_workers else None,
+        "generator": torch.Generator().manual_seed(0),
+    }
 
 
 def build_dataloader(
@@ -357,10 +379,8 @@ def build_dataloader(
         dataset,
         batch_sampler=sampler,
         collate_fn=partial(collate_av, seq_length=seq_length, pad_id=pad_id_of(tokenizer)),
-        num_workers=num_workers,
         pin_memory=pin_memory,
-        worker_init_fn=_worker_init if num_workers else None,
-        multiprocessing_context=worker_context() if num_workers else None,
+        **worker_kwargs(num_workers),
     )
 
 

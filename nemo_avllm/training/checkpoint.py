@@ -4,17 +4,29 @@ A checkpoint is a folder. Tensors are saved as sharded tensors, so a run saved a
 at TP=1/PP=2 (resharding is dist_checkpointing's job); everything that is not a tensor shard
 (scheduler, sampler, Lightning loop state) goes into the folder's common state. Saving writes a
 sibling `<name>.tmp-<pid>` folder and renames it into place only after every rank finished, so a
-kill during a save leaves the previous checkpoint untouched and loadable."""
+kill during a save leaves the previous checkpoint untouched and loadable.
+
+Training checkpoints also hold every rank's RNG states (Python, NumPy, torch CPU/CUDA, megatron's
+tracker), one object per (PP, TP) rank as Megatron-LM saves them, so a resumed run draws the same
+dropout masks as the uninterrupted one. They are restored only at the TP/PP they were saved at
+(the streams of other ranks do not exist there)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
 COMMON_KEY = "common"
+RNG_KEY = "rng_state"
+RNG_LAYOUT_KEY = "rng_layout"  # in the common state: the (TP, PP) the RNG states were saved at
 
 
 def _sync_writer_queue() -> None:
@@ -46,8 +58,58 @@ def model_sharded_state_dict(module) -> dict:
     return unwrap(module).sharded_state_dict(prefix="")
 
 
-def save(path: str | Path, module, optimizer=None, common: dict | None = None) -> Path:
-    """Save `module` (a megatron module or megatron DDP), `optimizer` and `common` to `path`."""
+def _tp_pp() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()}
+
+
+def get_rng_state() -> dict:
+    """This rank's RNG states: Python, NumPy, torch CPU (and CUDA), megatron's RNG tracker."""
+    from megatron.core import tensor_parallel
+
+    from nemo_avllm.runtime import distributed
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
+    }
+    if distributed.has_gpu():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    from nemo_avllm.runtime import distributed
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if distributed.has_gpu() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(data) -> object:
+    """This rank's RNG states as a ShardedObject of shape (PP, TP); DP replicas share them."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(
+        RNG_KEY, data,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(),
+    )
+
+
+def save(path: str | Path, module, optimizer=None, common: dict | None = None, rng: bool = False) -> Path:
+    """Save `module` (a megatron module or megatron DDP), `optimizer` and `common` to `path`;
+    `rng=True` (training checkpoints) adds this rank's RNG states."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
@@ -67,7 +129,10 @@ def save(path: str | Path, module, optimizer=None, common: dict | None = None) -
     state = {"model": model_sharded_state_dict(module)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"])
-    state[COMMON_KEY] = common or {}
+    state[COMMON_KEY] = dict(common or {})
+    if rng:
+        state[RNG_KEY] = _rng_sharded(get_rng_state())
+        state[COMMON_KEY][RNG_LAYOUT_KEY] = _tp_pp()
     _sync_writer_queue()
     dist_checkpointing.save(state, str(tmp))
     _barrier()
@@ -103,10 +168,11 @@ def is_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / "metadata.json").is_file()
 
 
-def load(path: str | Path, module, optimizer=None, strict: bool = True) -> dict:
+def load(path: str | Path, module, optimizer=None, strict: bool = True, rng: bool = False) -> dict:
     """Load a checkpoint into `module` (and `optimizer`), resharding to the current TP/PP.
     Returns the common state. `strict=False` loads only the tensors the checkpoint has (e.g. a
-    stage-1 checkpoint into stage 2, or LLM weights into a fresh model)."""
+    stage-1 checkpoint into stage 2, or LLM weights into a fresh model). `rng=True` (resuming a
+    run) restores the RNG states when the checkpoint has them for this TP/PP."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
@@ -124,6 +190,14 @@ def load(path: str | Path, module, optimizer=None, strict: bool = True) -> dict:
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True)
     state[COMMON_KEY] = {}
+    if rng:
+        saved_at = load_common(path).get(RNG_LAYOUT_KEY)
+        if saved_at == _tp_pp():
+            state[RNG_KEY] = _rng_sharded(None)
+        else:
+            rng = False
+            log.warning("%s: RNG states %s; dropout draws will differ from the interrupted run's", path,
+                        f"saved at {saved_at}, not restored at {_tp_pp()}" if saved_at else "not in the checkpoint")
     loaded = dist_checkpointing.load(state, str(path))
     model_sd = loaded["model"]
     if strict:
@@ -134,6 +208,8 @@ def load(path: str | Path, module, optimizer=None, strict: bool = True) -> dict:
             raise ValueError(f"checkpoint {path}: unexpected tensors {unexpected[:5]}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+    if rng:
+        set_rng_state(loaded[RNG_KEY])
     return loaded.get(COMMON_KEY, {})
 
 

@@ -16,12 +16,16 @@ from tests.conftest import REPO
 from tests.training import helpers
 
 
+DROPOUT = {"model.llm.hidden_dropout": 0.1, "model.llm.attention_dropout": 0.1}
+
+
 def test_sigkill_and_resume_reproduces_the_uninterrupted_losses(tmp_path):
-    helpers.run(helpers.overrides(tmp_path / "a", steps=8))
+    # dropout on: bit-exact only if the checkpoint restores every RNG stream
+    helpers.run(helpers.overrides(tmp_path / "a", steps=8, **DROPOUT))
     ref = helpers.losses_by_step(tmp_path / "a" / "run")
     assert sorted(ref) == list(range(1, 9))
 
-    args = helpers.overrides(tmp_path / "b", steps=8)
+    args = helpers.overrides(tmp_path / "b", steps=8, **DROPOUT)
     proc = helpers.start(args)
     helpers.wait_for_step(tmp_path / "b" / "run", 5, proc)
     helpers.kill(proc, signal.SIGKILL)
@@ -111,3 +115,42 @@ def test_non_finite_loss_policy(tmp_path, policy):
         assert code != 0
         assert "NonFiniteLossError" in out and "model.nan_policy=stop" in out
         assert sorted(metrics) == [1]
+
+
+@pytest.fixture(scope="module")
+def media_manifest(tmp_path_factory):
+    """Real H.264/AAC clips made with ffmpeg and their stage-1 manifest."""
+    from nemo_avllm.demo import synthetic
+
+    return synthetic.generate(tmp_path_factory.mktemp("media"), 8, 0, seed=4)["stage1"]
+
+
+def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, media_manifest, tokenizer_dir):
+    """SLURM signals the whole process group: the DataLoader workers (live decoding) must leave
+    it to the main process, which checkpoints the last step, exits 0 and resumes bit-exactly
+    (dropout on: the RNG states travel in the checkpoint)."""
+    def args(exp):
+        return helpers.overrides(exp, steps=6, every=1000, **DROPOUT, **{
+            "model.tokenizer": tokenizer_dir, "model.data.train_manifest": media_manifest,
+            "model.data.num_workers": 2, "model.data.decode_backend": "cpu"})
+
+    helpers.run(args(tmp_path / "ref"), real_data=True)
+    ref = helpers.losses_by_step(tmp_path / "ref" / "run")
+    assert sorted(ref) == list(range(1, 7))
+
+    proc = helpers.start(args(tmp_path / "b"), real_data=True)
+    helpers.wait_for_step(tmp_path / "b" / "run", 2, proc)
+    out = helpers.kill(proc, signal.SIGTERM)  # os.killpg: main process, forkserver, workers
+    assert proc.returncode == 0, out[-4000:]
+    assert "exited unexpectedly" not in out
+    last = [p for p in (tmp_path / "b" / "run" / "checkpoints").iterdir() if p.name.endswith("-last")]
+    assert len(last) == 1 and checkpoint.is_checkpoint(last[0])
+    stopped = checkpoint.load_common(last[0])["lightning"]["global_step"]
+    assert stopped == max(helpers.losses_by_step(tmp_path / "b" / "run")) < 6
+
+    _, out = helpers.run(args(tmp_path / "b"), real_data=True)
+    assert "Resuming training from checkpoint" in out
+    got = helpers.losses_by_step(tmp_path / "b" / "run")  # the resumed run's steps
+    assert sorted(got) == list(range(stopped + 1, 7))
+    for step in got:
+        assert got[step] == ref[step], (step, got[step], ref[step])
