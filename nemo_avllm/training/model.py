@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when the loss is NaN/inf and `model.nan_policy=stop`."""
+    """A NaN/inf loss or gradient with `model.nan_policy=stop`, or more than
+    `model.max_consecutive_skipped_steps` such steps in a row with `skip`."""
 
 
 class AVLLMModel(ModelPT):
@@ -37,6 +38,7 @@ class AVLLMModel(ModelPT):
         self.scheduler = None
         self.consumed_samples = 0
         self.skipped_steps = 0
+        self.consecutive_skipped_steps = 0
         self.train_loader_factory = None  # set by the training entry point (data pipeline)
         self.max_steps_for_schedule = None
 
@@ -169,17 +171,19 @@ class AVLLMModel(ModelPT):
         )
         loss = self._reduce_loss(losses)
         step = self.trainer.global_step
+        problem = None
         if not math.isfinite(loss):
-            policy = self._cfg.get("nan_policy", "skip")
-            msg = f"non-finite loss {loss} at step {step} (consumed samples {self.consumed_samples})"
-            if policy == "stop":
-                raise NonFiniteLossError(msg + "; stopping (model.nan_policy=stop)")
-            log.warning("%s: skipping the optimizer step (model.nan_policy=skip)", msg)
-            self.skipped_steps += 1
+            problem = f"non-finite loss {loss}"
+        elif self._cfg.params_dtype != "fp16" and not optim.grads_are_finite(self.module):
+            # (fp16: megatron's loss scaler finds inf/NaN itself and skips the step)
+            problem = f"non-finite gradients (loss {loss:.6g})"
+        if problem is not None:
+            self._skip_or_stop(problem, step)
             grad_norm = float("nan")
         else:
             ok, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
+            self.consecutive_skipped_steps = 0
         self.consumed_samples += int(self._cfg.global_batch_size)
         # Lightning counts optimizer steps through its (unused) optimizer; advance it by hand
         self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_completed()
@@ -194,6 +198,7 @@ class AVLLMModel(ModelPT):
                 "samples_A": float(totals["A"]),
                 "samples_AV": float(totals["AV"]),
                 "consumed_samples": float(self.consumed_samples),
+                "skipped_steps": float(self.skipped_steps),
                 "step_time_s": dt,
         }
         self.log_dict(
@@ -205,6 +210,24 @@ class AVLLMModel(ModelPT):
         )
         self.log("loss", loss, prog_bar=True, on_step=True, batch_size=1, rank_zero_only=True)
         return None
+
+    def _skip_or_stop(self, problem: str, step: int) -> None:
+        """`model.nan_policy`: skip the optimizer step (weights and schedule unchanged), or stop;
+        a run that keeps skipping is diverging, so skipping too stops after
+        `model.max_consecutive_skipped_steps` skipped steps in a row."""
+        msg = f"{problem} at step {step} (consumed samples {self.consumed_samples})"
+        if self._cfg.get("nan_policy", "skip") == "stop":
+            raise NonFiniteLossError(msg + "; stopping (model.nan_policy=stop)")
+        self.skipped_steps += 1
+        self.consecutive_skipped_steps += 1
+        limit = int(self._cfg.get("max_consecutive_skipped_steps", 10))
+        if self.consecutive_skipped_steps > limit:
+            first = step - self.consecutive_skipped_steps + 1
+            raise NonFiniteLossError(
+                f"{msg}: {self.consecutive_skipped_steps} steps in a row (steps {first} to {step}) had non-finite "
+                f"loss or gradients, more than model.max_consecutive_skipped_steps={limit}; the run diverges: "
+                f"resume from an earlier checkpoint with a lower model.optim.lr, or check the data of these steps")
+        log.warning("%s: skipping the optimizer step (model.nan_policy=skip)", msg)
 
     def _reduce_loss(self, losses) -> float:
         """Token-averaged loss of the global batch, the same number on every rank."""
@@ -229,6 +252,7 @@ class AVLLMModel(ModelPT):
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "consumed_samples": self.consumed_samples,
             "skipped_steps": self.skipped_steps,
+            "consecutive_skipped_steps": self.consecutive_skipped_steps,
             "cfg": self._cfg,
         }
 
@@ -237,6 +261,7 @@ class AVLLMModel(ModelPT):
             self.scheduler.load_state_dict(state["scheduler"])
         self.consumed_samples = int(state.get("consumed_samples", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skipped_steps = int(state.get("consecutive_skipped_steps", 0))
 
 
 def _count(batch: dict, stats: dict) -> None:

@@ -44,6 +44,9 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         raise ValueError(f"model.seq_length={m.seq_length} exceeds model.llm.max_position_embeddings={m.llm.max_position_embeddings}")
     if m.get("nan_policy", "skip") not in ("skip", "stop"):
         raise ValueError(f"model.nan_policy={m.nan_policy!r}; expected skip or stop")
+    limit = m.get("max_consecutive_skipped_steps", 10)
+    if not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"model.max_consecutive_skipped_steps={limit!r}; expected an integer >= 0 (0: stop at the first bad step)")
     data = m.get("data") or {}
     if data.get("feature_cache"):
         from nemo_avllm.data.features import FeatureCache

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 
 from nemo_avllm.training import checkpoint
+from nemo_avllm.training.callbacks import read_metrics
 from tests.conftest import REPO
 from tests.training import helpers
 
@@ -47,6 +48,7 @@ _SAVER = textwrap.dedent(
     from nemo_avllm.model.provider import build_model
     from nemo_avllm.runtime import distributed
     from nemo_avllm.training import checkpoint
+from nemo_avllm.training.callbacks import read_metrics
     distributed.initialize(1, 1, seed=3)
     model = build_model(config.load_model("tiny"))
     for step in range(1, 10000):
@@ -115,6 +117,22 @@ def test_non_finite_loss_policy(tmp_path, policy):
         assert code != 0
         assert "NonFiniteLossError" in out and "model.nan_policy=stop" in out
         assert sorted(metrics) == [1]
+
+
+def test_non_finite_gradients_are_skipped_then_stop_the_run(tmp_path):
+    """A finite loss with NaN gradients: step 2 skipped (weights untouched, training goes on),
+    then steps 4 and 5 skipped in a row, and the third bad step in a row stops the run
+    (model.max_consecutive_skipped_steps=2). Samples 6, 14, 18, 22 are in steps 2, 4, 5, 6."""
+    args = helpers.overrides(tmp_path, steps=8, every=1000, **{"model.max_consecutive_skipped_steps": 2})
+    code, out = helpers.run(args, nan_grad_at=(6, 14, 18, 22), check=False)
+    assert code != 0
+    assert "non-finite gradients" in out and "skipping the optimizer step" in out
+    assert "3 steps in a row (steps 3 to 5)" in out and "model.max_consecutive_skipped_steps=2" in out
+    metrics = {m["step"]: m for m in read_metrics(tmp_path / "run")}
+    assert sorted(metrics) == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(metrics[s]["reduced_train_loss"]) for s in metrics)  # the loss never was NaN
+    assert [s for s in metrics if math.isnan(metrics[s]["grad_norm"])] == [2, 4, 5]
+    assert metrics[3]["grad_norm"] > 0 and metrics[5]["skipped_steps"] == 3
 
 
 @pytest.fixture(scope="module")
