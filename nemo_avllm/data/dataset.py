@@ -364,15 +364,8 @@ def build_dataloader(
     checkpoint; pass `consumed_samples` back to resume exactly."""
     from nemo_avllm.data.mat_sampler import MATBatchSampler
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked
-    settings = DecodeSettings.from_model_config(model_cfg, backend=backend)
-    if feature_cache is not None and not hasattr(feature_cache, "get"):
-        from nemo_avllm.data.features import FeatureCache
-
-        feature_cache = FeatureCache(feature_cache, model_cfg)
-    layout = layout_of(model_cfg)
-    dataset = AVDataset(samples, tokenizer, layout, settings, index=index, feature_cache=feature_cache,
-                        max_length=max_length or seq_length, derive_views=derive_views)
+    dataset = _dataset(samples, tokenizer, model_cfg, backend=backend, index=index, feature_cache=feature_cache,
+                       max_length=max_length or seq_length, derive_views=derive_views)
     sampler = MATBatchSampler(samples, ratios, global_batch_size, micro_batch_size, dp_rank, dp_size, seed,
                               derive_views, consumed_samples)
     return torch.utils.data.DataLoader(
@@ -382,6 +375,65 @@ def build_dataloader(
         pin_memory=pin_memory,
         **worker_kwargs(num_workers),
     )
+
+
+class EvalBatchSampler:
+    """Validation batches of one data-parallel rank: every sample once, as its own view, in
+    manifest order (rank r takes samples r, r+dp, ...). Micro-batches have a fixed size (pipeline
+    stages exchange fixed shapes): the last one is padded by repeating its last sample, and
+    `real_rows[k]` says how many rows of batch k count."""
+
+    def __init__(self, num_samples: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1):
+        mine = list(range(dp_rank, num_samples, dp_size))
+        self.batches = [mine[k:k + micro_batch_size] for k in range(0, len(mine), micro_batch_size)]
+        self.real_rows = [len(b) for b in self.batches]
+        self.batches = [b + [b[-1]] * (micro_batch_size - len(b)) for b in self.batches]
+
+    def __iter__(self):
+        return iter([list(b) for b in self.batches])
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def build_eval_dataloader(
+    samples: Sequence[Sample],
+    tokenizer,
+    model_cfg,
+    *,
+    micro_batch_size: int,
+    seq_length: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    index=None,
+    feature_cache=None,
+    num_workers: int = 2,
+    backend: str = "cpu",
+) -> torch.utils.data.DataLoader:
+    """The training loader's dataset, collate and feature cache over every validation sample once
+    (`EvalBatchSampler`); workers persist between validation passes."""
+    dataset = _dataset(samples, tokenizer, model_cfg, backend=backend, index=index, feature_cache=feature_cache,
+                       max_length=seq_length)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=EvalBatchSampler(len(samples), micro_batch_size, dp_rank, dp_size),
+        collate_fn=partial(collate_av, seq_length=seq_length, pad_id=pad_id_of(tokenizer)),
+        persistent_workers=num_workers > 0,
+        **worker_kwargs(num_workers),
+    )
+
+
+def _dataset(samples, tokenizer, model_cfg, *, backend: str, index, feature_cache, max_length: int,
+             derive_views: bool = False) -> AVDataset:
+    """AVDataset with decode settings from the model config; `feature_cache` a path or a FeatureCache."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked
+    settings = DecodeSettings.from_model_config(model_cfg, backend=backend)
+    if feature_cache is not None and not hasattr(feature_cache, "get"):
+        from nemo_avllm.data.features import FeatureCache
+
+        feature_cache = FeatureCache(feature_cache, model_cfg)
+    return AVDataset(samples, tokenizer, layout_of(model_cfg), settings, index=index, feature_cache=feature_cache,
+                     max_length=max_length, derive_views=derive_views)
 
 
 def layout_of(model_cfg) -> modality.TokenLayout:

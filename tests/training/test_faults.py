@@ -135,21 +135,13 @@ def test_non_finite_gradients_are_skipped_then_stop_the_run(tmp_path):
     assert metrics[3]["grad_norm"] > 0 and metrics[5]["skipped_steps"] == 3
 
 
-@pytest.fixture(scope="module")
-def media_manifest(tmp_path_factory):
-    """Real H.264/AAC clips made with ffmpeg and their stage-1 manifest."""
-    from nemo_avllm.demo import synthetic
-
-    return synthetic.generate(tmp_path_factory.mktemp("media"), 8, 0, seed=4)["stage1"]
-
-
-def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, media_manifest, tokenizer_dir):
+def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, media_data, tokenizer_dir):
     """SLURM signals the whole process group: the DataLoader workers (live decoding) must leave
     it to the main process, which checkpoints the last step, exits 0 and resumes bit-exactly
     (dropout on: the RNG states travel in the checkpoint)."""
     def args(exp):
         return helpers.overrides(exp, steps=6, every=1000, **DROPOUT, **{
-            "model.tokenizer": tokenizer_dir, "model.data.train_manifest": media_manifest,
+            "model.tokenizer": tokenizer_dir, "model.data.train_manifest": media_data["train"],
             "model.data.num_workers": 2, "model.data.decode_backend": "cpu"})
 
     helpers.run(args(tmp_path / "ref"), real_data=True)
