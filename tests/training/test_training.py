@@ -97,6 +97,9 @@ def test_cosine_schedule_with_warmup(dist1):
         (["trainer.precision=bf16-mixed"], "model.params_dtype"),
         (["model.seq_length=8192"], "max_position_embeddings"),
         (["model.nan_policy=ignore"], "nan_policy"),
+        (["model.max_consecutive_skipped_steps=-1"], "max_consecutive_skipped_steps"),
+        (["model.data.validation_manifest=/v.jsonl", "trainer.val_check_interval=0.5"], "val_check_interval"),
+        (["model.data.validation_manifest=/v.jsonl", "trainer.val_check_interval=3"], "not a multiple of trainer.val_check_interval"),
     ],
 )
 def test_config_is_validated_before_any_work(overrides, message):
