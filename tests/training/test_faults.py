@@ -48,7 +48,6 @@ _SAVER = textwrap.dedent(
     from nemo_avllm.model.provider import build_model
     from nemo_avllm.runtime import distributed
     from nemo_avllm.training import checkpoint
-from nemo_avllm.training.callbacks import read_metrics
     distributed.initialize(1, 1, seed=3)
     model = build_model(config.load_model("tiny"))
     for step in range(1, 10000):
