@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Sequence
@@ -300,14 +301,25 @@ def collate_av(items: list[dict | None], seq_length: int | None = None, pad_id: 
 # --------------------------------------------------------------------------------------------
 
 
-def _worker_init(_worker_id: int) -> None:
-    """Workers ignore SIGTERM/SIGINT: a scheduler (or Ctrl-C) signals the whole process group, and
-    the training process handles it (pre-emption checkpoint, then exit) and then shuts its
-    workers down itself; a worker that died first would crash that with "DataLoader worker
-    exited unexpectedly"."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _worker_init(_worker_id: int, trainer_pid: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the training process: a scheduler (or Ctrl-C) signals the
+    whole process group, the training process handles it (pre-emption checkpoint, then exit) and
+    shuts its workers down itself; a worker that died first would crash that with "DataLoader
+    worker exited unexpectedly". SIGINT is ignored; SIGTERM is ignored unless the training
+    process sends it (`Process.terminate()` when it shuts workers down or exits), which a plain
+    SIG_IGN would also refuse, hanging the training process's exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+    threading.Thread(target=_exit_on_sigterm_from, args=(trainer_pid,), daemon=True,
+                     name="sigterm-from-trainer").start()
     torch.set_num_threads(1)  # decode/resize workers: one core each, no oversubscription
+
+
+def _exit_on_sigterm_from(trainer_pid: int) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == trainer_pid:
+            os._exit(128 + signal.SIGTERM)
 
 
 def worker_context():
@@ -332,7 +344,7 @@ def worker_kwargs(num_workers: int) -> dict:
     draws from: a resumed run would then not repeat the uninterrupted one bit for bit."""
     return {
         "num_workers": num_workers,
-        "worker_init_fn": _worker_init if num_workers else None,
+        "worker_init_fn": partial(_worker_init, trainer_pid=os.getpid()) if num_workers else None,
         "multiprocessing_context": worker_context() if num_workers else None,
         "generator": torch.Generator().manual_seed(0),
     }

@@ -15,9 +15,7 @@ from nemo_avllm.training import checkpoint
 from nemo_avllm.training.callbacks import read_metrics
 from tests.conftest import REPO
 from tests.training import helpers
-
-
-DROPOUT = {"model.llm.hidden_dropout": 0.1, "model.llm.attention_dropout": 0.1}
+from tests.training.conftest import DROPOUT, media_run_args
 
 
 def test_sigkill_and_resume_reproduces_the_uninterrupted_losses(tmp_path):
@@ -134,32 +132,28 @@ def test_non_finite_gradients_are_skipped_then_stop_the_run(tmp_path):
     assert metrics[3]["grad_norm"] > 0 and metrics[5]["skipped_steps"] == 3
 
 
-def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, media_data, tokenizer_dir):
+def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, media_data, tokenizer_dir, media_reference_run):
     """SLURM signals the whole process group: the DataLoader workers (live decoding) must leave
     it to the main process, which checkpoints the last step, exits 0 and resumes bit-exactly
     (dropout on: the RNG states travel in the checkpoint)."""
-    def args(exp):
-        return helpers.overrides(exp, steps=6, every=1000, **DROPOUT, **{
-            "model.tokenizer": tokenizer_dir, "model.data.train_manifest": media_data["train"],
-            "model.data.num_workers": 2, "model.data.decode_backend": "cpu"})
-
-    helpers.run(args(tmp_path / "ref"), real_data=True)
-    ref = helpers.losses_by_step(tmp_path / "ref" / "run")
+    ref = {m["step"]: m for m in read_metrics(media_reference_run)}
     assert sorted(ref) == list(range(1, 7))
 
-    proc = helpers.start(args(tmp_path / "b"), real_data=True)
-    helpers.wait_for_step(tmp_path / "b" / "run", 2, proc)
-    out = helpers.kill(proc, signal.SIGTERM)  # os.killpg: main process, forkserver, workers
+    args = media_run_args(tmp_path, media_data, tokenizer_dir)
+    proc = helpers.start(args, real_data=True)
+    helpers.wait_for_step(tmp_path / "run", 3, proc)  # after the step-2 save (its writer process exists)
+    out = helpers.kill(proc, signal.SIGTERM)  # os.killpg: main process, forkserver, workers, writer
     assert proc.returncode == 0, out[-4000:]
     assert "exited unexpectedly" not in out
-    last = [p for p in (tmp_path / "b" / "run" / "checkpoints").iterdir() if p.name.endswith("-last")]
+    last = [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.endswith("-last")]
     assert len(last) == 1 and checkpoint.is_checkpoint(last[0])
     stopped = checkpoint.load_common(last[0])["lightning"]["global_step"]
-    assert stopped == max(helpers.losses_by_step(tmp_path / "b" / "run")) < 6
+    assert stopped == max(helpers.losses_by_step(tmp_path / "run")) < 6
 
-    _, out = helpers.run(args(tmp_path / "b"), real_data=True)
+    _, out = helpers.run(args, real_data=True)
     assert "Resuming training from checkpoint" in out
-    got = helpers.losses_by_step(tmp_path / "b" / "run")  # the resumed run's steps
+    got = {m["step"]: m for m in read_metrics(tmp_path / "run")}  # the resumed run's steps
     assert sorted(got) == list(range(stopped + 1, 7))
-    for step in got:
-        assert got[step] == ref[step], (step, got[step], ref[step])
+    for step in got:  # training and validation losses, bit for bit
+        for key in ("reduced_train_loss", "val_loss"):
+            assert got[step].get(key) == ref[step].get(key), (step, key, got[step].get(key), ref[step].get(key))

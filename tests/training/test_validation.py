@@ -12,7 +12,6 @@ from nemo_avllm import config
 from nemo_avllm.data.dataset import EvalBatchSampler, build_eval_dataloader, layout_of
 from nemo_avllm.training import checkpoint, optim
 from nemo_avllm.training.callbacks import read_metrics
-from tests.training import helpers
 
 SEQ = 128
 
@@ -64,23 +63,16 @@ def test_validation_loss_per_modality_equals_the_per_sample_losses(dist1, media_
         assert got[key] == pytest.approx(expected[key], rel=1e-5), key
 
 
-def test_validation_is_logged_and_ranks_the_checkpoints(tmp_path, media_data, tokenizer_dir):
-    args = helpers.overrides(tmp_path, steps=4, every=2, **{
-        "model.tokenizer": tokenizer_dir, "model.seq_length": SEQ,
-        "model.data.train_manifest": media_data["train"],
-        "model.data.validation_manifest": media_data["validation"],
-        "model.data.num_workers": 0, "model.data.decode_backend": "cpu",
-        "trainer.val_check_interval": 2,
-        "exp_manager.create_tensorboard_logger": "true",
-        "exp_manager.checkpoint_callback_params.save_top_k": 1})
-    helpers.run(args, real_data=True)
-    run = tmp_path / "run"
+def test_validation_is_logged_and_ranks_the_checkpoints(media_reference_run):
+    """`avllm train` with a validation manifest (conftest.media_run_args: validation and a top-1
+    checkpoint every 2 of 6 steps)."""
+    run = media_reference_run
     metrics = {m["step"]: m for m in read_metrics(run)}
     keys = ("val_loss", "val_loss_V", "val_loss_A", "val_loss_AV")
-    assert sorted(metrics) == [1, 2, 3, 4]
-    for step in (2, 4):
+    assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
+    for step in (2, 4, 6):
         assert all(math.isfinite(metrics[step][k]) for k in keys), metrics[step]
-    assert not any(k in metrics[s] for s in (1, 3) for k in keys)
+    assert not any(k in metrics[s] for s in (1, 3, 5) for k in keys)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -90,15 +82,15 @@ def test_validation_is_logged_and_ranks_the_checkpoints(tmp_path, media_data, to
         for tag in acc.Tags()["scalars"]:
             scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     for k in keys:
-        assert [s for s, _ in scalars.get(k, [])] == [2, 4], (k, sorted(scalars))
-        assert [v for _, v in scalars[k]] == pytest.approx([metrics[2][k], metrics[4][k]], rel=1e-6)
+        assert [s for s, _ in scalars.get(k, [])] == [2, 4, 6], (k, sorted(scalars))
+        assert [v for _, v in scalars[k]] == pytest.approx([metrics[s][k] for s in (2, 4, 6)], rel=1e-6)
 
-    # the best-1 checkpoint is the step with the lower validation loss, as the callback recorded it
-    best_step = min((2, 4), key=lambda s: metrics[s]["val_loss"])
+    # the best-1 checkpoint is the step with the lowest validation loss, as the callback recorded it
+    best_step = min((2, 4, 6), key=lambda s: metrics[s]["val_loss"])
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if checkpoint.is_checkpoint(p))
     assert [n for n in ckpts if not n.endswith("-last")] == [f"run--step={best_step}"], ckpts
     last = next(run.glob("checkpoints/*-last"))
     states = checkpoint.load_common(last)["lightning"]["callbacks"]
-    ckpt_state = next(v for k, v in states.items() if "ModelCheckpoint" in k)
-    assert "'monitor': 'val_loss'" in next(k for k in states if "ModelCheckpoint" in k)
-    assert float(ckpt_state["best_model_score"]) == pytest.approx(metrics[best_step]["val_loss"], rel=1e-6)
+    key = next(k for k in states if "ModelCheckpoint" in k)
+    assert "'monitor': 'val_loss'" in key
+    assert float(states[key]["best_model_score"]) == pytest.approx(metrics[best_step]["val_loss"], rel=1e-6)
