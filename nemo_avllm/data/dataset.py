@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Sequence
@@ -299,21 +301,53 @@ def collate_av(items: list[dict | None], seq_length: int | None = None, pad_id: 
 # --------------------------------------------------------------------------------------------
 
 
-def _worker_init(_worker_id: int) -> None:
+def _worker_init(_worker_id: int, trainer_pid: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the training process: a scheduler (or Ctrl-C) signals the
+    whole process group, the training process handles it (pre-emption checkpoint, then exit) and
+    shuts its workers down itself; a worker that died first would crash that with "DataLoader
+    worker exited unexpectedly". SIGINT is ignored; SIGTERM is ignored unless the training
+    process sends it (`Process.terminate()` when it shuts workers down or exits), which a plain
+    SIG_IGN would also refuse, hanging the training process's exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+    threading.Thread(target=_exit_on_sigterm_from, args=(trainer_pid,), daemon=True,
+                     name="sigterm-from-trainer").start()
     torch.set_num_threads(1)  # decode/resize workers: one core each, no oversubscription
+
+
+def _exit_on_sigterm_from(trainer_pid: int) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == trainer_pid:
+            os._exit(128 + signal.SIGTERM)
 
 
 def worker_context():
     """DataLoader workers start from a forkserver, not a plain fork: a child forked from a process
     that has already decoded video (PyAV/swscale threads) deadlocks in its first frame
-    conversion. The server imports this module once, so workers still start in about a second."""
+    conversion. The server imports this module once, so workers still start in about a second;
+    it also imports `forkserver_init`, which keeps the server alive through a process-group
+    SIGTERM (see there)."""
     import multiprocessing as mp
 
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["nemo_avllm.data.dataset"])
+    ctx.set_forkserver_preload(["nemo_avllm.data.forkserver_init", "nemo_avllm.data.dataset"])
     return ctx
+
+
+def worker_kwargs(num_workers: int) -> dict:
+    """DataLoader arguments shared by every loader of the project: workers (see `_worker_init`,
+    `worker_context`) and a generator of the loader's own. Without one, each new iterator (every
+    epoch, every resume) draws its worker seed from the global torch RNG, which dropout also
+    draws from: a resumed run would then not repeat the uninterrupted one bit for bit."""
+    return {
+        "num_workers": num_workers,
+        "worker_init_fn": partial(_worker_init, trainer_pid=os.getpid()) if num_workers else None,
+        "multiprocessing_context": worker_context() if num_workers else None,
+        "generator": torch.Generator().manual_seed(0),
+    }
 
 
 def build_dataloader(
@@ -342,26 +376,76 @@ def build_dataloader(
     checkpoint; pass `consumed_samples` back to resume exactly."""
     from nemo_avllm.data.mat_sampler import MATBatchSampler
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked
-    settings = DecodeSettings.from_model_config(model_cfg, backend=backend)
-    if feature_cache is not None and not hasattr(feature_cache, "get"):
-        from nemo_avllm.data.features import FeatureCache
-
-        feature_cache = FeatureCache(feature_cache, model_cfg)
-    layout = layout_of(model_cfg)
-    dataset = AVDataset(samples, tokenizer, layout, settings, index=index, feature_cache=feature_cache,
-                        max_length=max_length or seq_length, derive_views=derive_views)
+    dataset = _dataset(samples, tokenizer, model_cfg, backend=backend, index=index, feature_cache=feature_cache,
+                       max_length=max_length or seq_length, derive_views=derive_views)
     sampler = MATBatchSampler(samples, ratios, global_batch_size, micro_batch_size, dp_rank, dp_size, seed,
                               derive_views, consumed_samples)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=partial(collate_av, seq_length=seq_length, pad_id=pad_id_of(tokenizer)),
-        num_workers=num_workers,
         pin_memory=pin_memory,
-        worker_init_fn=_worker_init if num_workers else None,
-        multiprocessing_context=worker_context() if num_workers else None,
+        **worker_kwargs(num_workers),
     )
+
+
+class EvalBatchSampler:
+    """Validation batches of one data-parallel rank: every sample once, as its own view, in
+    manifest order (rank r takes samples r, r+dp, ...). Micro-batches have a fixed size (pipeline
+    stages exchange fixed shapes): the last one is padded by repeating its last sample, and
+    `real_rows[k]` says how many rows of batch k count."""
+
+    def __init__(self, num_samples: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1):
+        mine = list(range(dp_rank, num_samples, dp_size))
+        self.batches = [mine[k:k + micro_batch_size] for k in range(0, len(mine), micro_batch_size)]
+        self.real_rows = [len(b) for b in self.batches]
+        self.batches = [b + [b[-1]] * (micro_batch_size - len(b)) for b in self.batches]
+
+    def __iter__(self):
+        return iter([list(b) for b in self.batches])
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def build_eval_dataloader(
+    samples: Sequence[Sample],
+    tokenizer,
+    model_cfg,
+    *,
+    micro_batch_size: int,
+    seq_length: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    index=None,
+    feature_cache=None,
+    num_workers: int = 2,
+    backend: str = "cpu",
+) -> torch.utils.data.DataLoader:
+    """The training loader's dataset, collate and feature cache over every validation sample once
+    (`EvalBatchSampler`); workers persist between validation passes."""
+    dataset = _dataset(samples, tokenizer, model_cfg, backend=backend, index=index, feature_cache=feature_cache,
+                       max_length=seq_length)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=EvalBatchSampler(len(samples), micro_batch_size, dp_rank, dp_size),
+        collate_fn=partial(collate_av, seq_length=seq_length, pad_id=pad_id_of(tokenizer)),
+        persistent_workers=num_workers > 0,
+        **worker_kwargs(num_workers),
+    )
+
+
+def _dataset(samples, tokenizer, model_cfg, *, backend: str, index, feature_cache, max_length: int,
+             derive_views: bool = False) -> AVDataset:
+    """AVDataset with decode settings from the model config; `feature_cache` a path or a FeatureCache."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked
+    settings = DecodeSettings.from_model_config(model_cfg, backend=backend)
+    if feature_cache is not None and not hasattr(feature_cache, "get"):
+        from nemo_avllm.data.features import FeatureCache
+
+        feature_cache = FeatureCache(feature_cache, model_cfg)
+    return AVDataset(samples, tokenizer, layout_of(model_cfg), settings, index=index, feature_cache=feature_cache,
+                     max_length=max_length, derive_views=derive_views)
 
 
 def layout_of(model_cfg) -> modality.TokenLayout:

@@ -422,14 +422,13 @@ def build_shard_loader(
     dp_rank, dp_size, seed, consumed_samples, shuffle_buffer, max_epochs)."""
     from functools import partial
 
-    from nemo_avllm.data.dataset import _worker_init, collate_av, layout_of, pad_id_of, worker_context
+    from nemo_avllm.data.dataset import collate_av, layout_of, pad_id_of, worker_kwargs
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     stream = ShardStream(path, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg, backend),
                          global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
                          max_length=max_length or seq_length, model_cfg=model_cfg, **stream_kw)
     return torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+        stream, batch_size=None, pin_memory=pin_memory,
         collate_fn=partial(collate_av, seq_length=seq_length, pad_id=pad_id_of(tokenizer)),
-        worker_init_fn=_worker_init if num_workers else None,
-        multiprocessing_context=worker_context() if num_workers else None)
+        **worker_kwargs(num_workers))

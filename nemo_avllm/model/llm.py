@@ -32,6 +32,8 @@ class LLMConfig:
     rotary_base: float = 10000.0
     layernorm_epsilon: float = 1e-5
     init_method_std: float = 0.02
+    hidden_dropout: float = 0.0  # LLaMA/Vicuna train without dropout; tests use 0.1 for RNG exactness
+    attention_dropout: float = 0.0
 
     @classmethod
     def from_dict(cls, d) -> "LLMConfig":
@@ -111,8 +113,8 @@ def transformer_config(
         gated_linear_unit=True,
         add_bias_linear=False,
         add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=llm.hidden_dropout,
+        attention_dropout=llm.attention_dropout,
         init_method_std=llm.init_method_std,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,

@@ -10,6 +10,9 @@ is False, so the same training code runs on a laptop, in CI and on a GPU cluster
 - the causal-mask helper, which also runs inside autograd backward during activation recompute
   where function modes are not active -> a CPU version;
 - the CUDA RNG tracker -> a tracker that forks the CPU generator with the same seed offsets;
+- the CUDA generator itself (`torch.cuda.get_rng_state`, megatron's `_get/_set_cuda_rng_state`,
+  which activation recompute uses to replay dropout) -> the CPU generator, the one the tracker
+  and the model's dropout draw from here;
 - `torch.cuda.synchronize` / `current_stream` / events used by p2p and DDP -> no-ops;
 - `Tensor.type()` string checks in megatron's optimizers -> CPU tensors report CUDA type names.
 """
@@ -123,6 +126,14 @@ def _make_cpu_rng_tracker_class():
     return CpuRNGStatesTracker
 
 
+def _get_cpu_rng_state(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device=None, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, device=CPU), diagonal=1).bool()
 
@@ -154,12 +165,19 @@ def apply() -> bool:
     torch.cuda.get_device_capability = lambda *a, **k: (0, 0)
     torch.cuda.memory_allocated = lambda *a, **k: 0
     torch.cuda.max_memory_allocated = lambda *a, **k: 0
+    # "the CUDA generator" is the CPU one: recompute saves it before a checkpointed forward and
+    # restores it before the replay, so dropout masks match (megatron's own setter would queue a
+    # lazy CUDA call that never runs)
+    torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = _get_cpu_rng_state
+    torch.cuda.set_rng_state = torch.cuda.random.set_rng_state = _set_cpu_rng_state
 
     # Imported late: this module must stay importable without megatron for light tools.
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer import utils as tutils
 
     mrandom.CudaRNGStatesTracker = _make_cpu_rng_tracker_class()
+    mrandom._get_cuda_rng_state = _get_cpu_rng_state
+    mrandom._set_cuda_rng_state = _set_cpu_rng_state
     mrandom.initialize_rng_tracker(force_reset=True)
     tutils.get_default_causal_mask = functools.lru_cache(maxsize=8)(_cpu_causal_mask)
     # modules that imported the helper by name keep their own reference

@@ -4,20 +4,32 @@ A checkpoint is a folder. Tensors are saved as sharded tensors, so a run saved a
 at TP=1/PP=2 (resharding is dist_checkpointing's job); everything that is not a tensor shard
 (scheduler, sampler, Lightning loop state) goes into the folder's common state. Saving writes a
 sibling `<name>.tmp-<pid>` folder and renames it into place only after every rank finished, so a
-kill during a save leaves the previous checkpoint untouched and loadable."""
+kill during a save leaves the previous checkpoint untouched and loadable.
+
+Training checkpoints also hold every rank's RNG states (Python, NumPy, torch CPU/CUDA, megatron's
+tracker), one object per (PP, TP) rank as Megatron-LM saves them, so a resumed run draws the same
+dropout masks as the uninterrupted one. They are restored only at the TP/PP they were saved at
+(the streams of other ranks do not exist there)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nemo_avllm.errors import UserError
 
+log = logging.getLogger(__name__)
+
 COMMON_KEY = "common"
+RNG_KEY = "rng_state"
+RNG_LAYOUT_KEY = "rng_layout"  # in the common state: the (TP, PP) the RNG states were saved at
 # What an LLM-only checkpoint (`avllm import-hf`) lacks of an AVLLM: `load(..., allow_missing=)`.
 NOT_IN_LLM_CHECKPOINT = ("proj_", "vision.", "audio.")
 
@@ -51,8 +63,58 @@ def model_sharded_state_dict(module) -> dict:
     return unwrap(module).sharded_state_dict(prefix="")
 
 
-def save(path: str | Path, module, optimizer=None, common: dict | None = None) -> Path:
-    """Save `module` (a megatron module or megatron DDP), `optimizer` and `common` to `path`."""
+def _tp_pp() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()}
+
+
+def get_rng_state() -> dict:
+    """This rank's RNG states: Python, NumPy, torch CPU (and CUDA), megatron's RNG tracker."""
+    from megatron.core import tensor_parallel
+
+    from nemo_avllm.runtime import distributed
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
+    }
+    if distributed.has_gpu():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    from nemo_avllm.runtime import distributed
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if distributed.has_gpu() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(data) -> object:
+    """This rank's RNG states as a ShardedObject of shape (PP, TP); DP replicas share them."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(
+        RNG_KEY, data,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(),
+    )
+
+
+def save(path: str | Path, module, optimizer=None, common: dict | None = None, rng: bool = False) -> Path:
+    """Save `module` (a megatron module or megatron DDP), `optimizer` and `common` to `path`;
+    `rng=True` (training checkpoints) adds this rank's RNG states."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
@@ -72,7 +134,10 @@ def save(path: str | Path, module, optimizer=None, common: dict | None = None) -
     state = {"model": model_sharded_state_dict(module)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"])
-    state[COMMON_KEY] = common or {}
+    state[COMMON_KEY] = dict(common or {})
+    if rng:
+        state[RNG_KEY] = _rng_sharded(get_rng_state())
+        state[COMMON_KEY][RNG_LAYOUT_KEY] = _tp_pp()
     _sync_writer_queue()
     dist_checkpointing.save(state, str(tmp))
     _barrier()
@@ -139,9 +204,10 @@ def missing_tensors(path: str | Path, module, sharded: dict | None = None) -> li
     return sorted(name for name, v in sharded.items() if not isinstance(v, ShardedObject) and _key_of(v) not in saved)
 
 
-def load(path: str | Path, module, optimizer=None, allow_missing: tuple[str, ...] = ()) -> dict:
-    """Load a checkpoint (or a run folder's last one, see `resolve`) into `module` (and `optimizer`), resharding to the current TP/PP.
-    Returns the common state.
+def load(path: str | Path, module, optimizer=None, allow_missing: tuple[str, ...] = (), rng: bool = False) -> dict:
+    """Load a checkpoint (or a run folder's last one, see `resolve`) into `module` (and
+    `optimizer`), resharding to the current TP/PP. Returns the common state. `rng=True` (resuming
+    a run) restores the RNG states when the checkpoint has them for this TP/PP.
 
     Strict: every tensor of `module` must be in the checkpoint, except those whose names start
     with one of `allow_missing` (the caller says what may legitimately be absent, e.g. the new
@@ -172,12 +238,22 @@ def load(path: str | Path, module, optimizer=None, allow_missing: tuple[str, ...
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True)
     state[COMMON_KEY] = {}
+    if rng:
+        saved_at = load_common(path).get(RNG_LAYOUT_KEY)
+        if saved_at == _tp_pp():
+            state[RNG_KEY] = _rng_sharded(None)
+        else:
+            rng = False
+            log.warning("%s: RNG states %s; dropout draws will differ from the interrupted run's", path,
+                        f"saved at {saved_at}, not restored at {_tp_pp()}" if saved_at else "not in the checkpoint")
     loaded = dist_checkpointing.load(state, str(path))
     _, unexpected = unwrap(module).load_state_dict(loaded["model"], strict=False)
     if unexpected:
         raise CheckpointMismatchError(f"checkpoint {path}: unexpected tensors {unexpected[:5]}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+    if rng:
+        set_rng_state(loaded[RNG_KEY])
     return loaded.get(COMMON_KEY, {})
 
 

@@ -1,6 +1,7 @@
-"""Training data of one stage: `cfg.model.data` -> validated samples -> MAT loader per DP rank.
+"""Training data of one stage: `cfg.model.data` -> validated samples -> MAT loader per DP rank,
+and, with `model.data.validation_manifest`, the validation loader (every sample once).
 
-Validation runs once, before the trainer starts (bad samples are reported, never fatal). The
+Manifest checks run once, before the trainer starts (bad samples are reported, never fatal). The
 loader is built lazily from the consumed-samples count, so a resumed run continues with exactly
 the samples the interrupted one would have seen next."""
 
@@ -31,20 +32,28 @@ class TrainData:
         vocab = int(m.llm.vocab_size)
         if len(self.tokenizer) > vocab:
             raise UserError(f"model.tokenizer={m.tokenizer} has {len(self.tokenizer)} tokens, more than model.llm.vocab_size={vocab}")
-        self.samples, self.report = validate_manifest(
-            d.train_manifest,
-            index=d.get("index"),
-            tokenizer=self.tokenizer,
-            layout=layout_of(m),
-            max_length=int(m.seq_length),
-            policy=d.get("max_length_policy", "truncate"),
-            # with a feature cache the media files need not be on this machine
-            check_files=not d.get("feature_cache"),
-        )
-        log.info("training data: %s", self.report)
-        if not self.samples:
-            raise UserError(f"model.data.train_manifest={d.train_manifest}: no usable sample "
-                            f"({str(self.report).splitlines()[0]}); fix the problems logged above")
+
+        def checked(path: str, key: str):
+            samples, report = validate_manifest(
+                path,
+                index=d.get("index"),
+                tokenizer=self.tokenizer,
+                layout=layout_of(m),
+                max_length=int(m.seq_length),
+                policy=d.get("max_length_policy", "truncate"),
+                # with a feature cache the media files need not be on this machine
+                check_files=not d.get("feature_cache"),
+            )
+            log.info("%s: %s", key, report)
+            if not samples:
+                raise UserError(f"{key}={path}: no usable sample ({str(report).splitlines()[0]}); "
+                                f"fix the problems logged above")
+            return samples, report
+
+        self.samples, self.report = checked(d.train_manifest, "model.data.train_manifest")
+        self.val_samples = []
+        if d.get("validation_manifest"):
+            self.val_samples, self.val_report = checked(d.validation_manifest, "model.data.validation_manifest")
 
     @property
     def num_samples(self) -> int:
@@ -76,6 +85,27 @@ class TrainData:
             backend=d.get("decode_backend", "auto"),
         )
         return _Epochs(dl)
+
+    def val_loader(self, model):
+        """This rank's validation micro-batches (same dataset, collate and feature cache)."""
+        from megatron.core import parallel_state as ps
+
+        from nemo_avllm.data.dataset import build_eval_dataloader
+
+        m, d = self.cfg.model, self.cfg.model.data
+        return build_eval_dataloader(
+            self.val_samples,
+            self.tokenizer,
+            m,
+            micro_batch_size=int(m.micro_batch_size),
+            seq_length=int(m.seq_length),
+            dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+            index=d.get("index"),
+            feature_cache=d.get("feature_cache"),
+            num_workers=int(d.get("num_workers", 2)),
+            backend=d.get("decode_backend", "auto"),
+        )
 
 
 class _Epochs:

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when the loss is NaN/inf and `model.nan_policy=stop`."""
+    """A NaN/inf loss or gradient with `model.nan_policy=stop`, or more than
+    `model.max_consecutive_skipped_steps` such steps in a row with `skip`."""
 
 
 class AVLLMModel(ModelPT):
@@ -37,7 +38,11 @@ class AVLLMModel(ModelPT):
         self.scheduler = None
         self.consumed_samples = 0
         self.skipped_steps = 0
+        self.consecutive_skipped_steps = 0
         self.train_loader_factory = None  # set by the training entry point (data pipeline)
+        self.val_loader_factory = None  # set with model.data.validation_manifest
+        self.val_check_interval = None  # trainer.val_check_interval: steps between validations
+        self._val_loader = None
         self.max_steps_for_schedule = None
 
     # --- NeMo's ModelPT interface -----------------------------------------------------------
@@ -171,21 +176,24 @@ class AVLLMModel(ModelPT):
         )
         loss = self._reduce_loss(losses)
         step = self.trainer.global_step
+        problem = None
         if not math.isfinite(loss):
-            policy = self._cfg.get("nan_policy", "skip")
-            msg = f"non-finite loss {loss} at step {step} (consumed samples {self.consumed_samples})"
-            if policy == "stop":
-                raise NonFiniteLossError(msg + "; stopping (model.nan_policy=stop)")
-            log.warning("%s: skipping the optimizer step (model.nan_policy=skip)", msg)
-            self.skipped_steps += 1
+            problem = f"non-finite loss {loss}"
+        elif self._cfg.params_dtype != "fp16" and not optim.grads_are_finite(self.module):
+            # (fp16: megatron's loss scaler finds inf/NaN itself and skips the step)
+            problem = f"non-finite gradients (loss {loss:.6g})"
+        if problem is not None:
+            self._skip_or_stop(problem, step)
             grad_norm = float("nan")
         else:
             ok, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
+            self.consecutive_skipped_steps = 0
         self.consumed_samples += int(self._cfg.global_batch_size)
         # Lightning counts optimizer steps through its (unused) optimizer; advance it by hand
         self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_completed()
         dt = time.perf_counter() - t0
+        val = self.run_validation() if self._validation_due() else {}
         totals = _all_reduce_counts(stats)
         self.last_metrics = {
                 "reduced_train_loss": loss,
@@ -196,6 +204,7 @@ class AVLLMModel(ModelPT):
                 "samples_A": float(totals["A"]),
                 "samples_AV": float(totals["AV"]),
                 "consumed_samples": float(self.consumed_samples),
+                "skipped_steps": float(self.skipped_steps),
                 "step_time_s": dt,
         }
         self.log_dict(
@@ -206,7 +215,45 @@ class AVLLMModel(ModelPT):
             rank_zero_only=True,
         )
         self.log("loss", loss, prog_bar=True, on_step=True, batch_size=1, rank_zero_only=True)
+        if val:
+            self.last_metrics.update(val)
+            # callback metrics (the checkpoint callback ranks by val_loss), on every rank alike
+            self.log_dict(val, logger=False, on_step=True, batch_size=1)
+            for logger in self.trainer.loggers:  # every validation, not every log_every_n_steps
+                logger.log_metrics(val, step=self.trainer.global_step)
         return None
+
+    # --- validation --------------------------------------------------------------------------
+    def _validation_due(self) -> bool:
+        every = self.val_check_interval
+        return self.val_loader_factory is not None and bool(every) and self.trainer.global_step % every == 0
+
+    def run_validation(self) -> dict[str, float]:
+        """Token-averaged loss over the validation set, overall and per modality (`val_loss`,
+        `val_loss_V`, `val_loss_A`, `val_loss_AV`): forward only through megatron's schedule,
+        dropout off; the same numbers on every rank."""
+        if self._val_loader is None:
+            self._val_loader = self.val_loader_factory(self)
+        return validation_losses(self.module, self._val_loader, int(self._cfg.seq_length),
+                                 int(self._cfg.micro_batch_size))
+
+    def _skip_or_stop(self, problem: str, step: int) -> None:
+        """`model.nan_policy`: skip the optimizer step (weights and schedule unchanged), or stop;
+        a run that keeps skipping is diverging, so skipping too stops after
+        `model.max_consecutive_skipped_steps` skipped steps in a row."""
+        msg = f"{problem} at step {step} (consumed samples {self.consumed_samples})"
+        if self._cfg.get("nan_policy", "skip") == "stop":
+            raise NonFiniteLossError(msg + "; stopping (model.nan_policy=stop)")
+        self.skipped_steps += 1
+        self.consecutive_skipped_steps += 1
+        limit = int(self._cfg.get("max_consecutive_skipped_steps", 10))
+        if self.consecutive_skipped_steps > limit:
+            first = step - self.consecutive_skipped_steps + 1
+            raise NonFiniteLossError(
+                f"{msg}: {self.consecutive_skipped_steps} steps in a row (steps {first} to {step}) had non-finite "
+                f"loss or gradients, more than model.max_consecutive_skipped_steps={limit}; the run diverges: "
+                f"resume from an earlier checkpoint with a lower model.optim.lr, or check the data of these steps")
+        log.warning("%s: skipping the optimizer step (model.nan_policy=skip)", msg)
 
     def _reduce_loss(self, losses) -> float:
         """Token-averaged loss of the global batch, the same number on every rank."""
@@ -216,13 +263,7 @@ class AVLLMModel(ModelPT):
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             for d in losses:
                 pair += d["lm loss"].detach().double().cpu()
-        if torch.distributed.is_initialized():
-            dev = distributed.device()
-            pair = pair.to(dev)
-            # sum over data-parallel ranks and pipeline stages (only the last one is non-zero);
-            # TP ranks hold the same value, so divide their copies out
-            torch.distributed.all_reduce(pair)
-            pair = pair.cpu() / ps.get_tensor_model_parallel_world_size()
+        pair = _sum_over_ranks(pair)
         return float(pair[0] / pair[1]) if pair[1] > 0 else float("nan")
 
     # --- checkpoint state --------------------------------------------------------------------
@@ -231,6 +272,7 @@ class AVLLMModel(ModelPT):
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "consumed_samples": self.consumed_samples,
             "skipped_steps": self.skipped_steps,
+            "consecutive_skipped_steps": self.consecutive_skipped_steps,
             "cfg": self._cfg,
         }
 
@@ -239,6 +281,51 @@ class AVLLMModel(ModelPT):
             self.scheduler.load_state_dict(state["scheduler"])
         self.consumed_samples = int(state.get("consumed_samples", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skipped_steps = int(state.get("consecutive_skipped_steps", 0))
+
+
+def validation_losses(module, loader, seq_length: int, micro_batch_size: int) -> dict[str, float]:
+    """`val_loss` and `val_loss_{V,A,AV}` of `module` (megatron DDP) over `loader` (an eval
+    loader: `batch_sampler.real_rows`), token-averaged; the same numbers on every rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from nemo_avllm.training.step import GROUPS, validation_forward_step
+
+    real_rows = loader.batch_sampler.real_rows
+
+    def microbatches():
+        for batch, real in zip(loader, real_rows):
+            batch["loss_mask"][real:] = False  # padding rows of the last micro-batch
+            yield _to_device(batch)
+
+    sums = torch.zeros(len(GROUPS), 2, dtype=torch.float64)
+    if real_rows:  # a data-parallel rank may have no validation sample
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                out = get_forward_backward_func()(
+                    forward_step_func=validation_forward_step,
+                    data_iterator=microbatches(),
+                    model=[module],
+                    num_microbatches=len(real_rows),
+                    seq_length=seq_length,
+                    micro_batch_size=micro_batch_size,
+                    forward_only=True,
+                )
+        finally:
+            module.train(was_training)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            for d in out:
+                sums += d["groups"].double().cpu()
+    sums = _sum_over_ranks(sums)
+    loss, tokens = sums.sum(0).tolist()
+    metrics = {"val_loss": loss / tokens if tokens else float("nan")}
+    for name, (g_loss, g_tokens) in zip(GROUPS, sums.tolist()):
+        if name != "T" and g_tokens:
+            metrics[f"val_loss_{name}"] = g_loss / g_tokens
+    return metrics
 
 
 def _count(batch: dict, stats: dict) -> None:
@@ -249,6 +336,19 @@ def _count(batch: dict, stats: dict) -> None:
     stats["AV"] += int((vis & aud).sum())
     stats["V"] += int((vis & ~aud).sum())
     stats["A"] += int((aud & ~vis).sum())
+
+
+def _sum_over_ranks(sums: torch.Tensor) -> torch.Tensor:
+    """Loss sums held by the last pipeline stage of each data-parallel replica -> their total,
+    the same on every rank. Sums over all ranks (other stages contribute zeros); TP ranks hold
+    the same value, so their copies are divided out."""
+    if not torch.distributed.is_initialized():
+        return sums
+    from megatron.core import parallel_state as ps
+
+    total = sums.to(distributed.device())
+    torch.distributed.all_reduce(total)
+    return total.cpu() / ps.get_tensor_model_parallel_world_size()
 
 
 def _all_reduce_counts(stats: dict) -> dict:

@@ -46,9 +46,27 @@ def wrap_ddp(model, use_distributed_optimizer: bool, overlap_grad_reduce: bool =
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=use_distributed_optimizer,
-        check_for_nan_in_grad=False,  # NaN policy is ours (training.nan_policy)
+        check_for_nan_in_grad=False,  # it raises; model.nan_policy skips or stops (grads_are_finite)
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def grads_are_finite(ddp_model) -> bool:
+    """True when every gradient of every rank is finite; checked after the gradient reduction and
+    before the optimizer step. megatron's bf16/fp32 optimizers would apply a NaN/inf gradient
+    (a NaN norm gives a NaN clip coefficient, so clipping does not stop it): one bad micro-batch
+    would make every weight NaN. One sum per gradient buffer (no copy of the
+    buffer): it is non-finite when any element is, and one all-reduce of a flag."""
+    from nemo_avllm.runtime import distributed
+
+    bad = torch.zeros((), dtype=torch.float32, device=distributed.device())
+    for buffer in ddp_model.buffers + ddp_model.expert_parallel_buffers:  # no host sync in the loop
+        bad = torch.maximum(bad, (~torch.isfinite(buffer.grad_data.sum(dtype=torch.float32))).float())
+    if torch.distributed.is_initialized():
+        # every rank: TP/PP ranks hold other parameters; with the distributed optimizer each
+        # DP rank's buffer holds its own unreduced gradients outside its shard
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bool(bad.item())
 
 
 def build_optimizer(ddp_model, optim_cfg, params_dtype: torch.dtype, use_distributed_optimizer: bool):

@@ -1,7 +1,9 @@
 """One micro-batch through the model, in the shape megatron-core's pipeline schedules expect.
 
 `forward_step(data_iterator, model)` returns the stage's output and, on the last stage, a loss
-function; `get_forward_backward_func()` then runs the micro-batches (1F1B when PP > 1)."""
+function; `get_forward_backward_func()` then runs the micro-batches (1F1B when PP > 1).
+`validation_forward_step` is the same forward with a loss function that reports the loss per
+modality group of the rows (validation)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,37 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens.int(), {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach()])}
 
 
+# validation groups, by the modality tokens of a row; "T" = text only
+GROUPS = ("T", "V", "A", "AV")
+
+
+def row_groups(input_ids: torch.Tensor) -> torch.Tensor:
+    """Index into GROUPS of every row [B]."""
+    vis, aud = modality.needs_visual(input_ids).long(), modality.needs_audio(input_ids).long()
+    return vis + 2 * aud
+
+
+def group_loss_func(loss_mask: torch.Tensor, groups: torch.Tensor, output_tensor: torch.Tensor):
+    """Megatron's 3-tuple with per-group sums: "groups" is [len(GROUPS), 2] = (loss sum, tokens)."""
+    mask = loss_mask.float()
+    per_row = torch.stack([(output_tensor.float() * mask).sum(-1), mask.sum(-1)], dim=-1)  # [B, 2]
+    sums = torch.zeros(len(GROUPS), 2, dtype=per_row.dtype, device=per_row.device)
+    sums.index_add_(0, groups.to(per_row.device), per_row.detach())
+    total = per_row.sum(0)
+    return total[0], total[1].int(), {"groups": sums}
+
+
 def forward_step(data_iterator, model):
+    output, batch, loss_mask = _forward(data_iterator, model)
+    return output, partial(loss_func, loss_mask)
+
+
+def validation_forward_step(data_iterator, model):
+    output, batch, loss_mask = _forward(data_iterator, model)
+    return output, partial(group_loss_func, loss_mask, row_groups(batch["input_ids"]))
+
+
+def _forward(data_iterator, model):
     batch = next(data_iterator)
     features = batch.get("features")
     if isinstance(features, dict):
@@ -36,4 +68,4 @@ def forward_step(data_iterator, model):
     loss_mask = batch.get("loss_mask")
     if loss_mask is None:
         loss_mask = batch["labels"] != modality.IGNORE_INDEX
-    return output, partial(loss_func, loss_mask)
+    return output, batch, loss_mask

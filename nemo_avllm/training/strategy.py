@@ -4,7 +4,7 @@
   `nemo_avllm.runtime.distributed`, before the model is configured;
 - no torch DDP: the model wraps itself in megatron DDP (gradient buffers, distributed optimizer);
 - checkpoints: megatron `dist_checkpointing` folders holding model, optimizer, scheduler,
-  data-sampler and Lightning loop state; loading reshards to the current TP/PP.
+  data-sampler and Lightning loop state and the RNG states; loading reshards to the current TP/PP.
 """
 
 from __future__ import annotations
@@ -69,12 +69,12 @@ class MegatronStrategy(DDPStrategy):
         module = self.lightning_module
         lightning_state = {k: v for k, v in checkpoint.items() if k != "state_dict"}  # weights are sharded
         common = {**module.common_state(), LIGHTNING_KEY: lightning_state}
-        dist_ckpt.save(ckpt_dir(filepath), module.module, module.optimizer, common)
+        dist_ckpt.save(ckpt_dir(filepath), module.module, module.optimizer, common, rng=True)
 
     def load_checkpoint(self, checkpoint_path) -> dict[str, Any]:
         module = self.lightning_module
         path = ckpt_dir(checkpoint_path)
-        common = dist_ckpt.load(path, module.module, module.optimizer)
+        common = dist_ckpt.load(path, module.module, module.optimizer, rng=True)
         module.load_common_state(common)
         log.info("resumed from %s (consumed samples %d)", path, module.consumed_samples)
         state = dict(common.get(LIGHTNING_KEY, {}))

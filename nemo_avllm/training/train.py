@@ -16,8 +16,9 @@ from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# trainer.* keys that belong to us, not to lightning.Trainer
-_OWN_TRAINER_KEYS = ("seed",)
+# trainer.* keys that belong to us, not to lightning.Trainer (validation runs inside the training
+# step, so the checkpoint of a step is ranked by that step's validation loss)
+_OWN_TRAINER_KEYS = ("seed", "val_check_interval")
 
 
 def validate(cfg: DictConfig, world_size: int | None = None, paths: bool = True) -> None:
@@ -54,7 +55,24 @@ def validate(cfg: DictConfig, world_size: int | None = None, paths: bool = True)
     if float(m.optim.get("min_lr", 0.0)) > float(m.optim.lr):
         raise UserError(f"model.optim.min_lr={m.optim.min_lr} is above model.optim.lr={m.optim.lr}; the schedule decays "
                         f"from lr to min_lr, so give min_lr <= lr")
+    if m.get("nan_policy", "skip") not in ("skip", "stop"):
+        raise UserError(f"model.nan_policy={m.nan_policy!r}; expected skip or stop")
+    limit = m.get("max_consecutive_skipped_steps", 10)
+    if not isinstance(limit, int) or limit < 0:
+        raise UserError(f"model.max_consecutive_skipped_steps={limit!r}; expected an integer >= 0 (0: stop at the first bad step)")
     data = m.get("data") or {}
+    if data.get("validation_manifest"):
+        every = cfg.trainer.get("val_check_interval")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise UserError(f"trainer.val_check_interval={every!r}: give the number of training steps between "
+                             f"validations (an integer >= 1) when model.data.validation_manifest is set")
+        ckpt = (cfg.get("exp_manager") or {}).get("checkpoint_callback_params") or {}
+        save_every = ckpt.get("every_n_train_steps")
+        if monitor_of(cfg) == "val_loss" and save_every and int(save_every) % every:
+            raise UserError(
+                f"exp_manager.checkpoint_callback_params.every_n_train_steps={save_every} is not a multiple of "
+                f"trainer.val_check_interval={every}: checkpoints are ranked by the validation loss of their own "
+                f"step; make it a multiple (e.g. {every * max(1, int(save_every) // every)})")
     if paths and data.get("feature_cache"):
         from nemo_avllm.data.features import FeatureCache
 
@@ -67,6 +85,16 @@ def validate(cfg: DictConfig, world_size: int | None = None, paths: bool = True)
     from nemo_avllm.training import restore
 
     restore.plan(m, files=paths)  # initial weights: restore_from, encoder checkpoints, allow_random_init
+
+
+def monitor_of(cfg: DictConfig) -> str:
+    """What ranks the best-k checkpoints: checkpoint_callback_params.monitor, or when it is null
+    the validation loss with a validation manifest and the training loss without one."""
+    ckpt = (cfg.get("exp_manager") or {}).get("checkpoint_callback_params") or {}
+    if ckpt.get("monitor"):
+        return str(ckpt.monitor)
+    data = cfg.model.get("data") or {}
+    return "val_loss" if data.get("validation_manifest") else "reduced_train_loss"
 
 
 def max_steps(cfg: DictConfig, num_samples: int) -> int:
@@ -126,6 +154,11 @@ def train(cfg: DictConfig, data=None):
     from nemo_avllm.training.callbacks import LastCheckpointAtEnd, MetricsJsonl
 
     steps = max_steps(cfg, data.num_samples)
+    validation = bool((cfg.model.get("data") or {}).get("validation_manifest"))
+    if validation and not hasattr(data, "val_loader"):
+        raise ValueError(f"model.data.validation_manifest is set but the training data {type(data).__name__} has no val_loader")
+    if cfg.get("exp_manager") and cfg.exp_manager.get("checkpoint_callback_params") is not None:
+        cfg = with_overrides(cfg, **{"exp_manager.checkpoint_callback_params.monitor": monitor_of(cfg)})
     em = cfg.get("exp_manager") or {}
     if em.get("exp_dir") and em.get("name"):
         from pathlib import Path
@@ -141,6 +174,9 @@ def train(cfg: DictConfig, data=None):
     model = AVLLMModel(cfg.model, trainer=trainer)
     model.max_steps_for_schedule = steps
     model.train_loader_factory = data.loader
+    if validation:
+        model.val_loader_factory = data.val_loader
+        model.val_check_interval = int(cfg.trainer.val_check_interval)
     trainer.fit(model)
     return model, trainer, log_dir
 

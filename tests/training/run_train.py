@@ -1,6 +1,7 @@
 """Runs `nemo_avllm.training.train.train` on SyntheticData in its own process (kill/resume tests).
 
-Usage: python run_train.py [--nan-at N] key=value ...   (Hydra overrides of stage1_pretrain)"""
+Usage: python run_train.py [--nan-at N] [--nan-grad-at N,M,...] key=value ...
+(Hydra overrides of stage1_pretrain; see SyntheticData for the two faults)"""
 
 from __future__ import annotations
 
@@ -13,11 +14,16 @@ def main(argv: list[str]) -> int:
     from nemo_avllm.training.train import train
     from tests.training.synthetic import SyntheticData
 
-    nan_at = None
-    if argv and argv[0] == "--nan-at":
-        nan_at, argv = int(argv[1]), argv[2:]
+    nan_at, nan_grad_at = None, ()
+    while argv and argv[0] in ("--nan-at", "--nan-grad-at"):
+        if argv[0] == "--nan-at":
+            nan_at = int(argv[1])
+        else:
+            nan_grad_at = tuple(int(x) for x in argv[1].split(","))
+        argv = argv[2:]
     cfg = config.load("stage1_pretrain", ["model=tiny", "model.data.train_manifest=null", *argv])
-    train(cfg, data=SyntheticData(seq_length=int(cfg.model.seq_length), nan_at_sample=nan_at))
+    train(cfg, data=SyntheticData(seq_length=int(cfg.model.seq_length), nan_at_sample=nan_at,
+                                  nan_grad_at_samples=nan_grad_at))
     return 0
 
 

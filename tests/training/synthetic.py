@@ -14,12 +14,16 @@ from nemo_avllm.data.conversation import TokenizedSample
 
 class SyntheticData:
     def __init__(self, num_samples: int = 64, seq_length: int = 64, vocab: int = 512, image_size: int = 64,
-                 nan_at_sample: int | None = None):
+                 nan_at_sample: int | None = None, nan_grad_at_samples: tuple[int, ...] = ()):
+        """`nan_at_sample`: that sample's video is NaN (NaN loss). `nan_grad_at_samples`: the
+        backward of a micro-batch holding one of them makes one LLM gradient NaN while the loss
+        stays finite (a fault injected through a real autograd hook)."""
         self.num_samples = num_samples
         self.seq_length = seq_length
         self.vocab = vocab
         self.image_size = image_size
         self.nan_at_sample = nan_at_sample
+        self.nan_grad_at_samples = tuple(nan_grad_at_samples)
 
     def sample(self, i: int, layout: modality.TokenLayout) -> dict:
         g = torch.Generator().manual_seed(1000 + i)
@@ -43,6 +47,10 @@ class SyntheticData:
         mbs, gbs = int(model._cfg.micro_batch_size), int(model._cfg.global_batch_size)
         dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         per_rank = gbs // dp
+        poison = {"on": False}
+        if self.nan_grad_at_samples:
+            weight = model.avllm.llm.embedding.word_embeddings.weight
+            weight.register_hook(lambda g: g * float("nan") if poison["on"] else g)
 
         def gen():
             start = consumed
@@ -55,6 +63,8 @@ class SyntheticData:
                     batch["audio"] = torch.stack([it["audio"] for it in items])
                     if self.nan_at_sample is not None and self.nan_at_sample in idx:
                         batch["video"] = batch["video"] * float("nan")
+                    # PP=1 runs each micro-batch's backward before fetching the next one
+                    poison["on"] = any(i in self.nan_grad_at_samples for i in idx)
                     yield batch
                 start += gbs
 

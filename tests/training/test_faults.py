@@ -12,16 +12,19 @@ import textwrap
 import pytest
 
 from nemo_avllm.training import checkpoint
+from nemo_avllm.training.callbacks import read_metrics
 from tests.conftest import REPO
 from tests.training import helpers
+from tests.training.conftest import DROPOUT, media_run_args
 
 
 def test_sigkill_and_resume_reproduces_the_uninterrupted_losses(tmp_path):
-    helpers.run(helpers.overrides(tmp_path / "a", steps=8))
+    # dropout on: bit-exact only if the checkpoint restores every RNG stream
+    helpers.run(helpers.overrides(tmp_path / "a", steps=8, **DROPOUT))
     ref = helpers.losses_by_step(tmp_path / "a" / "run")
     assert sorted(ref) == list(range(1, 9))
 
-    args = helpers.overrides(tmp_path / "b", steps=8)
+    args = helpers.overrides(tmp_path / "b", steps=8, **DROPOUT)
     proc = helpers.start(args)
     helpers.wait_for_step(tmp_path / "b" / "run", 5, proc)
     helpers.kill(proc, signal.SIGKILL)
@@ -116,3 +119,46 @@ def test_non_finite_loss_policy(tmp_path, policy):
         assert code != 0
         assert "NonFiniteLossError" in out and "model.nan_policy=stop" in out
         assert sorted(metrics) == [1]
+
+
+def test_non_finite_gradients_are_skipped_then_stop_the_run(tmp_path):
+    """A finite loss with NaN gradients: step 2 skipped (weights untouched, training goes on),
+    then steps 4 and 5 skipped in a row, and the third bad step in a row stops the run
+    (model.max_consecutive_skipped_steps=2). Samples 6, 14, 18, 22 are in steps 2, 4, 5, 6."""
+    args = helpers.overrides(tmp_path, steps=8, every=1000, **{"model.max_consecutive_skipped_steps": 2})
+    code, out = helpers.run(args, nan_grad_at=(6, 14, 18, 22), check=False)
+    assert code != 0
+    assert "non-finite gradients" in out and "skipping the optimizer step" in out
+    assert "3 steps in a row (steps 3 to 5)" in out and "model.max_consecutive_skipped_steps=2" in out
+    metrics = {m["step"]: m for m in read_metrics(tmp_path / "run")}
+    assert sorted(metrics) == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(metrics[s]["reduced_train_loss"]) for s in metrics)  # the loss never was NaN
+    assert [s for s in metrics if math.isnan(metrics[s]["grad_norm"])] == [2, 4, 5]
+    assert metrics[3]["grad_norm"] > 0 and metrics[5]["skipped_steps"] == 3
+
+
+def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, media_data, tokenizer_dir, media_reference_run):
+    """SLURM signals the whole process group: the DataLoader workers (live decoding) must leave
+    it to the main process, which checkpoints the last step, exits 0 and resumes bit-exactly
+    (dropout on: the RNG states travel in the checkpoint)."""
+    ref = {m["step"]: m for m in read_metrics(media_reference_run)}
+    assert sorted(ref) == list(range(1, 7))
+
+    args = media_run_args(tmp_path, media_data, tokenizer_dir)
+    proc = helpers.start(args, real_data=True)
+    helpers.wait_for_step(tmp_path / "run", 3, proc)  # after the step-2 save (its writer process exists)
+    out = helpers.kill(proc, signal.SIGTERM)  # os.killpg: main process, forkserver, workers, writer
+    assert proc.returncode == 0, out[-4000:]
+    assert "exited unexpectedly" not in out
+    last = [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.endswith("-last")]
+    assert len(last) == 1 and checkpoint.is_checkpoint(last[0])
+    stopped = checkpoint.load_common(last[0])["lightning"]["global_step"]
+    assert stopped == max(helpers.losses_by_step(tmp_path / "run")) < 6
+
+    _, out = helpers.run(args, real_data=True)
+    assert "Resuming training from checkpoint" in out
+    got = {m["step"]: m for m in read_metrics(tmp_path / "run")}  # the resumed run's steps
+    assert sorted(got) == list(range(stopped + 1, 7))
+    for step in got:  # training and validation losses, bit for bit
+        for key in ("reduced_train_loss", "val_loss"):
+            assert got[step].get(key) == ref[step].get(key), (step, key, got[step].get(key), ref[step].get(key))

@@ -123,6 +123,9 @@ def test_a_one_step_run_has_a_schedule(dist1):
         (["model.optim.warmup_ratio=1.0"], r"model.optim.warmup_ratio=1.0 is not valid"),
         (["trainer.devices=two"], r"trainer.devices='two' is not valid"),
         (["model.restore_from=/no/such/run--step=2-last"], r"model.restore_from=/no/such/run--step=2-last: no such file"),
+        (["model.max_consecutive_skipped_steps=-1"], "max_consecutive_skipped_steps"),
+        (["model.data.validation_manifest=/v.jsonl", "trainer.val_check_interval=0.5"], "val_check_interval"),
+        (["model.data.validation_manifest=/v.jsonl", "trainer.val_check_interval=3"], "not a multiple of trainer.val_check_interval"),
     ],
 )
 def test_config_is_validated_before_any_work(overrides, message):
