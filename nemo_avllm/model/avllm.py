@@ -28,7 +28,7 @@ class AVLLMConfig:
     audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
     num_frames: int = 32  # T
     num_audio_segments: int = 4  # K
-    transformer_impl: str = "local"  # local | transformer_engine
+    transformer_impl: str = "local"  # local | transformer_engine (resolved from `auto` by the provider)
     # False when training reads cached encoder outputs: the encoders are then never built.
     build_encoders: bool = True
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from nemo_avllm.model.llm import impl_only_key
+
 COMMON_KEY = "common"
 
 
@@ -115,7 +117,7 @@ def load(path: str | Path, module, optimizer=None, strict: bool = True) -> dict:
             f"{path} is not a dist checkpoint folder (no metadata.json); give the folder a run saved, "
             f"e.g. <exp_dir>/<name>/checkpoints/<name>--step=100-last"
         )
-    state = {"model": model_sharded_state_dict(module)}
+    state = {"model": _without_other_impl_state(model_sharded_state_dict(module), path)}
     if not strict:
         saved = {k for k in _saved_keys(path)}
         state["model"] = {k: v for k, v in state["model"].items() if _key_of(v) in saved}
@@ -127,7 +129,10 @@ def load(path: str | Path, module, optimizer=None, strict: bool = True) -> dict:
     loaded = dist_checkpointing.load(state, str(path))
     model_sd = loaded["model"]
     if strict:
-        unwrap(module).load_state_dict(model_sd, strict=True)
+        missing, unexpected = unwrap(module).load_state_dict(model_sd, strict=False)
+        missing = [k for k in missing if not impl_only_key(k)]  # checkpoint of the other layer spec
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {path}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
     else:
         missing, unexpected = unwrap(module).load_state_dict(model_sd, strict=False)
         if unexpected:
@@ -135,6 +140,17 @@ def load(path: str | Path, module, optimizer=None, strict: bool = True) -> dict:
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     return loaded.get(COMMON_KEY, {})
+
+
+def _without_other_impl_state(sharded: dict, path: Path) -> dict:
+    """Drop entries only one layer implementation has (TE's `_extra_state`) when the checkpoint
+    lacks them: a checkpoint of the local spec loads into TE layers and vice versa."""
+    from megatron.core import dist_checkpointing
+
+    if not any(impl_only_key(k) for k in sharded):
+        return sharded
+    saved = set(dist_checkpointing.load_sharded_metadata(str(path)).keys())
+    return {k: v for k, v in sharded.items() if not impl_only_key(k) or _key_of(v) in saved}
 
 
 def _key_of(sharded) -> str | None:

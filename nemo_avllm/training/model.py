@@ -95,7 +95,7 @@ class AVLLMModel(ModelPT):
             model.cuda()
         self.trainable_counts = optim.freeze_for_stage(model, list(self._cfg.trainable))
         dist_opt = self.use_distributed_optimizer()
-        self.module = optim.wrap_ddp(model, dist_opt)
+        self.module = optim.wrap_ddp(model, dist_opt, **optim.overlap_settings(self._cfg, dist_opt, distributed.has_gpu()))
         self.optimizer = optim.build_optimizer(self.module, self._cfg.optim, DTYPES[self._cfg.params_dtype], dist_opt)
         cfg = model.config
         from megatron.core.distributed import finalize_model_grads

@@ -6,6 +6,7 @@ nodes the distributed optimizer shards the optimizer state over data-parallel ra
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -30,13 +31,52 @@ def freeze_for_stage(model, trainable: list[str]) -> dict[str, int]:
     return counts
 
 
-def wrap_ddp(model, use_distributed_optimizer: bool, overlap_grad_reduce: bool = False):
-    """megatron-core DDP: contiguous fp32 grad buffers, reduce over data-parallel ranks."""
+def overlap_settings(model_cfg, use_distributed_optimizer: bool, gpu: bool) -> dict[str, bool]:
+    """`model.overlap_grad_reduce` / `model.overlap_param_gather`: `auto` (default) = on with GPUs
+    (param-gather overlap only with the distributed optimizer, which is what gathers params)."""
+
+    def pick(key: str, default: bool) -> bool:
+        value = model_cfg.get(key, "auto")
+        if value == "auto":
+            return default
+        if not isinstance(value, bool):
+            raise ValueError(f"model.{key}={value!r}; expected auto, true or false")
+        return value
+
+    out = {
+        "overlap_grad_reduce": pick("overlap_grad_reduce", gpu),
+        "overlap_param_gather": pick("overlap_param_gather", gpu and use_distributed_optimizer),
+    }
+    if out["overlap_param_gather"] and not use_distributed_optimizer:
+        raise ValueError("model.overlap_param_gather=true needs the distributed optimizer (model.use_distributed_optimizer)")
+    return out
+
+
+@contextlib.contextmanager
+def params_synced(ddp_model):
+    """Parameters all-gathered now (a checkpoint save): with param-gather overlap they are
+    otherwise gathered lazily in the next forward (Megatron-LM does the same around saves)."""
+    overlap = getattr(getattr(ddp_model, "ddp_config", None), "overlap_param_gather", False)
+    if not overlap:
+        yield
+        return
+    ddp_model.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        ddp_model.enable_forward_pre_hook()
+
+
+def wrap_ddp(model, use_distributed_optimizer: bool, overlap_grad_reduce: bool = False,
+             overlap_param_gather: bool = False):
+    """megatron-core DDP: contiguous fp32 grad buffers, reduce over data-parallel ranks; the
+    reduce (and, with the distributed optimizer, the param all-gather) overlapped with compute."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False,  # NaN policy is ours (training.nan_policy)
     )
