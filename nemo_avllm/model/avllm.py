@@ -150,8 +150,9 @@ class AVLLM(MegatronModule):
     ) -> torch.Tensor:
         """Per-token loss [b, s] when `labels` are given (last stage), else logits / hidden states.
 
-        `features` (cached encoder outputs) replaces running the encoders on `video`/`audio`."""
-        if position_ids is None:
+        `features` (cached encoder outputs) replaces running the encoders on `video`/`audio`.
+        Later pipeline stages need no `input_ids` (their input is the previous stage's output)."""
+        if position_ids is None and input_ids is not None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
         decoder_input = None
         if self.pre_process:
@@ -161,7 +162,7 @@ class AVLLM(MegatronModule):
             # positions without loss get a valid id; the loss mask removes them (Eq. 6)
             labels = labels.clamp(min=0)
         return self.llm(
-            input_ids=input_ids.clamp(min=0),
+            input_ids=input_ids.clamp(min=0) if input_ids is not None else None,
             position_ids=position_ids,
             attention_mask=attention_mask,
             decoder_input=decoder_input,

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from nemo_avllm import modality
 from nemo_avllm.runtime import distributed
-from nemo_avllm.training import optim
+from nemo_avllm.training import broadcast, optim
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,11 @@ class AVLLMModel(ModelPT):
                 batch = next(dataloader_iter)
                 if isinstance(batch, tuple):  # Lightning yields (batch, batch_idx, dataloader_idx)
                     batch = batch[0]
-                _count(batch, stats)
-                yield _to_device(batch)
+                # read on TP rank 0 of the stages that use data, broadcast to the other TP ranks
+                batch = broadcast.stage_batch(batch, distributed.device())
+                if "input_ids" in batch:
+                    _count(batch, stats)
+                yield batch
 
         self.module.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -259,17 +262,3 @@ def _all_reduce_counts(stats: dict) -> dict:
     t = torch.tensor([float(stats[k]) for k in keys], device=distributed.device())
     torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
     return dict(zip(keys, t.cpu().tolist()))
-
-
-def _to_device(batch: dict) -> dict:
-    if not distributed.has_gpu():
-        return batch
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.cuda(non_blocking=True)
-        elif isinstance(v, dict):
-            out[k] = {kk: vv.cuda(non_blocking=True) if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()}
-        else:
-            out[k] = v
-    return out
