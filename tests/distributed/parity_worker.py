@@ -56,7 +56,8 @@ def run(args) -> dict:
     distributed.initialize(args.tp, args.pp, seed=args.seed)
     cfg = config.load_model(
         "tiny",
-        [f"tensor_model_parallel_size={args.tp}", f"pipeline_model_parallel_size={args.pp}"],
+        [f"tensor_model_parallel_size={args.tp}", f"pipeline_model_parallel_size={args.pp}",
+         f"num_layers_in_first_pipeline_stage={args.first_stage_layers or 'null'}"],
     )
     model = build_model(cfg)
     if args.mode == "reference":
@@ -108,7 +109,8 @@ def run(args) -> dict:
     ref = torch.load(f"{args.dir}/reference.pt", weights_only=True)
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     params = parallel_layout.local_tensors(model)
-    report = {"grad_max_abs_diff": 0.0, "grad_max_ref": 0.0, "num_grads": 0, "missing_grads": []}
+    report = {"grad_max_abs_diff": 0.0, "grad_max_ref": 0.0, "num_grads": 0, "missing_grads": [],
+              "num_layers": len(model.llm.decoder.layers)}
     for name, g in grads.items():
         if name not in ref["grads"]:
             report["missing_grads"].append(name)
@@ -142,11 +144,13 @@ def main() -> int:
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--first-stage-layers", type=int, default=None, help="uneven pipeline split (stage 0's LLM layers)")
     args = p.parse_args()
     torch.set_num_threads(1)
     out = run(args)
     if torch.distributed.get_rank() == 0 and out:
-        with open(f"{args.dir}/report_tp{args.tp}_pp{args.pp}.json", "w") as f:
+        suffix = f"_first{args.first_stage_layers}" if args.first_stage_layers else ""
+        with open(f"{args.dir}/report_tp{args.tp}_pp{args.pp}{suffix}.json", "w") as f:
             json.dump(out, f, indent=1)
     from nemo_avllm.runtime import distributed
 
