@@ -128,3 +128,21 @@ def build_scheduler(optimizer, optim_cfg, max_steps: int):
         wd_incr_steps=max_steps,
         wd_incr_style="constant",
     )
+
+
+def setup_training(model, model_cfg, use_distributed_optimizer: bool, gpu: bool):
+    """Stage freezing, megatron DDP (with the configured overlaps), optimizer and the megatron
+    config hooks the pipeline schedules call, for a model built by the provider. Returns
+    (ddp_model, optimizer). For tools that train without Lightning (benchmarks, GPU checks)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    from nemo_avllm.model.provider import DTYPES
+
+    freeze_for_stage(model, list(model_cfg.trainable))
+    model.config.calculate_per_token_loss = True  # before DDP: it decides how DDP scales grads
+    ddp = wrap_ddp(model, use_distributed_optimizer, **overlap_settings(model_cfg, use_distributed_optimizer, gpu))
+    optimizer = build_optimizer(ddp, model_cfg.optim, DTYPES[model_cfg.params_dtype], use_distributed_optimizer)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.grad_scale_func = optimizer.scale_loss
+    model.config.no_sync_func = ddp.no_sync
+    return ddp, optimizer
