@@ -145,11 +145,12 @@ def load(path: str | Path, module, optimizer=None, strict: bool = True) -> dict:
 def _without_other_impl_state(sharded: dict, path: Path) -> dict:
     """Drop entries only one layer implementation has (TE's `_extra_state`) when the checkpoint
     lacks them: a checkpoint of the local spec loads into TE layers and vice versa."""
-    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     if not any(impl_only_key(k) for k in sharded):
         return sharded
-    saved = set(dist_checkpointing.load_sharded_metadata(str(path)).keys())
+    # objects are listed per shard: `<key>/shard_<i>_<n>`
+    saved = {k.split("/shard_", 1)[0] for k in load_sharded_metadata(str(path))}
     return {k: v for k, v in sharded.items() if not impl_only_key(k) or _key_of(v) in saved}
 
 

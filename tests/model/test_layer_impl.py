@@ -159,3 +159,25 @@ def test_collective_timeout_is_a_config_key():
     assert trainer.strategy.timeout_minutes == 7
     with pytest.raises(ValueError, match="dist_timeout_minutes=0"):
         distributed.check_timeout(0)
+
+
+def test_checkpoint_without_the_other_specs_extra_state_loads_strictly(dist1, tmp_path):
+    """A checkpoint of one layer spec lacks `_extra_state` entries the other has (TE's attention):
+    a strict load still takes every weight."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_avllm.training import checkpoint
+
+    cfg = config.load_model("tiny", ["build_encoders=false"])
+    torch.manual_seed(1)
+    src = build_model(cfg)
+    sharded = {k: v for k, v in src.sharded_state_dict(prefix="").items() if not llm.impl_only_key(k)}
+    (tmp_path / "ckpt").mkdir()
+    checkpoint._sync_writer_queue()
+    dist_checkpointing.save({"model": sharded, checkpoint.COMMON_KEY: {}}, str(tmp_path / "ckpt"))
+    torch.manual_seed(2)
+    dst = build_model(cfg)
+    checkpoint.load(tmp_path / "ckpt", dst, strict=True)
+    for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
