@@ -72,9 +72,15 @@ def encoder_flops_per_sample(model, video, audio) -> float:
     return float(counter.get_total_flops())
 
 
-def _model_overrides(args) -> list[str]:
-    import importlib.util
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+        return True
+    except ImportError:
+        return False
 
+
+def _model_overrides(args) -> list[str]:
     from nemo_avllm import config
 
     o = [f"model={args.model}", f"model.transformer_impl={args.impl}", f"model.params_dtype={args.dtype}",
@@ -83,8 +89,10 @@ def _model_overrides(args) -> list[str]:
          f"model.global_batch_size={args.global_batch}"]
     if args.num_layers:
         o.append(f"model.llm.num_layers={args.num_layers}")
+    if args.fp8:
+        o.append(f"model.fp8={args.fp8}")
     vision = config.load_model(args.model).vision
-    if importlib.util.find_spec("open_clip") is None and not vision.get("model_config"):
+    if not _importable("open_clip") and not vision.get("model_config"):
         if args.encoders or vision.model_name not in OPEN_CLIP_CONFIGS:
             raise SystemExit(f"open_clip is not installed: needed for {vision.model_name} (--encoders or an unknown tower)")
         c = OPEN_CLIP_CONFIGS[vision.model_name]
@@ -149,7 +157,8 @@ def run_model(args) -> str:
     mfu = f"{achieved / (peak * 1e12):.3f}" if peak else "n/a"
     mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan")
     line = (f"train stage={args.stage} model={args.model} layers={model.cfg.llm.num_layers} impl={model.cfg.transformer_impl} "
-            f"inputs={'encoders' if args.encoders else 'features'} recompute={args.recompute} seq={args.seq_length} "
+            f"fp8={args.fp8 or 'off'} inputs={'encoders' if args.encoders else 'features'} recompute={args.recompute} "
+            f"seq={args.seq_length} "
             f"mbs={args.micro_batch} gbs={args.global_batch} tokens_per_s_per_gpu={tokens / step_time / world:.0f} "
             f"samples_per_s={args.global_batch / step_time:.2f} model_tflops_per_gpu={achieved / 1e12:.1f} mfu={mfu} "
             f"peak_mem_gib={mem:.1f} step_time_s={step_time:.3f} loss={loss:.3f} build_s={t_build:.1f} device={name.replace(' ', '_')}")
@@ -209,6 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--recompute", action="store_true")
+    ap.add_argument("--fp8", default=None, choices=["hybrid", "e4m3"], help="FP8 with Transformer Engine (Hopper+)")
     ap.add_argument("--encoders", action="store_true", help="frozen encoders in the loop on synthetic media")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, if not in the table")
     ap.add_argument("--out", default=None, help="append the result line(s) to this file")

@@ -29,10 +29,13 @@ class VisionEncoderConfig:
     std: tuple = CLIP_STD
 
     def open_clip_config(self) -> dict:
-        """The open_clip model config ({embed_dim, vision_cfg, quick_gelu}) of this encoder."""
+        """The open_clip model config ({embed_dim, vision_cfg, quick_gelu}) of this encoder
+        (a given `model_config` needs no open_clip: widths without the encoder installed)."""
+        if self.model_config:
+            return dict(self.model_config)
         import open_clip
 
-        cfg = dict(self.model_config) if self.model_config else open_clip.get_model_config(self.model_name)
+        cfg = open_clip.get_model_config(self.model_name)
         if cfg is None:
             raise ValueError(
                 f"model.vision.model_name={self.model_name!r} is not an open_clip model; "
