@@ -57,7 +57,10 @@ class DecodeSettings:
     def from_model_config(cls, model_cfg, backend: str = "cpu") -> "DecodeSettings":
         from nemo_avllm.model.provider import avllm_config
 
+        from nemo_avllm.data.media import resolve_backend
+
         cfg = avllm_config(model_cfg)
+        backend = resolve_backend(backend)  # decided once per run, so every worker agrees
         return cls(
             num_frames=cfg.num_frames,
             num_audio_segments=cfg.num_audio_segments,
@@ -119,6 +122,55 @@ def load_media(src: MediaSource, s: DecodeSettings, video: bool, audio: bool):
         if a is None:
             raise MediaError(src.audio, "no audio track, but the sample's tokens ask for audio")
     return v, a
+
+
+_BATCH_DECODERS: dict = {}
+
+
+def load_media_batch(sources: Sequence[MediaSource], s: DecodeSettings, audio: Sequence[bool]) -> list:
+    """`load_media(video=True)` for several clips: per clip (video, audio) or the MediaError.
+
+    In a DALI run the videos DALI reads go through one batched `VideoBatchDecoder` call (NVDEC on
+    a GPU); still images and codecs it lacks take the per-clip path. Audio comes from
+    `load_media` (the FLAC side-car)."""
+    from nemo_avllm.data import media
+
+    out: list = [None] * len(sources)
+    batched = []
+    if s.backend != "cpu":
+        device = "gpu" if media.cuda_available() else "cpu"
+        for i, src in enumerate(sources):
+            try:
+                info = src.info or media.probe(src.video)
+            except MediaError as e:
+                out[i] = e
+                continue
+            if media.dali_reads_video(info, device):
+                batched.append((i, info))
+    if batched:
+        from dali_pipelines.video import VideoBatchDecoder
+
+        key = (len(sources), s.image_size, device)
+        if key not in _BATCH_DECODERS:
+            _BATCH_DECODERS[key] = VideoBatchDecoder(len(sources), image_size=s.image_size, device=device)
+        items = [(sources[i].video, media.sample_frame_indices(info.num_frames, s.num_frames), info.rotation)
+                 for i, info in batched]
+        video, ok = _BATCH_DECODERS[key].decode(items)
+        for k, (i, _) in enumerate(batched):
+            if not ok[k]:
+                out[i] = MediaError(sources[i].video, f"DALI ({device}) could not decode it")
+                continue
+            try:
+                out[i] = (video[k], load_media(sources[i], s, video=False, audio=audio[i])[1])
+            except MediaError as e:
+                out[i] = e
+    for i, src in enumerate(sources):
+        if out[i] is None:
+            try:
+                out[i] = load_media(src, s, video=True, audio=audio[i])
+            except MediaError as e:
+                out[i] = e
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,12 +317,19 @@ def build_item(
 # --------------------------------------------------------------------------------------------
 
 
-def stack_rows(rows: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """Stack per-sample tensors, zeros for samples without one; None if no sample has one."""
-    ref = next((r for r in rows if r is not None), None)
-    if ref is None:
+def stack_rows(rows: list[torch.Tensor | None], device: torch.device | str | None = None) -> torch.Tensor | None:
+    """Stack per-sample tensors, zeros for samples without one; None if no sample has one.
+
+    Rows can come from different decoders (DALI on the GPU for NVDEC codecs, the CPU decoder for
+    images): the batch goes to one device, `device` if given, else the accelerator any row is on
+    (else the CPU), so CPU and CUDA tensors are never stacked together."""
+    present = [r for r in rows if r is not None]
+    if not present:
         return None
-    return torch.stack([r if r is not None else torch.zeros_like(ref) for r in rows])
+    if device is None:
+        device = next((r.device for r in present if r.device.type != "cpu"), torch.device("cpu"))
+    ref = present[0].to(device)
+    return torch.stack([r.to(device) if r is not None else torch.zeros_like(ref) for r in rows])
 
 
 def collate_av(items: list[dict | None], seq_length: int | None = None, pad_id: int = 0) -> dict:
@@ -301,6 +360,15 @@ def collate_av(items: list[dict | None], seq_length: int | None = None, pad_id: 
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decode/resize workers: one core each, no oversubscription
+    if torch.cuda.is_available():  # DALI/NVDEC in this worker: this rank's GPU, not GPU 0
+        torch.cuda.set_device(worker_gpu())
+
+
+def worker_gpu(environ: dict | None = None) -> int:
+    """The GPU of this process's rank on its node (LOCAL_RANK / SLURM_LOCALID; workers inherit it)."""
+    from nemo_avllm.runtime.distributed import read_launch_env
+
+    return read_launch_env(environ).local_rank
 
 
 def worker_context():
