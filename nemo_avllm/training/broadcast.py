@@ -4,7 +4,9 @@ Megatron-LM's `broadcast_data` pattern: the TP ranks of one pipeline stage hold 
 of the data, so only TP rank 0 reads the micro-batch (decoding, tokenising) and broadcasts its
 tensors to the other TP ranks. The first stage needs the tokens and the media (embedding,
 encoders), the last one the labels and loss mask, middle stages nothing: their input arrives from
-the previous stage. `reads_data()` says whether this rank builds a data loader at all.
+the previous stage. Media stay on TP rank 0, which runs the frozen encoders for its group
+(`AVLLM.encode` broadcasts their outputs). `reads_data()` says whether this rank builds a data
+loader at all.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import torch
 
 FIRST_STAGE_KEYS = ("input_ids", "position_ids", "video", "audio", "features")
+# media stay on TP rank 0: it runs the frozen encoders and broadcasts their outputs (AVLLM.encode)
+SOURCE_ONLY_KEYS = ("video", "audio")
 LAST_STAGE_KEYS = ("labels", "loss_mask")
 INFO_KEYS = ("ids", "modality", "bad_media")  # small Python lists: counting and logging
 
@@ -86,11 +90,12 @@ def stage_batch(batch: dict | None, device: torch.device | None = None) -> dict:
     group, src = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank()
     header, tensors = [None], {}
     if src_rank:
-        specs, tensors, info = _flatten(batch, keys)
+        out = _flatten(batch, [k for k in keys if k in SOURCE_ONLY_KEYS])[1]  # kept here, not sent
+        specs, tensors, info = _flatten(batch, [k for k in keys if k not in SOURCE_ONLY_KEYS])
         header = [(specs, info)]  # shapes, dtypes and the small lists
     torch.distributed.broadcast_object_list(header, src=src, group=group, device=device)
     specs, info = header[0]
-    out = {}
+    out = {p: t.to(device) if device is not None else t for p, t in out.items()} if src_rank else {}
     for path, shape, dtype in specs:
         wire = torch.uint8 if dtype == torch.bool else dtype  # gloo has no bool collectives
         if src_rank:

@@ -69,6 +69,8 @@ def run(args) -> dict:
 
     image_size = cfg.vision.model_config.vision_cfg.image_size
     batches = make_batches(model.layout, cfg.llm.vocab_size, args.microbatches, 2, args.seq_len, image_size, seed=7)
+    if ps.get_tensor_model_parallel_rank() > 0:  # TP rank 0 encodes for its group (AVLLM.encode)
+        batches = [{k: v for k, v in b.items() if k not in ("video", "audio")} for b in batches]
     fb = get_forward_backward_func()
     model.config.calculate_per_token_loss = False
     losses = fb(
