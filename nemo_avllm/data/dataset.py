@@ -214,6 +214,7 @@ class AVDataset(torch.utils.data.Dataset):
                 self._by_view.setdefault(view, []).append(i)
         self._pos = {v: {i: k for k, i in enumerate(ids)} for v, ids in self._by_view.items()}
         self.bad: dict[str, str] = {}  # media id -> reason (this process): skipped from now on
+        self._predecoded: dict[int, tuple] = {}  # sample index -> (video, audio), within __getitems__
         self.bad_samples: dict[int, str] = {}  # sample index -> reason (unusable conversation)
 
     def __len__(self) -> int:
@@ -254,6 +255,25 @@ class AVDataset(torch.utils.data.Dataset):
             f"({self.samples[i].file}:{self.samples[i].line}) could not be loaded; the data is broken: "
             f"rerun `avllm prepare` and check bad_files.jsonl")
 
+    def __getitems__(self, items) -> list:
+        """A whole micro-batch (the DataLoader calls this with the batch sampler's items). In a
+        DALI run the videos of the batch's own samples are decoded in one batched call first;
+        anything that fails there takes the per-item path with its replacement rules."""
+        if self.cache is None and self.settings.backend != "cpu":
+            todo = []
+            for item in items:
+                i, view = self._parse(item)
+                sample = self.samples[i]
+                if "V" in view and sample.media_id not in self.bad and i not in self._predecoded:
+                    todo.append((i, MediaSource.of(sample, self.index), "A" in view))
+            if todo:
+                decoded = load_media_batch([src for _, src, _ in todo], self.settings, [a for _, _, a in todo])
+                self._predecoded = {i: got for (i, _, _), got in zip(todo, decoded) if not isinstance(got, MediaError)}
+        try:
+            return [self[item] for item in items]
+        finally:
+            self._predecoded = {}
+
     def _mark_bad(self, sample: Sample, view: str, e: Exception, key) -> None:
         (self.bad if isinstance(key, str) else self.bad_samples)[key] = str(e)
         log.warning("sample %s (%s:%d) replaced by the next good %s sample: %s",
@@ -271,7 +291,8 @@ class AVDataset(torch.utils.data.Dataset):
         else:
             source = MediaSource.of(sample, self.index)
         item = build_item(sample, view, self.tokenizer, self.layout, self.settings, source=source,
-                          features=features, max_length=self.max_length, template=self.template)
+                          features=features, max_length=self.max_length, template=self.template,
+                          decoded=self._predecoded.get(i))
         item["index"] = i
         return item
 
@@ -287,9 +308,11 @@ def build_item(
     features: dict[str, torch.Tensor] | None = None,
     max_length: int | None = None,
     template: ConversationTemplate = ConversationTemplate(),
+    decoded: tuple | None = None,
 ) -> dict:
     """One training item (shared by AVDataset and the shard reader): tokens of `view`, plus the
-    media its tokens need, decoded from `source` or picked from cached `features`."""
+    media its tokens need, decoded from `source` (or already decoded: `decoded` = (video, audio))
+    or picked from cached `features`."""
     tokens = tokenize_conversation(sample.conversation(view), tokenizer, layout, template, max_length=max_length)
     ids = torch.tensor(tokens.input_ids).unsqueeze(0)
     want_v, want_a = bool(modality.needs_visual(ids)), bool(modality.needs_audio(ids))
@@ -304,7 +327,10 @@ def build_item(
             picked["audio"] = features["audio"]
         item["features"] = picked
         return item
-    video, audio = load_media(source, settings, want_v, want_a)
+    if decoded is not None and want_v and (decoded[1] is not None or not want_a):
+        video, audio = decoded[0], decoded[1] if want_a else None
+    else:
+        video, audio = load_media(source, settings, want_v, want_a)
     if video is not None:
         item["video"] = video
     if audio is not None:

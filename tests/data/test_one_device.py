@@ -70,3 +70,43 @@ def test_dali_run_decodes_a_batch_in_one_call(tmp_path):
         one = dali_video.decode_video_dali(src.video, media.sample_frame_indices(info.num_frames, 4), image_size=40)
         assert video.shape == (4, 3, 40, 40) and torch.allclose(video, one, atol=1e-5)
     assert got[0][1].shape == (2, 4800) and got[1][1] is None
+
+
+def test_training_dataset_decodes_each_micro_batch_in_one_dali_call(tmp_path, tokenizer):
+    pytest.importorskip("nvidia.dali", reason="needs nvidia-dali")
+    import json
+
+    from dali_pipelines import video as dali_video
+    from nemo_avllm import config
+    from nemo_avllm.data.dataset import AVDataset, layout_of
+    from nemo_avllm.data.manifest import validate_manifest
+    from tests.media_factory import FFMPEG, color_frames, conv, make_clip, tone
+
+    if FFMPEG is None:
+        pytest.skip("needs the ffmpeg binary to make test media")
+    frames = color_frames(12, 64, 64)
+    for name in ("a", "b", "c"):
+        make_clip(tmp_path / f"{name}.webm", frames, vcodec="vp9", audio=tone(1.0, 48000), acodec="opus")
+    lines = [{"id": "v", "video": "a.webm", "conversations": conv("<VIS> What colour is the square?", "Red.")},
+             {"id": "av", "video": "b.webm", "conversations": conv("<AUD_VIS> Describe it.", "A red square.")},
+             {"id": "a", "video": "c.webm", "conversations": conv("<AUD> What do you hear?", "A tone.")}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    samples, _ = validate_manifest(tmp_path / "m.jsonl")
+    model_cfg = config.load_model("tiny")
+    dali = AVDataset(samples, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg, "dali"))
+    per_clip = AVDataset(samples, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg, "dali"))
+    calls = []
+    run = dali_video.VideoBatchDecoder._run
+    dali_video.VideoBatchDecoder._run = lambda self, enc, fr, rot: calls.append(len(enc)) or run(self, enc, fr, rot)
+    try:
+        batch = dali.__getitems__([0, 1, 2])
+    finally:
+        dali_video.VideoBatchDecoder._run = run
+    assert calls == [2]  # the two samples that need video, in one pipeline run; audio-only needs none
+    for got, want in zip(batch, (per_clip[i] for i in range(3))):
+        assert got["tokens"].input_ids == want["tokens"].input_ids
+        assert ("video" in got) == ("video" in want) and ("audio" in got) == ("audio" in want)
+        if "video" in got:
+            assert torch.allclose(got["video"], want["video"], atol=1e-5)
+        if "audio" in got:
+            assert torch.equal(got["audio"], want["audio"])
