@@ -86,7 +86,7 @@ def run(args) -> dict:
 
     def logits_step(data_iterator, model):
         b = next(data_iterator)
-        out = model(input_ids=b["input_ids"], video=b["video"], audio=b["audio"], runtime_gather_output=True)
+        out = model(input_ids=b["input_ids"], video=b.get("video"), audio=b.get("audio"), runtime_gather_output=True)
         return out, lambda o: (o.sum() * 0, {"logits": o.detach().clone()})
 
     logit_out = fb(
