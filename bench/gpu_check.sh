@@ -42,7 +42,10 @@ fi
 # --- the project's pure-Python pieces, from wheels when the machine lacks them ------------------
 SITE=/tmp/avllm_site
 missing=()
-for mod in megatron.core omegaconf hydra; do has "$mod" || missing+=("$mod"); done
+for mod in omegaconf hydra; do has "$mod" || missing+=("$mod"); done
+# megatron-core: the project needs 0.19.x (an NGC container may ship another)
+"$PY" -c "import megatron.core as m, sys; sys.exit(0 if m.__version__.startswith('0.19.') else 1)" >/dev/null 2>&1 \
+    || missing+=("megatron.core==0.19")
 if [ ${#missing[@]} -gt 0 ]; then
     if ! ls "$REPO"/bench/wheels/*.whl >/dev/null 2>&1; then
         log "skip all: missing ${missing[*]} and no wheels in bench/wheels (run bench/fetch_wheels.sh and carry that folder)"
