@@ -1,12 +1,29 @@
-"""Training throughput on the tiny config (CPU or GPU), with and without the feature cache.
+"""Training throughput, model FLOPs, MFU and peak memory.
 
-Generates the demo's synthetic clips (ffmpeg), prepares them, caches encoder features, then runs
-stage 2 (projectors + LLM trainable) for `--steps` steps twice: decoding media on the fly (frozen
-encoders in the loop) and reading cached features. Prints one line per mode:
+`--mode model` (default): megatron-core forward-backward + optimizer steps of one training stage
+on synthetic micro-batches (every sample an <AUD_VIS> conversation filling `--seq-length`), on
+any model config (`--model vicuna7b --num-layers 16`), with either cached-feature inputs (the
+encoders' outputs, as training with a feature cache reads them) or `--encoders` (frozen ViT and
+HTSAT in the loop; needs open_clip and laion_clap). Prints one line per run, and appends it to
+`--out`:
+
+    train stage=2 model=vicuna7b layers=16 impl=local seq=2048 mbs=2 gbs=16 tokens_per_s_per_gpu=...
+          samples_per_s=... model_tflops_per_gpu=... mfu=... peak_mem_gib=... step_time_s=...
+
+Model FLOPs (bench/RESULTS.md states the formula): per token, LLM forward 2·N + 4·L·s·h (N: LLM
+weights that multiply, i.e. all but the input embedding; the attention term counts the full
+s×s score matrix); stage 2 trains the LLM: ×3 (forward, input and weight gradients); stage 1
+freezes it, but gradients still flow back through it to the projectors: ×2. Projectors forward
++ weight gradient; encoders forward only (counted by torch's FlopCounterMode on one sample).
+MFU = model FLOPs per second per GPU / the card's dense bf16 peak.
+
+`--mode pipeline`: the tiny config end to end through `avllm train` (data decoding with PyAV
+workers vs the feature cache), as before:
 
     train mode=cache steps_per_s=... samples_per_s=... tokens_per_s=... step_time_s=...
 
-Usage: python bench/bench_train.py [--clips 128] [--steps 20] [--workdir /tmp/avllm_bench_train]
+Usage: python bench/bench_train.py --model vicuna7b --stage 2 --num-layers 16 --impl local
+       python bench/bench_train.py --mode pipeline [--clips 128] [--steps 20]
 """
 
 from __future__ import annotations
@@ -14,19 +31,142 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
+# dense bf16 peak (TFLOP/s) of the cards this runs on, by a substring of torch's device name
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4), ("GH200", 989.4),
+                    ("A100", 312.0), ("B200", 2250.0), ("L40S", 362.1))
+# open_clip configs of the vision towers, for machines without open_clip (`--encoders` needs it)
+OPEN_CLIP_CONFIGS = {
+    "ViT-L-14-quickgelu": {"embed_dim": 768, "quick_gelu": True,
+                           "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14}},
+}
+STAGES = {1: "stage1_pretrain", 2: "stage2_finetune"}
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--clips", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--global-batch", type=int, default=16)
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers when decoding")
-    ap.add_argument("--workdir", default="/tmp/avllm_bench_train")
-    args = ap.parse_args(argv)
 
+def peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS if k in device_name), None)
+
+
+def llm_flops_per_token(llm, seq: int, stage: int) -> float:
+    """Model FLOPs of the LLM per token of a training step (see the module docstring)."""
+    n = llm.num_parameters() - llm.padded_vocab_size * llm.hidden_size  # no FLOPs in the embedding lookup
+    forward = 2 * n + 4 * llm.num_layers * seq * llm.hidden_size
+    return forward * (3 if stage == 2 else 2)
+
+
+def projector_flops_per_sample(model) -> float:
+    """Forward + weight gradient of the three projectors for one <AUD_VIS> sample."""
+    lay, h = model.layout, model.cfg.llm.hidden_size
+    dv, da = model.cfg.vision.geometry()["width"], model.cfg.audio.width
+    return 2 * 2 * h * ((lay.num_frames + lay.num_patches) * dv + lay.num_audio_segments * da)
+
+
+def encoder_flops_per_sample(model, video, audio) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model.vision(video[:1])
+        model.audio(audio[:1])
+    return float(counter.get_total_flops())
+
+
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+        return True
+    except ImportError:
+        return False
+
+
+def _model_overrides(args) -> list[str]:
+    from nemo_avllm import config
+
+    o = [f"model={args.model}", f"model.transformer_impl={args.impl}", f"model.params_dtype={args.dtype}",
+         f"model.build_encoders={str(args.encoders).lower()}", f"model.seq_length={args.seq_length}",
+         f"model.activations_checkpoint={str(args.recompute).lower()}", f"model.micro_batch_size={args.micro_batch}",
+         f"model.global_batch_size={args.global_batch}"]
+    if args.num_layers:
+        o.append(f"model.llm.num_layers={args.num_layers}")
+    if args.fp8:
+        o.append(f"model.fp8={args.fp8}")
+    vision = config.load_model(args.model).vision
+    if not _importable("open_clip") and not vision.get("model_config"):
+        if args.encoders or vision.model_name not in OPEN_CLIP_CONFIGS:
+            raise SystemExit(f"open_clip is not installed: needed for {vision.model_name} (--encoders or an unknown tower)")
+        c = OPEN_CLIP_CONFIGS[vision.model_name]
+        v = c["vision_cfg"]
+        o.append(f"model.vision.model_config={{embed_dim:{c['embed_dim']},quick_gelu:{str(c['quick_gelu']).lower()},"
+                 f"vision_cfg:{{image_size:{v['image_size']},layers:{v['layers']},width:{v['width']},"
+                 f"patch_size:{v['patch_size']}}}}}")
+    return o
+
+
+def run_model(args) -> str:
+    import torch
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from nemo_avllm import config
+    from nemo_avllm.model.provider import DTYPES, build_model
+    from nemo_avllm.runtime import distributed
+    from nemo_avllm.training import optim
+    from nemo_avllm.training.step import forward_step
+    from nemo_avllm.training.synthetic import synthetic_batches
+
+    distributed.initialize(1, 1, seed=1234)
+    gpu = distributed.has_gpu()
+    device = distributed.device()
+    cfg = config.load(STAGES[args.stage], _model_overrides(args)).model
+    dtype = DTYPES[cfg.params_dtype]
+    t_build = time.perf_counter()
+    model = build_model(cfg)
+    if gpu:
+        model.cuda()
+    ddp, optimizer = optim.setup_training(model, cfg, use_distributed_optimizer=gpu, gpu=gpu)
+    t_build = time.perf_counter() - t_build
+    n_mb = args.global_batch // args.micro_batch
+    batches = synthetic_batches(model, n_mb, args.micro_batch, args.seq_length, device, args.encoders, dtype)
+    enc_flops = encoder_flops_per_sample(model, batches[0]["video"], batches[0]["audio"]) if args.encoders else 0.0
+    fb = get_forward_backward_func()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(args.warmup + args.steps):
+        if gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = fb(forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp], num_microbatches=n_mb,
+                    seq_length=args.seq_length, micro_batch_size=args.micro_batch, forward_only=False)
+        optimizer.step()
+        if gpu:
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    loss = sum(float(d["lm loss"][0]) for d in losses) / max(1.0, sum(float(d["lm loss"][1]) for d in losses))
+    step_time = statistics.median(times)
+    tokens = args.global_batch * args.seq_length
+    flops = (tokens * llm_flops_per_token(model.cfg.llm, args.seq_length, args.stage)
+             + args.global_batch * (projector_flops_per_sample(model) + enc_flops))
+    world = torch.distributed.get_world_size()
+    achieved = flops / step_time / world
+    name = torch.cuda.get_device_name() if gpu else "cpu"
+    peak = args.peak_tflops or (peak_tflops(name) if gpu else None)
+    mfu = f"{achieved / (peak * 1e12):.3f}" if peak else "n/a"
+    mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan")
+    line = (f"train stage={args.stage} model={args.model} layers={model.cfg.llm.num_layers} impl={model.cfg.transformer_impl} "
+            f"fp8={args.fp8 or 'off'} inputs={'encoders' if args.encoders else 'features'} recompute={args.recompute} "
+            f"seq={args.seq_length} "
+            f"mbs={args.micro_batch} gbs={args.global_batch} tokens_per_s_per_gpu={tokens / step_time / world:.0f} "
+            f"samples_per_s={args.global_batch / step_time:.2f} model_tflops_per_gpu={achieved / 1e12:.1f} mfu={mfu} "
+            f"peak_mem_gib={mem:.1f} step_time_s={step_time:.3f} loss={loss:.3f} build_s={t_build:.1f} device={name.replace(' ', '_')}")
+    distributed.destroy()
+    return line
+
+
+def run_pipeline(args) -> list[str]:
     from nemo_avllm import config
     from nemo_avllm.data.features import build_feature_cache
     from nemo_avllm.data.prepare import prepare
@@ -41,6 +181,7 @@ def main(argv=None) -> int:
     prepare(str(paths["stage2"]), work / "prepared", progress=False)
     build_feature_cache(work / "prepared", work / "features", config.load_model("tiny", ["allow_random_init=true"]), index=work / "prepared",
                         dtype="fp32", progress=False)
+    lines = []
     for mode in ("decode", "cache"):
         name = f"bench_{mode}"
         cfg = config.load("stage2_finetune", [
@@ -58,9 +199,42 @@ def main(argv=None) -> int:
         m = read_metrics(log_dir)[-args.steps:][2:]  # drop warm-up steps (worker start, first batches)
         step = statistics.median(x["step_time_s"] for x in m)
         tokens = statistics.median(x["tokens_per_s"] for x in m)
-        print(f"train mode={mode} model=tiny gbs={args.global_batch} steps_per_s={1 / step:.3f} "
-              f"samples_per_s={args.global_batch / step:.1f} tokens_per_s={tokens:.0f} step_time_s={step:.3f}",
-              flush=True)
+        lines.append(f"train mode={mode} model=tiny gbs={args.global_batch} steps_per_s={1 / step:.3f} "
+                     f"samples_per_s={args.global_batch / step:.1f} tokens_per_s={tokens:.0f} step_time_s={step:.3f}")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=["model", "pipeline"], default="model")
+    ap.add_argument("--model", default="vicuna7b", help="conf/model/<name>.yaml")
+    ap.add_argument("--stage", type=int, choices=[1, 2], default=2, help="1: LLM frozen; 2: LLM trained")
+    ap.add_argument("--impl", default="auto", choices=["auto", "local", "transformer_engine"])
+    ap.add_argument("--num-layers", type=int, default=None, help="LLM layers (default: the config's)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--seq-length", type=int, default=2048)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--global-batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--recompute", action="store_true")
+    ap.add_argument("--fp8", default=None, choices=["hybrid", "e4m3"], help="FP8 with Transformer Engine (Hopper+)")
+    ap.add_argument("--encoders", action="store_true", help="frozen encoders in the loop on synthetic media")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, if not in the table")
+    ap.add_argument("--out", default=None, help="append the result line(s) to this file")
+    # --mode pipeline
+    ap.add_argument("--clips", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers when decoding")
+    ap.add_argument("--workdir", default="/tmp/avllm_bench_train")
+    args = ap.parse_args(argv)
+    if args.global_batch % args.micro_batch:
+        ap.error("--global-batch must be a multiple of --micro-batch")
+    lines = [run_model(args)] if args.mode == "model" else run_pipeline(args)
+    for line in lines:
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
     return 0
 
 

@@ -65,7 +65,9 @@ def tiny_cfg():
 
 def torchrun(script: str | Path, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `script` on `nproc` local gloo processes; fail the test with the output on error."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # the repo first; keep a caller's PYTHONPATH (bench/gpu_check.sh puts carried wheels there)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     cmd = [*torchrun_cmd(nproc), str(script), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

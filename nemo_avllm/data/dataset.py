@@ -59,7 +59,10 @@ class DecodeSettings:
     def from_model_config(cls, model_cfg, backend: str = "cpu") -> "DecodeSettings":
         from nemo_avllm.model.provider import avllm_config
 
+        from nemo_avllm.data.media import resolve_backend
+
         cfg = avllm_config(model_cfg)
+        backend = resolve_backend(backend)  # decided once per run, so every worker agrees
         return cls(
             num_frames=cfg.num_frames,
             num_audio_segments=cfg.num_audio_segments,
@@ -123,6 +126,55 @@ def load_media(src: MediaSource, s: DecodeSettings, video: bool, audio: bool):
     return v, a
 
 
+_BATCH_DECODERS: dict = {}
+
+
+def load_media_batch(sources: Sequence[MediaSource], s: DecodeSettings, audio: Sequence[bool]) -> list:
+    """`load_media(video=True)` for several clips: per clip (video, audio) or the MediaError.
+
+    In a DALI run the videos DALI reads go through one batched `VideoBatchDecoder` call (NVDEC on
+    a GPU); still images and codecs it lacks take the per-clip path. Audio comes from
+    `load_media` (the FLAC side-car)."""
+    from nemo_avllm.data import media
+
+    out: list = [None] * len(sources)
+    batched = []
+    if s.backend != "cpu":
+        device = "gpu" if media.cuda_available() else "cpu"
+        for i, src in enumerate(sources):
+            try:
+                info = src.info or media.probe(src.video)
+            except MediaError as e:
+                out[i] = e
+                continue
+            if media.dali_reads_video(info, device):
+                batched.append((i, info))
+    if batched:
+        from dali_pipelines.video import VideoBatchDecoder
+
+        key = (len(sources), s.image_size, device)
+        if key not in _BATCH_DECODERS:
+            _BATCH_DECODERS[key] = VideoBatchDecoder(len(sources), image_size=s.image_size, device=device)
+        items = [(sources[i].video, media.sample_frame_indices(info.num_frames, s.num_frames), info.rotation)
+                 for i, info in batched]
+        video, ok = _BATCH_DECODERS[key].decode(items)
+        for k, (i, _) in enumerate(batched):
+            if not ok[k]:
+                out[i] = MediaError(sources[i].video, f"DALI ({device}) could not decode it")
+                continue
+            try:
+                out[i] = (video[k], load_media(sources[i], s, video=False, audio=audio[i])[1])
+            except MediaError as e:
+                out[i] = e
+    for i, src in enumerate(sources):
+        if out[i] is None:
+            try:
+                out[i] = load_media(src, s, video=True, audio=audio[i])
+            except MediaError as e:
+                out[i] = e
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # The dataset
 # --------------------------------------------------------------------------------------------
@@ -164,6 +216,7 @@ class AVDataset(torch.utils.data.Dataset):
                 self._by_view.setdefault(view, []).append(i)
         self._pos = {v: {i: k for k, i in enumerate(ids)} for v, ids in self._by_view.items()}
         self.bad: dict[str, str] = {}  # media id -> reason (this process): skipped from now on
+        self._predecoded: dict[int, tuple] = {}  # sample index -> (video, audio), within __getitems__
         self.bad_samples: dict[int, str] = {}  # sample index -> reason (unusable conversation)
 
     def __len__(self) -> int:
@@ -204,6 +257,25 @@ class AVDataset(torch.utils.data.Dataset):
             f"({self.samples[i].file}:{self.samples[i].line}) could not be loaded; the data is broken: "
             f"rerun `avllm prepare` and check bad_files.jsonl")
 
+    def __getitems__(self, items) -> list:
+        """A whole micro-batch (the DataLoader calls this with the batch sampler's items). In a
+        DALI run the videos of the batch's own samples are decoded in one batched call first;
+        anything that fails there takes the per-item path with its replacement rules."""
+        if self.cache is None and self.settings.backend != "cpu":
+            todo = []
+            for item in items:
+                i, view = self._parse(item)
+                sample = self.samples[i]
+                if "V" in view and sample.media_id not in self.bad and i not in self._predecoded:
+                    todo.append((i, MediaSource.of(sample, self.index), "A" in view))
+            if todo:
+                decoded = load_media_batch([src for _, src, _ in todo], self.settings, [a for _, _, a in todo])
+                self._predecoded = {i: got for (i, _, _), got in zip(todo, decoded) if not isinstance(got, MediaError)}
+        try:
+            return [self[item] for item in items]
+        finally:
+            self._predecoded = {}
+
     def _mark_bad(self, sample: Sample, view: str, e: Exception, key) -> None:
         (self.bad if isinstance(key, str) else self.bad_samples)[key] = str(e)
         log.warning("sample %s (%s:%d) replaced by the next good %s sample: %s",
@@ -221,7 +293,8 @@ class AVDataset(torch.utils.data.Dataset):
         else:
             source = MediaSource.of(sample, self.index)
         item = build_item(sample, view, self.tokenizer, self.layout, self.settings, source=source,
-                          features=features, max_length=self.max_length, template=self.template)
+                          features=features, max_length=self.max_length, template=self.template,
+                          decoded=self._predecoded.get(i))
         item["index"] = i
         return item
 
@@ -237,9 +310,11 @@ def build_item(
     features: dict[str, torch.Tensor] | None = None,
     max_length: int | None = None,
     template: ConversationTemplate = ConversationTemplate(),
+    decoded: tuple | None = None,
 ) -> dict:
     """One training item (shared by AVDataset and the shard reader): tokens of `view`, plus the
-    media its tokens need, decoded from `source` or picked from cached `features`."""
+    media its tokens need, decoded from `source` (or already decoded: `decoded` = (video, audio))
+    or picked from cached `features`."""
     tokens = tokenize_conversation(sample.conversation(view), tokenizer, layout, template, max_length=max_length)
     ids = torch.tensor(tokens.input_ids).unsqueeze(0)
     want_v, want_a = bool(modality.needs_visual(ids)), bool(modality.needs_audio(ids))
@@ -254,7 +329,10 @@ def build_item(
             picked["audio"] = features["audio"]
         item["features"] = picked
         return item
-    video, audio = load_media(source, settings, want_v, want_a)
+    if decoded is not None and want_v and (decoded[1] is not None or not want_a):
+        video, audio = decoded[0], decoded[1] if want_a else None
+    else:
+        video, audio = load_media(source, settings, want_v, want_a)
     if video is not None:
         item["video"] = video
     if audio is not None:
@@ -267,12 +345,19 @@ def build_item(
 # --------------------------------------------------------------------------------------------
 
 
-def stack_rows(rows: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """Stack per-sample tensors, zeros for samples without one; None if no sample has one."""
-    ref = next((r for r in rows if r is not None), None)
-    if ref is None:
+def stack_rows(rows: list[torch.Tensor | None], device: torch.device | str | None = None) -> torch.Tensor | None:
+    """Stack per-sample tensors, zeros for samples without one; None if no sample has one.
+
+    Rows can come from different decoders (DALI on the GPU for NVDEC codecs, the CPU decoder for
+    images): the batch goes to one device, `device` if given, else the accelerator any row is on
+    (else the CPU), so CPU and CUDA tensors are never stacked together."""
+    present = [r for r in rows if r is not None]
+    if not present:
         return None
-    return torch.stack([r if r is not None else torch.zeros_like(ref) for r in rows])
+    if device is None:
+        device = next((r.device for r in present if r.device.type != "cpu"), torch.device("cpu"))
+    ref = present[0].to(device)
+    return torch.stack([r.to(device) if r is not None else torch.zeros_like(ref) for r in rows])
 
 
 def collate_av(items: list[dict | None], seq_length: int | None = None, pad_id: int = 0) -> dict:
@@ -313,6 +398,15 @@ def _worker_init(_worker_id: int, trainer_pid: int) -> None:
     threading.Thread(target=_exit_on_sigterm_from, args=(trainer_pid,), daemon=True,
                      name="sigterm-from-trainer").start()
     torch.set_num_threads(1)  # decode/resize workers: one core each, no oversubscription
+    if torch.cuda.is_available():  # DALI/NVDEC in this worker: this rank's GPU, not GPU 0
+        torch.cuda.set_device(worker_gpu())
+
+
+def worker_gpu(environ: dict | None = None) -> int:
+    """The GPU of this process's rank on its node (LOCAL_RANK / SLURM_LOCALID; workers inherit it)."""
+    from nemo_avllm.runtime.distributed import read_launch_env
+
+    return read_launch_env(environ).local_rank
 
 
 def _exit_on_sigterm_from(trainer_pid: int) -> None:

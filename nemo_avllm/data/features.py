@@ -30,8 +30,8 @@ from typing import Sequence
 import torch
 
 from nemo_avllm.config import to_dict
-from nemo_avllm.data.dataset import DecodeSettings, MediaSource, load_media
-from nemo_avllm.data.media import MediaError
+from nemo_avllm.data.dataset import DecodeSettings, MediaSource, load_media, load_media_batch, stack_rows
+from nemo_avllm.data.media import MediaError, backend_label
 from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,9 @@ def build_feature_cache(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fields = cache_fields(model_cfg)
-    meta = {"version": FORMAT_VERSION, "hash": fields_hash(fields), "dtype": dtype, "fields": fields}
+    settings = DecodeSettings.from_model_config(model_cfg, backend=backend)  # one back-end for the run
+    meta = {"version": FORMAT_VERSION, "hash": fields_hash(fields), "dtype": dtype, "fields": fields,
+            "decode_backend": backend_label(settings.backend)}
     meta_file = out / META_NAME
     if meta_file.is_file() and resume:
         old = json.loads(meta_file.read_text())
@@ -319,6 +321,10 @@ def build_feature_cache(
             raise FeatureCacheError(
                 f"{out} holds a feature cache for another config (hash {old.get('hash')}, dtype {old.get('dtype')}; "
                 f"now {meta['hash']}, {dtype}); choose another data.feature_cache folder or delete this one")
+        if old.get("decode_backend", meta["decode_backend"]) != meta["decode_backend"]:
+            log.warning("features: %s was started with decode back-end %s, this run decodes with %s (pixels differ "
+                        "slightly between decoders)", out, old["decode_backend"], meta["decode_backend"])
+            meta["decode_backend"] = f"{old['decode_backend']} + {meta['decode_backend']}"
     if not resume:
         for f in out.glob("shard-*.safetensors"):
             f.unlink()
@@ -331,7 +337,6 @@ def build_feature_cache(
     done = {k: v for k, v in done.items() if (out / v).is_file()}
     todo = [s for s in sources if s.media_id not in done and s.media_id not in bad]
     skipped = len(sources) - len(todo)
-    settings = DecodeSettings.from_model_config(model_cfg, backend=backend)
     if encoders is not None:
         vision, audio = encoders
         device = device or next(vision.parameters()).device
@@ -366,15 +371,15 @@ def build_feature_cache(
         bar = tqdm(total=len(todo), desc="features", unit="clip", disable=not progress)
         for start in range(0, len(todo), batch_size):
             clips = []
-            for src in todo[start : start + batch_size]:
+            chunk = todo[start : start + batch_size]
+            decoded = load_media_batch(chunk, settings, [src.has_audio is not False for src in chunk])
+            for src, got in zip(chunk, decoded):
                 try:
-                    try:
-                        v, a = load_media(src, settings, video=True, audio=src.has_audio is not False)
-                    except MediaError:
+                    if isinstance(got, MediaError):
                         if src.has_audio is not None:  # known audio (or none asked for): a real failure
-                            raise
-                        v, a = load_media(src, settings, video=True, audio=False)  # no usable sound: visual only
-                    clips.append((src, v, a))
+                            raise got
+                        got = load_media(src, settings, video=True, audio=False)  # no usable sound: visual only
+                    clips.append((src, *got))
                 except MediaError as e:
                     bad_f.write(json.dumps({"id": src.media_id, "path": src.video, "reason": str(e)}) + "\n")
                     bad_f.flush()
@@ -405,11 +410,11 @@ def build_feature_cache(
 def encode_clips(vision, audio, videos: Sequence[torch.Tensor], audios: Sequence[torch.Tensor | None],
                  device) -> list[dict[str, torch.Tensor]]:
     """Run the frozen encoders on a batch of decoded clips -> per clip {temporal, spatial, audio}."""
-    e_t, e_s = vision(torch.stack(list(videos)).to(device))
+    e_t, e_s = vision(stack_rows(list(videos), device))  # decoders may leave rows on GPU or CPU
     out = [{"temporal": e_t[i].cpu(), "spatial": e_s[i].cpu()} for i in range(len(videos))]
     with_audio = [i for i, a in enumerate(audios) if a is not None]
     if with_audio:
-        e_a = audio(torch.stack([audios[i] for i in with_audio]).to(device))
+        e_a = audio(stack_rows([audios[i] for i in with_audio], device))
         for k, i in enumerate(with_audio):
             out[i]["audio"] = e_a[k].cpu()
     return out

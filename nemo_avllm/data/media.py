@@ -487,6 +487,27 @@ def dali_reads_audio(path) -> bool:
     return Path(os.fspath(path)).suffix.lower() in DALI_AUDIO_SUFFIXES
 
 
+def resolve_backend(backend: str) -> str:
+    """The run's decode back-end, decided once (main process, before workers start): `cpu`, or
+    `dali` / `auto` when DALI is used. `auto` is DALI only with DALI installed and a CUDA device
+    (NVDEC); it then still reads still images and codecs NVDEC lacks with the CPU decoder."""
+    if backend not in ("auto", "cpu", "dali"):
+        raise ValueError(f"decode backend must be 'auto', 'cpu' or 'dali', got {backend!r}")
+    if backend == "dali" and not dali_available():
+        raise RuntimeError("backend='dali' needs nvidia-dali (pip install nvidia-dali-cuda120)")
+    if backend == "auto" and not (dali_available() and cuda_available()):
+        return "cpu"
+    return backend
+
+
+def backend_label(backend: str) -> str:
+    """What a resolved back-end decodes with, as recorded in the feature cache."""
+    if backend == "cpu":
+        return "cpu"
+    dev = "gpu" if cuda_available() else "cpu"
+    return f"dali-{dev}" + (" (cpu for images and codecs DALI lacks)" if backend == "auto" else "")
+
+
 def _choose_backend(backend: str, info_fn) -> tuple[str, str | None]:
     """→ ("cpu", None) or ("dali", device)."""
     if backend == "cpu":

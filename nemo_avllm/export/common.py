@@ -119,8 +119,13 @@ def load_tensors(path: str | Path, module) -> None:
 def empty_model(model_cfg, llm_only: bool):
     """The TP=1/PP=1 model (or its LLM alone) with uninitialised CPU weights: no random init, no
     encoders (their weights come separately). Import and export fill every tensor they use."""
+    from omegaconf import OmegaConf
+
     from nemo_avllm.model.provider import build_model
 
+    # the bridges name tensors by the local spec's modules; checkpoint keys are the same for both
+    # layer specs, so import/export need no Transformer Engine
+    model_cfg = OmegaConf.merge(model_cfg, {"transformer_impl": "local"})
     with torch.device("meta"):
         model = llm_only_module(model_cfg) if llm_only else build_model(model_cfg, pre_process=True, post_process=True, meta=True)
     dtype = DTYPE_NAMES[model_cfg.get("params_dtype", "fp32")]

@@ -28,7 +28,7 @@ class AVLLMConfig:
     audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
     num_frames: int = 32  # T
     num_audio_segments: int = 4  # K
-    transformer_impl: str = "local"  # local | transformer_engine
+    transformer_impl: str = "local"  # local | transformer_engine (resolved from `auto` by the provider)
     # False when training reads cached encoder outputs: the encoders are then never built.
     build_encoders: bool = True
     encoder_dtype: torch.dtype = torch.float32  # frozen encoders' own dtype (model.encoder_dtype)
@@ -82,7 +82,40 @@ class AVLLM(MegatronModule):
     def encode(
         self, input_ids: torch.Tensor, video: torch.Tensor | None, audio: torch.Tensor | None
     ) -> EncoderFeatures:
-        """Run each frozen encoder only on the samples whose tokens need it."""
+        """Run each frozen encoder only on the samples whose tokens need it. With tensor
+        parallelism the encoders (replicated, frozen) run on TP rank 0 alone and their outputs are
+        broadcast to the group, so the other ranks need no media at all."""
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
+            feats = self._encode(input_ids, video, audio) if ps.get_tensor_model_parallel_rank() == 0 else None
+            return self._broadcast_features(input_ids, feats)
+        return self._encode(input_ids, video, audio)
+
+    def _broadcast_features(self, input_ids: torch.Tensor, feats: EncoderFeatures | None) -> EncoderFeatures:
+        """TP rank 0's encoder outputs on every TP rank; shapes follow from the tokens and configs."""
+        from megatron.core import parallel_state as ps
+
+        b, lay = input_ids.shape[0], self.layout
+        dv, da = self.cfg.vision.geometry()["width"], self.cfg.audio.width
+        dtype = next(self.vision.parameters()).dtype if self.vision is not None else self.config.params_dtype
+        shapes = {"temporal": (b, lay.num_frames, dv), "spatial": (b, lay.num_patches, dv), "audio": (b, lay.num_audio_segments, da)}
+        wanted = {"temporal": modality.needs_visual(input_ids).any(), "spatial": modality.needs_visual(input_ids).any(),
+                  "audio": modality.needs_audio(input_ids).any()}
+        out = EncoderFeatures()
+        for kind, shape in shapes.items():
+            if not wanted[kind]:
+                continue
+            t = getattr(feats, kind).to(dtype).contiguous() if feats is not None else torch.empty(
+                shape, dtype=dtype, device=input_ids.device)
+            torch.distributed.broadcast(t, src=ps.get_tensor_model_parallel_src_rank(),
+                                        group=ps.get_tensor_model_parallel_group())
+            setattr(out, kind, t)
+        return out
+
+    def _encode(
+        self, input_ids: torch.Tensor, video: torch.Tensor | None, audio: torch.Tensor | None
+    ) -> EncoderFeatures:
         feats = EncoderFeatures()
         want_v = modality.needs_visual(input_ids)
         want_a = modality.needs_audio(input_ids)
@@ -151,8 +184,9 @@ class AVLLM(MegatronModule):
     ) -> torch.Tensor:
         """Per-token loss [b, s] when `labels` are given (last stage), else logits / hidden states.
 
-        `features` (cached encoder outputs) replaces running the encoders on `video`/`audio`."""
-        if position_ids is None:
+        `features` (cached encoder outputs) replaces running the encoders on `video`/`audio`.
+        Later pipeline stages need no `input_ids` (their input is the previous stage's output)."""
+        if position_ids is None and input_ids is not None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
         decoder_input = None
         if self.pre_process:
@@ -162,7 +196,7 @@ class AVLLM(MegatronModule):
             # positions without loss get a valid id; the loss mask removes them (Eq. 6)
             labels = labels.clamp(min=0)
         return self.llm(
-            input_ids=input_ids.clamp(min=0),
+            input_ids=input_ids.clamp(min=0) if input_ids is not None else None,
             position_ids=position_ids,
             attention_mask=attention_mask,
             decoder_input=decoder_input,

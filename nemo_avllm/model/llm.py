@@ -7,13 +7,95 @@ stage. LLaMA = RMSNorm, SwiGLU, RoPE, untied input/output embeddings, no biases.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-TRANSFORMER_IMPLS = ("local", "transformer_engine")
+log = logging.getLogger(__name__)
+
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+FP8_FORMATS = ("hybrid", "e4m3")  # megatron's `fp8` values (TE, Hopper or newer)
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+# megatron fusion flags this project sets; all off on CPU (see `fusion_flags`)
+FUSIONS = ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion", "apply_rope_fusion",
+           "gradient_accumulation_fusion")
+_LOGGED: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        log.info(msg)
+
+
+def te_available() -> bool:
+    """Transformer Engine importable (megatron's own probe, so both agree)."""
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    return bool(HAVE_TE)
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def resolve_transformer_impl(impl: str, gpu: bool | None = None) -> str:
+    """`auto` -> `transformer_engine` when a CUDA device is in use and TE imports, else `local`
+    (logged once per process). Explicit values are checked, not changed."""
+    from nemo_avllm.runtime.distributed import has_gpu
+
+    if impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"model.transformer_impl={impl!r}; expected one of {TRANSFORMER_IMPLS}")
+    if impl != "auto":
+        return impl
+    gpu = has_gpu() if gpu is None else gpu
+    if gpu and te_available():
+        chosen, why = "transformer_engine", "CUDA device and Transformer Engine present"
+    else:
+        chosen, why = "local", "no CUDA device" if not gpu else "Transformer Engine not installed"
+    _log_once(f"model.transformer_impl=auto -> {chosen} ({why})")
+    return chosen
+
+
+def fusion_flags(impl: str, gpu: bool) -> dict[str, bool]:
+    """megatron's fused kernels for this device: all on with a GPU where their kernels exist, all
+    off on CPU (they are CUDA kernels or jit-fused for CUDA).
+
+    - bias-SwiGLU and bias-dropout-add: megatron's own jit-fused functions, any GPU;
+    - masked softmax: the local spec's attention, with the `scaled_upper_triang_masked_softmax_cuda`
+      kernel (Apex / NGC; TE's attention does not use the flag);
+    - RoPE: TE's fused rotary kernel;
+    - gradient-accumulation fusion: `fused_weight_gradient_mlp_cuda` (Apex / NGC), needed because the
+      projectors and the output layer are megatron linears even with the TE spec."""
+    if not gpu:
+        return dict.fromkeys(FUSIONS, False)
+    rope = False
+    if impl == "transformer_engine":
+        from megatron.core.models.common.embeddings import rope_utils
+
+        rope = rope_utils.fused_apply_rotary_pos_emb is not None
+    return {
+        "bias_activation_fusion": True,
+        "bias_dropout_fusion": True,
+        "masked_softmax_fusion": _has_module("scaled_upper_triang_masked_softmax_cuda"),
+        "apply_rope_fusion": rope,
+        "gradient_accumulation_fusion": _has_module("fused_weight_gradient_mlp_cuda"),
+    }
+
+
+def stage_layers(num_layers: int, pp: int, first: int | None = None) -> list[int]:
+    """LLM layers per pipeline stage: uniform, or `first` on stage 0 (which also runs the
+    encoders and projectors) and the rest split evenly over the other stages."""
+    if first is None:
+        return [num_layers // pp] * pp
+    return [first] + [(num_layers - first) // (pp - 1)] * (pp - 1)
 
 
 @dataclass
@@ -63,7 +145,7 @@ class LLMConfig:
         layer = attn + mlp + 2 * h  # two RMSNorm weights
         return v * h + self.num_layers * layer + h + v * h
 
-    def validate(self, tp: int, pp: int) -> None:
+    def validate(self, tp: int, pp: int, first_stage_layers: int | None = None) -> None:
         """Errors a user can fix before any weights are allocated."""
         where = f"model.llm ({self.name})"
         if self.hidden_size % self.num_attention_heads:
@@ -80,8 +162,21 @@ class LLMConfig:
             raise ValueError(f"{where}: tensor_model_parallel_size={tp} must divide ffn_hidden_size {self.ffn_hidden_size}")
         if self.padded_vocab_size % tp:
             raise ValueError(f"{where}: tensor_model_parallel_size={tp} must divide the padded vocab {self.padded_vocab_size}")
-        if self.num_layers % pp:
-            raise ValueError(f"{where}: pipeline_model_parallel_size={pp} must divide num_layers {self.num_layers}")
+        if first_stage_layers is None:
+            if self.num_layers % pp:
+                raise ValueError(
+                    f"{where}: pipeline_model_parallel_size={pp} must divide num_layers {self.num_layers} "
+                    f"(or set model.num_layers_in_first_pipeline_stage)"
+                )
+            return
+        first, rest = int(first_stage_layers), self.num_layers - int(first_stage_layers)
+        if pp < 2:
+            raise ValueError(f"model.num_layers_in_first_pipeline_stage={first} needs pipeline_model_parallel_size >= 2")
+        if not 0 < first < self.num_layers or rest % (pp - 1):
+            raise ValueError(
+                f"model.num_layers_in_first_pipeline_stage={first}: must be in 1..{self.num_layers - 1} and leave a "
+                f"number of layers ({rest}) that the other {pp - 1} stages split evenly"
+            )
 
 
 def transformer_config(
@@ -93,13 +188,34 @@ def transformer_config(
     sequence_parallel: bool = False,
     use_cpu_initialization: bool | None = None,
     init_model_with_meta_device: bool = False,
+    impl: str = "local",
+    fp8: str | None = None,
+    fp8_recipe: str = "delayed",
+    num_layers_in_first_pipeline_stage: int | None = None,
+    gpu: bool | None = None,
 ):
-    """megatron `TransformerConfig` for a LLaMA model. Fusions that need CUDA extensions stay off
-    on CPU; on GPU they are the defaults of the TE layer spec."""
+    """megatron `TransformerConfig` for a LLaMA model on the layer spec `impl` (already resolved:
+    `local` or `transformer_engine`). Fusions follow `fusion_flags` (on with GPUs, off on CPU)."""
     from megatron.core.transformer import TransformerConfig
 
-    llm.validate(tensor_model_parallel_size, pipeline_model_parallel_size)
-    gpu = torch.cuda.is_available()
+    from nemo_avllm.runtime.distributed import has_gpu
+
+    tp = tensor_model_parallel_size
+    llm.validate(tp, pipeline_model_parallel_size, num_layers_in_first_pipeline_stage)
+    gpu = has_gpu() if gpu is None else gpu
+    if impl not in ("local", "transformer_engine"):
+        raise ValueError(f"transformer_config: impl={impl!r} must be resolved first (resolve_transformer_impl)")
+    sequence_parallel = bool(sequence_parallel) and tp > 1
+    if sequence_parallel and impl != "transformer_engine":
+        raise ValueError(
+            "model.sequence_parallel=true needs Transformer Engine layers (model.transformer_impl=transformer_engine "
+            "or auto on a CUDA node with TE): the local spec's RMSNorm (torch) cannot run on sequence shards. "
+            "Set model.sequence_parallel=false here."
+        )
+    if fp8 is not None:
+        _check_fp8(fp8, fp8_recipe, impl, gpu)
+    flags = fusion_flags(impl, gpu)
+    _log_once(f"megatron fusions ({'GPU' if gpu else 'CPU'}, {impl}): " + ", ".join(f"{k}={v}" for k, v in flags.items()))
     return TransformerConfig(
         num_layers=llm.num_layers,
         hidden_size=llm.hidden_size,
@@ -116,15 +232,14 @@ def transformer_config(
         hidden_dropout=llm.hidden_dropout,
         attention_dropout=llm.attention_dropout,
         init_method_std=llm.init_method_std,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        tensor_model_parallel_size=tensor_model_parallel_size,
+        **flags,
+        persist_layer_norm=False,  # Apex LayerNorm only; LLaMA uses RMSNorm
+        tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
-        sequence_parallel=sequence_parallel and tensor_model_parallel_size > 1,
+        num_layers_in_first_pipeline_stage=num_layers_in_first_pipeline_stage,
+        sequence_parallel=sequence_parallel,
+        fp8=fp8,
+        fp8_recipe=fp8_recipe if fp8 is not None else "delayed",
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -138,22 +253,42 @@ def transformer_config(
     )
 
 
+def _check_fp8(fp8: str, recipe: str, impl: str, gpu: bool) -> None:
+    if fp8 not in FP8_FORMATS:
+        raise ValueError(f"model.fp8={fp8!r}; expected null or one of {FP8_FORMATS}")
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"model.fp8_recipe={recipe!r}; expected one of {FP8_RECIPES}")
+    if impl != "transformer_engine":
+        raise ValueError(f"model.fp8={fp8} needs Transformer Engine layers; the layer spec here is {impl}: set model.fp8=null")
+    if not gpu or torch.cuda.get_device_capability() < (8, 9):
+        raise ValueError(f"model.fp8={fp8} needs an FP8 GPU (Hopper/Ada or newer, compute capability >= 8.9)")
+
+
 def layer_spec(impl: str):
-    """megatron-core local layers (anywhere) or Transformer Engine layers (GPU nodes)."""
+    """megatron-core local layers (anywhere) or Transformer Engine layers (GPU nodes). Both give
+    the same checkpoint keys (the local spec maps its norms onto TE's fused names); TE adds
+    `_extra_state` entries (FP8 metadata), see `IMPL_ONLY_SUFFIXES`."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if impl == "local":
         return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     if impl == "transformer_engine":
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError as e:  # pragma: no cover - depends on the GPU extra
+        if not te_available():
             raise ImportError(
                 "model.transformer_impl=transformer_engine needs Transformer Engine: "
-                "pip install 'nemo_avllm[gpu]' on a CUDA node, or set model.transformer_impl=local"
-            ) from e
+                "pip install 'nemo_avllm[gpu]' on a CUDA node, or set model.transformer_impl=auto/local"
+            )
         return specs.get_gpt_layer_with_transformer_engine_spec()
     raise ValueError(f"model.transformer_impl={impl!r}; expected one of {TRANSFORMER_IMPLS}")
+
+
+# Checkpoint entries one layer implementation has and the other does not (TE's FP8 metadata):
+# loading across implementations skips them.
+IMPL_ONLY_SUFFIXES = ("._extra_state",)
+
+
+def impl_only_key(key: str) -> bool:
+    return key.endswith(IMPL_ONLY_SUFFIXES)
 
 
 def build_gpt(llm: LLMConfig, config, impl: str = "local", pre_process: bool = True, post_process: bool = True):

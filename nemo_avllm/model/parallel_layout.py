@@ -16,8 +16,11 @@ import torch
 _LAYER = re.compile(r"(^|\.)decoder\.layers\.(\d+)\.")
 
 
-def layer_offset(num_layers: int, pp_rank: int, pp: int) -> int:
-    return pp_rank * (num_layers // pp)
+def layer_offset(num_layers: int, pp_rank: int, pp: int, first_stage_layers: int | None = None) -> int:
+    """Global index of a stage's first LLM layer (uniform split, or `first_stage_layers` on stage 0)."""
+    from nemo_avllm.model.llm import stage_layers
+
+    return sum(stage_layers(num_layers, pp, first_stage_layers)[:pp_rank])
 
 
 def to_global_name(local_name: str, offset: int) -> str:
@@ -55,7 +58,8 @@ def local_tensors(model) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers of this rank, by global (full-layout) name."""
     from megatron.core import parallel_state as ps
 
-    offset = layer_offset(model.cfg.llm.num_layers, ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size())
+    offset = layer_offset(model.cfg.llm.num_layers, ps.get_pipeline_model_parallel_rank(),
+                          ps.get_pipeline_model_parallel_world_size(), model.config.num_layers_in_first_pipeline_stage)
     named = dict(model.named_parameters())
     named.update((n, b) for n, b in model.state_dict(keep_vars=True).items() if isinstance(b, torch.Tensor) and n not in named)
     return {to_global_name(n, offset): t for n, t in named.items()}

@@ -1,11 +1,19 @@
 """Linear projectors W_t, W_s, W_a (paper Eq. 4): encoder width -> LLM width.
 
 Tensor-parallel aware: a megatron `ColumnParallelLinear` whose output columns are split over the
-TP ranks and gathered, so every rank holds the full projected embedding that the (replicated)
-LLM input needs, while each rank stores and updates only 1/TP of the weights.
+TP ranks and gathered, so every rank holds the full projected embedding that the LLM input needs,
+while each rank stores and updates only 1/TP of the weights.
+
+The projector input is never sequence-sharded: encoder features are [b, L, d] and every TP rank
+holds all of them (the splice into the text needs whole sequences; `AVLLM.embed` scatters to
+sequence shards afterwards). So its linear runs without megatron's sequence-parallel input
+all-gather, even when the LLM uses sequence parallelism: with it, megatron would all-gather
+along dim 0, the batch here ((3, 5, 32) -> (6, 5, 64)).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from megatron.core.transformer.module import MegatronModule
@@ -16,6 +24,9 @@ class Projector(MegatronModule):
     """A MegatronModule, so checkpoints record its weights as TP-sharded, not replicated."""
 
     def __init__(self, in_features: int, out_features: int, config):
+        if config.sequence_parallel:
+            config = copy.copy(config)  # the LLM keeps SP; this linear's input is replicated
+            config.sequence_parallel = False
         super().__init__(config=config)
         from megatron.core.tensor_parallel import ColumnParallelLinear
 

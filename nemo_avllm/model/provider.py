@@ -11,7 +11,7 @@ from nemo_avllm.config import to_dict
 from nemo_avllm.errors import UserError
 from nemo_avllm.model.avllm import AVLLM, AVLLMConfig
 from nemo_avllm.model.encoders import AudioEncoderConfig, VisionEncoderConfig
-from nemo_avllm.model.llm import LLMConfig, transformer_config
+from nemo_avllm.model.llm import LLMConfig, resolve_transformer_impl, transformer_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENCODERS = ("vision", "audio")
@@ -55,22 +55,46 @@ def avllm_config(model_cfg) -> AVLLMConfig:
         audio=_section(AudioEncoderConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in d["audio"].items()}, "model.audio"),
         num_frames=int(d["num_frames"]),
         num_audio_segments=int(d["num_audio_segments"]),
-        transformer_impl=d.get("transformer_impl", "local"),
+        transformer_impl=resolve_transformer_impl(d.get("transformer_impl", "auto")),
         build_encoders=bool(d.get("build_encoders", True)),
         encoder_dtype=encoder_dtype(model_cfg),
     )
 
 
+def _check_parallel(model_cfg, tp: int) -> None:
+    """Parallel settings this model cannot run, refused with what to do instead."""
+    cp = int(model_cfg.get("context_parallel_size", 1) or 1)
+    if cp != 1:
+        raise ValueError(
+            f"model.context_parallel_size={cp}: context parallelism is not supported here (the modality splice "
+            f"and the selective encoders need each sample's whole sequence on one rank); use "
+            f"model.sequence_parallel=true with tensor parallelism for long sequences, and context_parallel_size=1"
+        )
+    seq = model_cfg.get("seq_length")
+    if bool(model_cfg.get("sequence_parallel", False)) and tp > 1 and seq is not None and int(seq) % tp:
+        raise ValueError(
+            f"model.seq_length={seq} must be divisible by tensor_model_parallel_size={tp} with "
+            f"model.sequence_parallel=true (each TP rank holds seq_length/TP positions)"
+        )
+
+
 def megatron_config(model_cfg, init_model_with_meta_device: bool = False):
-    """The megatron `TransformerConfig` of `cfg.model` (validated: TP/PP vs heads/layers...)."""
+    """The megatron `TransformerConfig` of `cfg.model` (validated: TP/PP vs heads/layers, SP, CP, FP8...)."""
+    tp = int(model_cfg.get("tensor_model_parallel_size", 1))
+    _check_parallel(model_cfg, tp)
+    first = model_cfg.get("num_layers_in_first_pipeline_stage")
     return transformer_config(
         LLMConfig.from_dict(to_dict(model_cfg.llm)),
-        tensor_model_parallel_size=int(model_cfg.get("tensor_model_parallel_size", 1)),
+        tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=int(model_cfg.get("pipeline_model_parallel_size", 1)),
         params_dtype=_dtype(model_cfg.get("params_dtype", "fp32")),
         recompute=bool(model_cfg.get("activations_checkpoint", False)),
         sequence_parallel=bool(model_cfg.get("sequence_parallel", False)),
         init_model_with_meta_device=init_model_with_meta_device,
+        impl=resolve_transformer_impl(model_cfg.get("transformer_impl", "auto")),
+        fp8=model_cfg.get("fp8"),
+        fp8_recipe=model_cfg.get("fp8_recipe", "delayed"),
+        num_layers_in_first_pipeline_stage=int(first) if first is not None else None,
     )
 
 

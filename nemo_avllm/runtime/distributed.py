@@ -20,6 +20,9 @@ import torch
 
 from nemo_avllm.runtime import cpu_compat
 
+# NCCL/gloo collective timeout (`trainer.dist_timeout_minutes`): a hung rank ends the job after it
+DEFAULT_TIMEOUT_MINUTES = 30
+
 
 @dataclass(frozen=True)
 class LaunchEnv:
@@ -100,10 +103,13 @@ def initialize(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
-    timeout_minutes: int = 30,
+    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
 ) -> LaunchEnv:
-    """Initialise torch.distributed and megatron-core model parallel state (idempotent)."""
+    """Initialise torch.distributed and megatron-core model parallel state (idempotent).
+    `timeout_minutes`: how long a collective may wait (`trainer.dist_timeout_minutes`)."""
     from megatron.core import parallel_state
+
+    timeout_minutes = check_timeout(timeout_minutes)
 
     gpu = torch.cuda.is_available()
     if not gpu:
@@ -140,6 +146,16 @@ def initialize(
         )
     set_seed(seed)
     return env
+
+
+def check_timeout(minutes) -> float:
+    try:
+        value = float(minutes)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"trainer.dist_timeout_minutes={minutes!r}: give a positive number of minutes")
+    return value
 
 
 def destroy() -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from nemo_avllm.errors import UserError
+from nemo_avllm.model.llm import impl_only_key
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def load(path: str | Path, module, optimizer=None, allow_missing: tuple[str, ...
             f"*-last checkpoint; give the folder a run saved, e.g. <exp_dir>/<name>/checkpoints/"
             f"<name>--step_100-last, or the run folder <exp_dir>/<name>"
         )
-    state = {"model": model_sharded_state_dict(module)}
+    state = {"model": _without_other_impl_state(model_sharded_state_dict(module), path)}
     saved = _saved_keys(path)
     refused = [n for n in missing_tensors(path, module, state["model"]) if not n.startswith(tuple(allow_missing))]
     if refused:
@@ -261,6 +262,18 @@ def saved_parts(path: str | Path) -> set[str]:
     """Top-level parts of the model the checkpoint holds tensors of: `llm`, `proj_temporal`,
     `vision`, ... (checkpoint keys start with the AVLLM attribute names)."""
     return {k.split(".", 1)[0] for k in _saved_keys(Path(path))}
+
+
+def _without_other_impl_state(sharded: dict, path: Path) -> dict:
+    """Drop entries only one layer implementation has (TE's `_extra_state`) when the checkpoint
+    lacks them: a checkpoint of the local spec loads into TE layers and vice versa."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    if not any(impl_only_key(k) for k in sharded):
+        return sharded
+    # objects are listed per shard: `<key>/shard_<i>_<n>`
+    saved = {k.split("/shard_", 1)[0] for k in load_sharded_metadata(str(path))}
+    return {k: v for k, v in sharded.items() if not impl_only_key(k) or _key_of(v) in saved}
 
 
 def _key_of(sharded) -> str | None:

@@ -60,10 +60,15 @@ class TrainData:
         return len(self.samples)
 
     def loader(self, model, consumed_samples: int):
-        """An endless iterable of this rank's micro-batches, starting after `consumed_samples`."""
+        """An endless iterable of this rank's micro-batches, starting after `consumed_samples`.
+        Ranks that receive their data by broadcast (see `training.broadcast`) read nothing."""
         from megatron.core import parallel_state as ps
 
         from nemo_avllm.data.dataset import build_dataloader
+        from nemo_avllm.training.broadcast import reads_data
+
+        if not reads_data():
+            return _Epochs([None])
 
         m, d = self.cfg.model, self.cfg.model.data
         dl = build_dataloader(

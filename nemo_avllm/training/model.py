@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from nemo_avllm import modality
 from nemo_avllm.runtime import distributed
-from nemo_avllm.training import optim
+from nemo_avllm.training import broadcast, optim
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,7 @@ class AVLLMModel(ModelPT):
         DDP picks its gradient scale from `calculate_per_token_loss` when it is built."""
         if self.module is not None:
             return
-        from megatron.core.distributed import finalize_model_grads
-
-        from nemo_avllm.model.provider import DTYPES, build_model
+        from nemo_avllm.model.provider import build_model
         from nemo_avllm.training import restore
 
         weights = restore.plan(self._cfg)  # refuses silently random weights before building
@@ -112,14 +110,8 @@ class AVLLMModel(ModelPT):
         restore.restore(weights, model)
         if weights.path:
             log.info("model weights restored from %s", weights.path)
-        self.trainable_counts = optim.freeze_for_stage(model, list(self._cfg.trainable))
-        dist_opt = self.use_distributed_optimizer()
-        self.module = optim.wrap_ddp(model, dist_opt)
-        self.optimizer = optim.build_optimizer(self.module, self._cfg.optim, DTYPES[self._cfg.params_dtype], dist_opt)
-        cfg = model.config
-        cfg.finalize_model_grads_func = finalize_model_grads
-        cfg.grad_scale_func = self.optimizer.scale_loss
-        cfg.no_sync_func = self.module.no_sync
+        self.module, self.optimizer = optim.setup_training(model, self._cfg, self.use_distributed_optimizer(),
+                                                           distributed.has_gpu())
         self.scheduler = optim.build_scheduler(self.optimizer, self._cfg.optim, max_steps)
 
     @property
@@ -160,8 +152,11 @@ class AVLLMModel(ModelPT):
                 batch = next(dataloader_iter)
                 if isinstance(batch, tuple):  # Lightning yields (batch, batch_idx, dataloader_idx)
                     batch = batch[0]
-                _count(batch, stats)
-                yield _to_device(batch)
+                # read on TP rank 0 of the stages that use data, broadcast to the other TP ranks
+                batch = broadcast.stage_batch(batch, distributed.device())
+                if "input_ids" in batch:
+                    _count(batch, stats)
+                yield batch
 
         self.module.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -290,14 +285,15 @@ def validation_losses(module, loader, seq_length: int, micro_batch_size: int) ->
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from nemo_avllm.training.step import GROUPS, validation_forward_step
+    from nemo_avllm.training.step import GROUPS, row_groups, validation_forward_step
 
     real_rows = loader.batch_sampler.real_rows
 
     def microbatches():
         for batch, real in zip(loader, real_rows):
             batch["loss_mask"][real:] = False  # padding rows of the last micro-batch
-            yield _to_device(batch)
+            batch["groups"] = row_groups(batch["input_ids"])  # the last stage has no input_ids
+            yield broadcast.stage_batch(batch, distributed.device())
 
     sums = torch.zeros(len(GROUPS), 2, dtype=torch.float64)
     if real_rows:  # a data-parallel rank may have no validation sample
@@ -361,17 +357,3 @@ def _all_reduce_counts(stats: dict) -> dict:
     t = torch.tensor([float(stats[k]) for k in keys], device=distributed.device())
     torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
     return dict(zip(keys, t.cpu().tolist()))
-
-
-def _to_device(batch: dict) -> dict:
-    if not distributed.has_gpu():
-        return batch
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.cuda(non_blocking=True)
-        elif isinstance(v, dict):
-            out[k] = {kk: vv.cuda(non_blocking=True) if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()}
-        else:
-            out[k] = v
-    return out

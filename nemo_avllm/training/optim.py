@@ -6,6 +6,7 @@ nodes the distributed optimizer shards the optimizer state over data-parallel ra
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -30,8 +31,46 @@ def freeze_for_stage(model, trainable: list[str]) -> dict[str, int]:
     return counts
 
 
-def wrap_ddp(model, use_distributed_optimizer: bool, overlap_grad_reduce: bool = False):
-    """megatron-core DDP: contiguous fp32 grad buffers, summed over data-parallel ranks.
+def overlap_settings(model_cfg, use_distributed_optimizer: bool, gpu: bool) -> dict[str, bool]:
+    """`model.overlap_grad_reduce` / `model.overlap_param_gather`: `auto` (default) = on with GPUs
+    (param-gather overlap only with the distributed optimizer, which is what gathers params)."""
+
+    def pick(key: str, default: bool) -> bool:
+        value = model_cfg.get(key, "auto")
+        if value == "auto":
+            return default
+        if not isinstance(value, bool):
+            raise ValueError(f"model.{key}={value!r}; expected auto, true or false")
+        return value
+
+    out = {
+        "overlap_grad_reduce": pick("overlap_grad_reduce", gpu),
+        "overlap_param_gather": pick("overlap_param_gather", gpu and use_distributed_optimizer),
+    }
+    if out["overlap_param_gather"] and not use_distributed_optimizer:
+        raise ValueError("model.overlap_param_gather=true needs the distributed optimizer (model.use_distributed_optimizer)")
+    return out
+
+
+@contextlib.contextmanager
+def params_synced(ddp_model):
+    """Parameters all-gathered now (a checkpoint save): with param-gather overlap they are
+    otherwise gathered lazily in the next forward (Megatron-LM does the same around saves)."""
+    overlap = getattr(getattr(ddp_model, "ddp_config", None), "overlap_param_gather", False)
+    if not overlap:
+        yield
+        return
+    ddp_model.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        ddp_model.enable_forward_pre_hook()
+
+
+def wrap_ddp(model, use_distributed_optimizer: bool, overlap_grad_reduce: bool = False,
+             overlap_param_gather: bool = False):
+    """megatron-core DDP: contiguous fp32 grad buffers, summed over data-parallel ranks; the
+    reduce (and, with the distributed optimizer, the param all-gather) overlapped with compute.
 
     The loss is per token (`training.step.loss_func` returns loss sums and token counts): the
     schedule leaves gradients unscaled, DDP sums them over data-parallel ranks, and
@@ -45,6 +84,7 @@ def wrap_ddp(model, use_distributed_optimizer: bool, overlap_grad_reduce: bool =
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False,  # it raises; model.nan_policy skips or stops (grads_are_finite)
     )
@@ -116,3 +156,20 @@ def build_scheduler(optimizer, optim_cfg, max_steps: int):
         wd_incr_steps=max_steps,
         wd_incr_style="constant",
     )
+
+
+def setup_training(model, model_cfg, use_distributed_optimizer: bool, gpu: bool):
+    """Stage freezing, megatron DDP (with the configured overlaps), optimizer and the megatron
+    config hooks the pipeline schedules call, for a model built by the provider. Returns
+    (ddp_model, optimizer). For tools that train without Lightning (benchmarks, GPU checks)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    from nemo_avllm.model.provider import DTYPES
+
+    freeze_for_stage(model, list(model_cfg.trainable))
+    ddp = wrap_ddp(model, use_distributed_optimizer, **overlap_settings(model_cfg, use_distributed_optimizer, gpu))
+    optimizer = build_optimizer(ddp, model_cfg.optim, DTYPES[model_cfg.params_dtype], use_distributed_optimizer)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.grad_scale_func = optimizer.scale_loss
+    model.config.no_sync_func = ddp.no_sync
+    return ddp, optimizer

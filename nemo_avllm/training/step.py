@@ -49,23 +49,25 @@ def forward_step(data_iterator, model):
 
 def validation_forward_step(data_iterator, model):
     output, batch, loss_mask = _forward(data_iterator, model)
-    return output, partial(group_loss_func, loss_mask, row_groups(batch["input_ids"]))
+    return output, partial(group_loss_func, loss_mask, batch["groups"])
 
 
 def _forward(data_iterator, model):
-    batch = next(data_iterator)
+    """A micro-batch holds what this pipeline stage uses (`training.broadcast.stage_keys`): tokens
+    and media on the first stage, labels and loss mask on the last, nothing in between."""
+    batch = next(data_iterator) or {}
     features = batch.get("features")
     if isinstance(features, dict):
         features = EncoderFeatures(**features)
     output = model(
-        input_ids=batch["input_ids"],
+        input_ids=batch.get("input_ids"),
         position_ids=batch.get("position_ids"),
-        labels=batch["labels"],
+        labels=batch.get("labels"),
         video=batch.get("video"),
         audio=batch.get("audio"),
         features=features,
     )
     loss_mask = batch.get("loss_mask")
-    if loss_mask is None:
+    if loss_mask is None and batch.get("labels") is not None:
         loss_mask = batch["labels"] != modality.IGNORE_INDEX
     return output, batch, loss_mask

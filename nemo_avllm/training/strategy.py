@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from nemo_avllm.runtime import distributed
 from nemo_avllm.training import checkpoint as dist_ckpt
+from nemo_avllm.training import optim
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ class MegatronStrategy(DDPStrategy):
     strategy_name = "megatron"
 
     def __init__(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234,
-                 timeout_minutes: int = 30, **kwargs):
+                 timeout_minutes: float = distributed.DEFAULT_TIMEOUT_MINUTES, **kwargs):
+        timeout_minutes = distributed.check_timeout(timeout_minutes)
         super().__init__(timeout=timedelta(minutes=timeout_minutes), **kwargs)
         self.tp = int(tensor_model_parallel_size)
         self.pp = int(pipeline_model_parallel_size)
@@ -69,7 +71,8 @@ class MegatronStrategy(DDPStrategy):
         module = self.lightning_module
         lightning_state = {k: v for k, v in checkpoint.items() if k != "state_dict"}  # weights are sharded
         common = {**module.common_state(), LIGHTNING_KEY: lightning_state}
-        dist_ckpt.save(ckpt_dir(filepath), module.module, module.optimizer, common, rng=True)
+        with optim.params_synced(module.module):
+            dist_ckpt.save(ckpt_dir(filepath), module.module, module.optimizer, common, rng=True)
 
     def load_checkpoint(self, checkpoint_path) -> dict[str, Any]:
         module = self.lightning_module

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 # trainer.* keys that belong to us, not to lightning.Trainer (validation runs inside the training
 # step, so the checkpoint of a step is ranked by that step's validation loss)
-_OWN_TRAINER_KEYS = ("seed", "val_check_interval")
+_OWN_TRAINER_KEYS = ("seed", "val_check_interval", "dist_timeout_minutes")
 
 
 def validate(cfg: DictConfig, world_size: int | None = None, paths: bool = True) -> None:
@@ -109,12 +109,14 @@ def max_steps(cfg: DictConfig, num_samples: int) -> int:
 def build_trainer(cfg: DictConfig, steps: int, callbacks=()):
     import lightning.pytorch as pl
 
+    from nemo_avllm.runtime import distributed
     from nemo_avllm.training.strategy import MegatronStrategy
 
     strategy = MegatronStrategy(
         tensor_model_parallel_size=cfg.model.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.model.pipeline_model_parallel_size,
         seed=int(cfg.trainer.get("seed", 1234)),
+        timeout_minutes=cfg.trainer.get("dist_timeout_minutes", distributed.DEFAULT_TIMEOUT_MINUTES),
     )
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in _OWN_TRAINER_KEYS}
     kwargs.update(

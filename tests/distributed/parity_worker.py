@@ -56,7 +56,8 @@ def run(args) -> dict:
     distributed.initialize(args.tp, args.pp, seed=args.seed)
     cfg = config.load_model(
         "tiny",
-        [f"tensor_model_parallel_size={args.tp}", f"pipeline_model_parallel_size={args.pp}"],
+        [f"tensor_model_parallel_size={args.tp}", f"pipeline_model_parallel_size={args.pp}",
+         f"num_layers_in_first_pipeline_stage={args.first_stage_layers or 'null'}"],
     )
     model = build_model(cfg)
     if args.mode == "reference":
@@ -68,6 +69,8 @@ def run(args) -> dict:
 
     image_size = cfg.vision.model_config.vision_cfg.image_size
     batches = make_batches(model.layout, cfg.llm.vocab_size, args.microbatches, 2, args.seq_len, image_size, seed=7)
+    if ps.get_tensor_model_parallel_rank() > 0:  # TP rank 0 encodes for its group (AVLLM.encode)
+        batches = [{k: v for k, v in b.items() if k not in ("video", "audio")} for b in batches]
     fb = get_forward_backward_func()
     model.config.calculate_per_token_loss = False
     losses = fb(
@@ -83,7 +86,7 @@ def run(args) -> dict:
 
     def logits_step(data_iterator, model):
         b = next(data_iterator)
-        out = model(input_ids=b["input_ids"], video=b["video"], audio=b["audio"], runtime_gather_output=True)
+        out = model(input_ids=b["input_ids"], video=b.get("video"), audio=b.get("audio"), runtime_gather_output=True)
         return out, lambda o: (o.sum() * 0, {"logits": o.detach().clone()})
 
     logit_out = fb(
@@ -108,7 +111,8 @@ def run(args) -> dict:
     ref = torch.load(f"{args.dir}/reference.pt", weights_only=True)
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     params = parallel_layout.local_tensors(model)
-    report = {"grad_max_abs_diff": 0.0, "grad_max_ref": 0.0, "num_grads": 0, "missing_grads": []}
+    report = {"grad_max_abs_diff": 0.0, "grad_max_ref": 0.0, "num_grads": 0, "missing_grads": [],
+              "num_layers": len(model.llm.decoder.layers)}
     for name, g in grads.items():
         if name not in ref["grads"]:
             report["missing_grads"].append(name)
@@ -142,11 +146,13 @@ def main() -> int:
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--first-stage-layers", type=int, default=None, help="uneven pipeline split (stage 0's LLM layers)")
     args = p.parse_args()
     torch.set_num_threads(1)
     out = run(args)
     if torch.distributed.get_rank() == 0 and out:
-        with open(f"{args.dir}/report_tp{args.tp}_pp{args.pp}.json", "w") as f:
+        suffix = f"_first{args.first_stage_layers}" if args.first_stage_layers else ""
+        with open(f"{args.dir}/report_tp{args.tp}_pp{args.pp}{suffix}.json", "w") as f:
             json.dump(out, f, indent=1)
     from nemo_avllm.runtime import distributed
 

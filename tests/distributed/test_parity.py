@@ -25,12 +25,16 @@ def reference(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
-def test_parallel_run_matches_single_process(reference, tp, pp):
-    torchrun(WORKER, tp * pp, "--mode", "compare", "--tp", str(tp), "--pp", str(pp), "--dir", str(reference))
-    report = json.loads((reference / f"report_tp{tp}_pp{pp}.json").read_text())
+@pytest.mark.parametrize("tp,pp,first", [(2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 1)],
+                         ids=["tp2", "pp2", "tp2xpp2", "pp2_first_stage_1_layer"])
+def test_parallel_run_matches_single_process(reference, tp, pp, first):
+    extra = ("--first-stage-layers", str(first)) if first else ()
+    torchrun(WORKER, tp * pp, "--mode", "compare", "--tp", str(tp), "--pp", str(pp), "--dir", str(reference), *extra)
+    report = json.loads((reference / f"report_tp{tp}_pp{pp}{f'_first{first}' if first else ''}.json").read_text())
     ranks = report["ranks"]
     assert len(ranks) == tp * pp
+    if first:  # the first stage (encoders + projectors) carries fewer LLM layers
+        assert [r["num_layers"] for r in ranks] == [first, 4 - first]
     # every trainable tensor of the reference is produced by some rank, and no rank has extras
     assert report["uncovered_reference_grads"] == []
     assert all(r["missing_grads"] == [] for r in ranks)

@@ -29,10 +29,13 @@ class VisionEncoderConfig:
     std: tuple = CLIP_STD
 
     def open_clip_config(self) -> dict:
-        """The open_clip model config ({embed_dim, vision_cfg, quick_gelu}) of this encoder."""
+        """The open_clip model config ({embed_dim, vision_cfg, quick_gelu}) of this encoder
+        (a given `model_config` needs no open_clip: widths without the encoder installed)."""
+        if self.model_config:
+            return dict(self.model_config)
         import open_clip
 
-        cfg = dict(self.model_config) if self.model_config else open_clip.get_model_config(self.model_name)
+        cfg = open_clip.get_model_config(self.model_name)
         if cfg is None:
             raise ValueError(
                 f"model.vision.model_name={self.model_name!r} is not an open_clip model; "
@@ -86,9 +89,28 @@ class VisionEncoder(FrozenEncoder):
 
     @torch.no_grad()
     def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """video [B, T, 3, H, W] (CLIP-normalised) -> E_t [B, T, D], E_s [B, N, D]."""
+        """video [B, T, 3, H, W] (CLIP-normalised) -> E_t [B, T, D], E_s [B, N, D].
+
+        A still image is a 1-frame video: its T frames are equal, so the ViT sees it once and the
+        result is repeated (the same tokens as T passes, at 1/T of the compute)."""
         b, t = video.shape[:2]
-        frames = video.flatten(0, 1).to(dtype=self.dtype)
+        still = _still(video)  # [B]: every frame equals the first
+        keep = torch.ones(b, t, dtype=torch.bool, device=video.device)
+        keep[still, 1:] = False
+        frames = video[keep].to(dtype=self.dtype)  # frames actually encoded
+        cls, patches = self._encode_frames(frames)
+        # back to [B, T, ...]: each frame of a still sample takes its first frame's output
+        source = torch.arange(b * t, device=video.device).view(b, t)
+        source[still] = source[still, :1]
+        position = torch.full((b * t,), -1, dtype=torch.long, device=video.device)
+        position[keep.flatten()] = torch.arange(frames.shape[0], device=video.device)
+        pick = position[source.flatten()]
+        e_t = cls[pick].view(b, t, -1)
+        e_s = patches[pick].view(b, t, patches.shape[1], -1).mean(dim=1)
+        return e_t, e_s
+
+    def _encode_frames(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[F, 3, H, W] -> [CLS] [F, D] and patch tokens [F, N, D] of block `layer_index`."""
         out = self.visual.forward_intermediates(
             frames,
             indices=[self.layer_index],
@@ -97,8 +119,11 @@ class VisionEncoder(FrozenEncoder):
             output_fmt="NLC",
             output_extra_tokens=True,
         )
-        cls = out["image_intermediates_prefix"][0][:, 0]  # [B*T, D]
-        patches = out["image_intermediates"][0]  # [B*T, N, D]
-        e_t = cls.view(b, t, -1)
-        e_s = patches.view(b, t, patches.shape[1], -1).mean(dim=1)
-        return e_t, e_s
+        return out["image_intermediates_prefix"][0][:, 0], out["image_intermediates"][0]
+
+
+def _still(video: torch.Tensor) -> torch.Tensor:
+    """[B] True where all T frames of a sample are identical (an image repeated T times)."""
+    if video.shape[1] == 1:
+        return torch.ones(video.shape[0], dtype=torch.bool, device=video.device)
+    return (video[:, 1:] == video[:, :1]).flatten(1).all(dim=1)
