@@ -91,6 +91,11 @@ class AVLLMModel(ModelPT):
         from nemo_avllm.model.provider import DTYPES, build_model
 
         model = build_model(self._cfg)
+        if self._cfg.get("projector_init", "xavier") == "feature_stats" and model.pre_process:
+            from nemo_avllm.data.features import FeatureCache
+
+            done = model.standardize_projector_inputs(FeatureCache(self._cfg.data.feature_cache).stats())
+            log.info("projectors initialised on standardised encoder outputs (%s)", ", ".join(done))
         if distributed.has_gpu():
             model.cuda()
         self.trainable_counts = optim.freeze_for_stage(model, list(self._cfg.trainable))

@@ -42,6 +42,12 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
             )
     if int(m.seq_length) > int(m.llm.max_position_embeddings):
         raise ValueError(f"model.seq_length={m.seq_length} exceeds model.llm.max_position_embeddings={m.llm.max_position_embeddings}")
+    if m.get("projector_init", "xavier") not in ("xavier", "feature_stats"):
+        raise ValueError(f"model.projector_init={m.projector_init!r}; expected xavier or feature_stats")
+    if m.get("projector_init") == "feature_stats" and not (m.get("data") or {}).get("feature_cache"):
+        raise ValueError("model.projector_init=feature_stats reads encoder-output statistics from the feature "
+                         "cache: set model.data.feature_cache (build it with `avllm features`) or use "
+                         "model.projector_init=xavier")
     if m.get("nan_policy", "skip") not in ("skip", "stop"):
         raise ValueError(f"model.nan_policy={m.nan_policy!r}; expected skip or stop")
     data = m.get("data") or {}
