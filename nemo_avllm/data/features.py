@@ -183,23 +183,6 @@ class FeatureCache:
                 out[kind] = f.get_tensor(key)
         return out
 
-    def stats(self, max_clips: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per-dimension mean and standard deviation of each kind of token over the cached clips
-        (float32 [D] each): what `projector_init=feature_stats` folds into the projectors."""
-        sums: dict[str, list] = {}
-        for mid in sorted(self.index)[:max_clips]:
-            for kind, t in self.get(mid).items():
-                x = t.double().reshape(-1, t.shape[-1])
-                acc = sums.setdefault(kind, [0, 0.0, 0.0])
-                acc[0] += x.shape[0]
-                acc[1] = acc[1] + x.sum(0)
-                acc[2] = acc[2] + (x * x).sum(0)
-        out = {}
-        for kind, (n, s1, s2) in sums.items():
-            mean = s1 / n
-            out[kind] = (mean.float(), (s2 / n - mean * mean).clamp(min=0).sqrt().float())
-        return out
-
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_handles"] = {}

@@ -24,6 +24,25 @@ from nemo_avllm.training import optim
 log = logging.getLogger(__name__)
 
 
+def feature_stats(cache, ids=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-dimension mean and standard deviation of each kind of cached encoder token
+    (`nemo_avllm.data.features.FeatureCache`; `ids`: only these media ids, e.g. the training
+    set's), float32 [D] each: what `projector_init=feature_stats` folds into the projectors."""
+    sums: dict[str, list] = {}
+    for mid in sorted(cache.index if ids is None else set(ids) & set(cache.index)):
+        for kind, t in cache.get(mid).items():
+            x = t.double().reshape(-1, t.shape[-1])
+            acc = sums.setdefault(kind, [0, 0.0, 0.0])
+            acc[0] += x.shape[0]
+            acc[1] = acc[1] + x.sum(0)
+            acc[2] = acc[2] + (x * x).sum(0)
+    out = {}
+    for kind, (n, s1, s2) in sums.items():
+        mean = s1 / n
+        out[kind] = (mean.float(), (s2 / n - mean * mean).clamp(min=0).sqrt().float())
+    return out
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when the loss is NaN/inf and `model.nan_policy=stop`."""
 
@@ -93,9 +112,12 @@ class AVLLMModel(ModelPT):
         model = build_model(self._cfg)
         if self._cfg.get("projector_init", "xavier") == "feature_stats" and model.pre_process:
             from nemo_avllm.data.features import FeatureCache
+            from nemo_avllm.data.prepare import read_inputs
 
-            done = model.standardize_projector_inputs(FeatureCache(self._cfg.data.feature_cache).stats())
-            log.info("projectors initialised on standardised encoder outputs (%s)", ", ".join(done))
+            train_ids = [it.id for it in read_inputs(self._cfg.data.train_manifest)]  # not held-out clips
+            done = model.standardize_projector_inputs(feature_stats(FeatureCache(self._cfg.data.feature_cache), train_ids))
+            log.info("projectors initialised on standardised encoder outputs of the training clips (%s)",
+                     ", ".join(done))
         if distributed.has_gpu():
             model.cuda()
         self.trainable_counts = optim.freeze_for_stage(model, list(self._cfg.trainable))
