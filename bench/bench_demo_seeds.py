@@ -58,7 +58,8 @@ def aggregate(runs: list[dict]) -> dict:
         for what in ("accuracy", "parts"):
             for k, v in r.get(what, {}).items():
                 agg[what].setdefault(k, []).append(v)
-        agg["counts"].update(r["counts"])
+        for k, n in r["counts"].items():  # questions asked over all seeds
+            agg["counts"][k] = agg["counts"].get(k, 0) + n
     return agg
 
 
@@ -67,10 +68,10 @@ def seeds_table(agg: dict) -> str:
     from nemo_avllm.demo.run import table
 
     def cell(values: list[float]) -> str:
-        return f"{100 * sum(values) / len(values):.0f} [{100 * min(values):.0f}–{100 * max(values):.0f}]"
+        return f"{100 * sum(values) / len(values):.0f}% [{100 * min(values):.0f}–{100 * max(values):.0f}]"
 
     fmt = {what: {k: cell(v) for k, v in agg[what].items()} for what in ("accuracy", "parts")}
-    return table({**fmt, "counts": agg["counts"]}, cell=lambda v, n: f"{v}% (n={n})")
+    return table({**fmt, "counts": agg["counts"]}, cell=lambda v, n: f"{v} (n={n})")
 
 
 def main(argv=None) -> int:
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
         print(f"demo seed={seed} wall_s={r['wall_s']} data_s={r['data_s']} train_s={r['train_s']} "
               f"total_s={r['total_s']} bars={'met' if r['bars_met'] else 'missed'}", flush=True)
         runs.append(r)
-    print(f"\nseeds {args.seeds}: accuracy % as mean [min–max]; bars met in "
+    print(f"\nseeds {args.seeds}: accuracy as mean [min–max] over seeds, n = questions over all seeds; bars met in "
           f"{sum(r['bars_met'] for r in runs)}/{len(runs)} runs\n")
     print(seeds_table(aggregate(runs)))
     return 0
