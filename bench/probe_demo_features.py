@@ -47,7 +47,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     clip_rate, rate = 16000, 48000  # the demo renders at 16 kHz; the encoder reads 48 kHz
-    specs = [S.draw_spec(i, random.Random(1), p_no_audio=0) for i in range(args.clips)]
+    rng = random.Random(1)
+    specs = [S.draw_spec(i, rng, p_no_audio=0) for i in range(args.clips)]
     for seed in args.seeds:
         cfg = avllm_config(config.load_model(args.model, [f"vision.init_seed={seed}", f"audio.init_seed={seed}"]))
         t_frames, k = cfg.num_frames, cfg.num_audio_segments
