@@ -39,3 +39,15 @@ def test_table_has_a_row_per_part_and_bars_name_what_misses():
     bars = OmegaConf.create({"sync": 0.9, "motion": 0.8, "other": 0.95, "vis_only_audio_band": 0.15})
     misses = run.check_bars(results, bars)
     assert [m.split(":")[0] for m in misses] == ["colour|<VIS>", "pitch|<VIS>", "sync|<AUD_VIS>"]
+
+
+def test_out_dir_is_reused_with_the_same_settings_and_refused_with_another_seed(tmp_path):
+    import pytest
+
+    cfg = OmegaConf.create({"seed": 0, "model": "tiny_demo", "num_train": 8, "num_eval": 2, "train_manifest": None,
+                            "stage2_manifest": None, "eval_manifest": None, "tokenizer_vocab": 512})
+    run._check_out_dir(tmp_path, cfg)
+    run._check_out_dir(tmp_path, cfg)  # a rerun reuses the folder
+    cfg.seed = 1
+    with pytest.raises(ValueError, match=r"seed: 0 there, 1 now.*choose another out_dir"):
+        run._check_out_dir(tmp_path, cfg)
