@@ -47,11 +47,34 @@ def _stage_cfg(cfg: DictConfig, stage: int, out: Path, paths: dict, restore: str
         "exp_manager.checkpoint_callback_params.every_n_train_steps=1000000",
         "trainer.devices=1",
         f"trainer.seed={cfg.seed}",
+        *_encoder_seed_overrides(cfg),
         "trainer.log_every_n_steps=10",
         f"trainer.enable_progress_bar={str(cfg.progress_bar).lower()}",
         *_dotted(OmegaConf.to_container(s, resolve=True)),
     ]
     return config.load(name, overrides)
+
+
+def _encoder_seed_overrides(cfg: DictConfig, prefix: str = "model.") -> list[str]:
+    """The demo's encoders are random (no downloads): their initial weights follow the demo seed."""
+    return [f"{prefix}vision.init_seed={cfg.seed}", f"{prefix}audio.init_seed={cfg.seed}"]
+
+
+def _check_out_dir(out: Path, cfg: DictConfig) -> None:
+    """One out_dir holds one demo: its data, features and runs are reused when the demo runs
+    again with the same settings, and refused when the settings that shape them differ."""
+    stamp = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in
+             ("seed", "model", "num_train", "num_eval", "train_manifest", "stage2_manifest", "eval_manifest",
+              "tokenizer_vocab")}
+    path = out / "demo_settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in stamp.items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"out_dir={out} holds a demo made with other settings "
+                             f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
+                             f"choose another out_dir or delete {out}")
+    path.write_text(json.dumps(stamp, indent=1))
 
 
 def _dotted(d: dict, prefix: str = "") -> list[str]:
@@ -91,6 +114,7 @@ def evaluate(model_cfg, checkpoint_dir: Path, eval_manifest: Path, tokenizer_dir
     items = [json.loads(line) for line in Path(eval_manifest).read_text().splitlines() if line.strip()]
     base = Path(eval_manifest).parent
     hits: dict[tuple[str, str], list[int]] = defaultdict(list)
+    part_hits: dict[tuple[str, str, str], list[int]] = defaultdict(list)
     rows = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -109,29 +133,70 @@ def evaluate(model_cfg, checkpoint_dir: Path, eval_manifest: Path, tokenizer_dir
             verdict = words[-1] if it.get("reasoning") and words else " ".join(words)
             ok = int(verdict == normalize_answer(it["answer"]))
             hits[(it["family"], it["token"])].append(ok)
+            # ... and each of its parts (observations, verdict) on its own
+            parts = {name: int(_says(words, phrase)) for name, phrase in (it.get("parts") or {}).items()}
+            for name, hit in parts.items():
+                part_hits[(it["family"], name, it["token"])].append(hit)
             rows.append({"id": it["id"], "family": it["family"], "token": it["token"], "answer": it["answer"],
-                         "generated": text, "correct": ok})
-    acc = {f"{fam}|{tokn}": sum(v) / len(v) for (fam, tokn), v in hits.items()}
-    counts = {f"{fam}|{tokn}": len(v) for (fam, tokn), v in hits.items()}
-    return {"accuracy": acc, "counts": counts, "rows": rows}
+                         "generated": text, "correct": ok, **({"parts": parts} if parts else {})})
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    return {"accuracy": {f"{fam}|{t}": mean(v) for (fam, t), v in hits.items()},
+            "counts": {f"{fam}|{t}": len(v) for (fam, t), v in hits.items()},
+            "parts": {f"{fam}|{part}|{t}": mean(v) for (fam, part, t), v in part_hits.items()},
+            "rows": rows}
 
 
-CHANCE = {"colour": 0.25, "shape": 1 / 3, "motion": 0.25, "pitch": 0.5, "loudness": 0.5, "sync": 0.5}
+def _says(words: list[str], phrase: str) -> bool:
+    """Whether the normalised answer contains the normalised phrase as whole words."""
+    from nemo_avllm.inference.generate import normalize_answer
+
+    return f" {normalize_answer(phrase)} " in f" {' '.join(words)} "
 
 
-def table(results: dict) -> str:
-    from nemo_avllm.demo.synthetic import FAMILIES
+TOKENS = ("<VIS>", "<AUD>", "<AUD_VIS>")
 
-    toks = ["<VIS>", "<AUD>", "<AUD_VIS>"]
-    lines = ["| question family | chance | " + " | ".join(f"`{t}`" for t in toks) + " |",
-             "|---|---|" + "---|" * len(toks)]
-    for fam in FAMILIES:
+
+def table(results: dict, cell=lambda acc, n: f"{100 * acc:.0f}% (n={n})") -> str:
+    """Markdown table: accuracy per family x modality token; under a reasoning family, one row per
+    part of its answer (each observation, the verdict). `cell(value, count)` writes a cell."""
+    from nemo_avllm.demo.synthetic import CHANCE, FAMILIES
+
+    lines = ["| question family | chance | " + " | ".join(f"`{t}`" for t in TOKENS) + " |",
+             "|---|---|" + "---|" * len(TOKENS)]
+
+    def row(label: str, chance: float, values: dict, prefix: str) -> str:
         cells = []
-        for t in toks:
-            key = f"{fam}|{t}"
-            cells.append(f"{100 * results['accuracy'][key]:.0f}% (n={results['counts'][key]})" if key in results["accuracy"] else "–")
-        lines.append(f"| {fam} | {100 * CHANCE[fam]:.0f}% | " + " | ".join(cells) + " |")
+        for t in TOKENS:
+            key = f"{prefix}|{t}"
+            n = results["counts"].get(f"{prefix.split('|')[0]}|{t}")
+            cells.append(cell(values[key], n) if key in values else "–")
+        return f"| {label} | {100 * chance:.0f}% | " + " | ".join(cells) + " |"
+
+    for fam in FAMILIES:
+        lines.append(row(fam, CHANCE[fam], results["accuracy"], fam))
+        names = dict.fromkeys(k.split("|")[1] for k in results.get("parts", {}) if k.startswith(f"{fam}|"))
+        for name in names:
+            lines.append(row(f"↳ {fam}: {name}", CHANCE.get(name, 0.5), results["parts"], f"{fam}|{name}"))
     return "\n".join(lines)
+
+
+def check_bars(results: dict, bars) -> list[str]:
+    """What misses the demo's bars (conf/demo.yaml `bars`): every family with a token that can
+    answer it at or above its bar; audio families asked with <VIS> only near chance."""
+    from nemo_avllm.demo.synthetic import AUDIO_FAMILIES, CHANCE
+
+    misses = []
+    for key, acc in sorted(results["accuracy"].items()):
+        fam, tok = key.split("|")
+        if fam in AUDIO_FAMILIES and tok == "<VIS>":
+            if abs(acc - CHANCE[fam]) > float(bars.vis_only_audio_band):
+                misses.append(f"{key}: {100 * acc:.0f}%, should be chance {100 * CHANCE[fam]:.0f}% "
+                              f"+-{100 * float(bars.vis_only_audio_band):.0f}")
+            continue
+        bar = float(bars.get(fam, bars.other))
+        if acc < bar:
+            misses.append(f"{key}: {100 * acc:.0f}% < {100 * bar:.0f}%")
+    return misses
 
 
 def main(cfg: DictConfig) -> int:
@@ -151,6 +216,7 @@ def main(cfg: DictConfig) -> int:
         except UserError as e:
             raise UserError(f"stage{stage}.{e}") from e
     out.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(out, cfg)
     if cfg.get("train_manifest"):
         paths = {"stage1": Path(cfg.train_manifest), "stage2": Path(cfg.get("stage2_manifest") or cfg.train_manifest),
                  "eval": Path(cfg.eval_manifest)}
@@ -162,7 +228,8 @@ def main(cfg: DictConfig) -> int:
     print("[demo] prepare: probing clips, writing FLAC side-cars")
     sources = [str(paths["stage1"]), str(paths["stage2"]), str(paths["eval"])]
     print(prepare(sources, out / "prepared", num_workers=max(1, cfg.num_workers or 2), progress=cfg.progress_bar))
-    model_cfg = config.load_model(cfg.model, [f"allow_random_init={str(cfg.allow_random_init).lower()}"])
+    model_cfg = config.load_model(cfg.model, [f"allow_random_init={str(cfg.allow_random_init).lower()}",
+                                              *_encoder_seed_overrides(cfg, prefix="")])
     model_cfg = save_demo_encoders(model_cfg, out / "encoders", cfg.seed)
     print("[demo] features: running the frozen encoders once per clip")
     print(build_feature_cache(out / "prepared", out / "features", model_cfg, index=out / "prepared", dtype="fp32",
@@ -183,8 +250,10 @@ def main(cfg: DictConfig) -> int:
     eval_cfg = OmegaConf.merge(s2.model, {"build_encoders": False})
     results = evaluate(eval_cfg, ck2, paths["eval"], out / "tokenizer", out / "features")
     md = table(results)
+    misses = check_bars(results, cfg.bars)
+    verdict = ("Every family clears its bar." if not misses else "Below the bar: " + "; ".join(misses) + ".")
     total = time.time() - t0
-    summary = (f"{md}\n\nData {t_data:.0f} s, training {t_train:.0f} s, total {total:.0f} s; "
+    summary = (f"{md}\n\n{verdict}\nData {t_data:.0f} s, training {t_train:.0f} s, total {total:.0f} s; "
                f"checkpoints: {ck1}, {ck2}\n")
     (out / "results.md").write_text(summary)
     (out / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=1))

@@ -45,6 +45,10 @@ QUESTIONS = {
     "loudness": "Is the sound loud or quiet?",
     "sync": "Do the sound and the shape start together?",
 }
+# Accuracy of guessing, per family and per part of the reasoning answer (two-way observations).
+CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "motion": 1 / len(MOTIONS),
+          "pitch": 1 / len(PITCHES), "loudness": 1 / len(LOUDNESS), "sync": 0.5,
+          "shape timing": 0.5, "sound timing": 0.5, "verdict": 0.5}
 VISUAL_FAMILIES = ("colour", "shape", "motion")
 AUDIO_FAMILIES = ("pitch", "loudness")
 FAMILIES = tuple(QUESTIONS)
@@ -68,14 +72,23 @@ class ClipSpec:
             return "yes" if self.shape_late == self.sound_late else "no"
         return getattr(self, family)
 
+    def parts(self, family: str) -> dict[str, str]:
+        """The parts of a reasoning answer, each scored on its own: the two observations and the
+        verdict (empty for one-word families)."""
+        if family != "sync":
+            return {}
+        when = lambda late: "half-way" if late else "at the start"  # noqa: E731
+        return {"shape timing": f"shape appears {when(self.shape_late)}",
+                "sound timing": f"sound starts {when(self.sound_late)}",
+                "verdict": f"so {self.answer('sync')}"}
+
     def response(self, family: str) -> str:
         """The training response. Sync is the reasoning family: the response states both
         observations before the verdict, so the verdict follows from the model's own words."""
         if family != "sync":
             return self.answer(family)
-        when = lambda late: "half-way" if late else "at the start"  # noqa: E731
-        return (f"The shape appears {when(self.shape_late)} and the sound starts {when(self.sound_late)}, "
-                f"so {self.answer('sync')}.")
+        p = self.parts(family)
+        return f"The {p['shape timing']} and the {p['sound timing']}, {p['verdict']}."
 
 
 def draw_spec(i: int, rng: random.Random, p_no_audio: float = 1 / 6) -> ClipSpec:
@@ -208,7 +221,7 @@ def eval_items(entry: dict) -> list[dict]:
             ["<AUD>", "<AUD_VIS>", "<VIS>"] if fam in AUDIO_FAMILIES else (["<VIS>", "<AUD_VIS>"] if spec.has_audio else ["<VIS>"]))
         for tok in toks:
             items.append({"id": entry["id"], "video": entry["video"], "family": fam, "token": tok,
-                          "answer": spec.answer(fam), "reasoning": fam == "sync",
+                          "answer": spec.answer(fam), "reasoning": fam == "sync", "parts": spec.parts(fam),
                           "conversations": [{"from": "human", "value": f"{tok} {QUESTIONS[fam]}"}]})
     return items
 

@@ -78,6 +78,14 @@ class AVLLM(MegatronModule):
     def shared_embedding_or_output_weight(self):
         return self.llm.shared_embedding_or_output_weight()
 
+    def standardize_projector_inputs(self, stats: dict) -> list[str]:
+        """`stats`: {"temporal"|"spatial"|"audio": (mean [D], std [D])} of the encoder outputs
+        (`FeatureCache.stats`) -> folded into the matching projector. Returns the kinds done."""
+        projectors = {"temporal": self.proj_temporal, "spatial": self.proj_spatial, "audio": self.proj_audio}
+        for kind, (mean, std) in stats.items():
+            projectors[kind].standardize_inputs(mean, std)
+        return sorted(stats)
+
     # --- encoders ----------------------------------------------------------------------------
     def encode(
         self, input_ids: torch.Tensor, video: torch.Tensor | None, audio: torch.Tensor | None

@@ -43,3 +43,16 @@ class Projector(MegatronModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.linear(x.to(self.linear.weight.dtype))
         return out
+
+    @torch.no_grad()
+    def standardize_inputs(self, mean: torch.Tensor, std: torch.Tensor, floor: float = 0.01) -> None:
+        """Fold per-dimension input statistics into the weights: the layer then maps
+        (x - mean) / std through its initial weights. Still one linear map (paper Eq. 4), but it
+        starts on the part of the features that differs between clips: frozen encoder outputs
+        share a large common component (random-weight encoders: ~4x the clip-to-clip spread per
+        dimension), which otherwise dominates the LLM's input tokens. `floor` (a fraction of the
+        mean std) keeps near-constant dimensions from being blown up."""
+        w, b = self.linear.weight, self.linear.bias
+        std = std.to(w).clamp(min=float(std.mean()) * floor + 1e-12)
+        w.div_(std)
+        b.sub_(w @ mean.to(w))

@@ -24,6 +24,25 @@ from nemo_avllm.training import broadcast, optim
 log = logging.getLogger(__name__)
 
 
+def feature_stats(cache, ids=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-dimension mean and standard deviation of each kind of cached encoder token
+    (`nemo_avllm.data.features.FeatureCache`; `ids`: only these media ids, e.g. the training
+    set's), float32 [D] each: what `projector_init=feature_stats` folds into the projectors."""
+    sums: dict[str, list] = {}
+    for mid in sorted(cache.index if ids is None else set(ids) & set(cache.index)):
+        for kind, t in cache.get(mid).items():
+            x = t.double().reshape(-1, t.shape[-1])
+            acc = sums.setdefault(kind, [0, 0.0, 0.0])
+            acc[0] += x.shape[0]
+            acc[1] = acc[1] + x.sum(0)
+            acc[2] = acc[2] + (x * x).sum(0)
+    out = {}
+    for kind, (n, s1, s2) in sums.items():
+        mean = s1 / n
+        out[kind] = (mean.float(), (s2 / n - mean * mean).clamp(min=0).sqrt().float())
+    return out
+
+
 class NonFiniteLossError(RuntimeError):
     """A NaN/inf loss or gradient with `model.nan_policy=stop`, or more than
     `model.max_consecutive_skipped_steps` such steps in a row with `skip`."""
@@ -105,9 +124,17 @@ class AVLLMModel(ModelPT):
         if max_steps is None or max_steps < 1:
             raise ValueError("trainer.max_steps must be known before the model is configured")
         model = build_model(self._cfg)
+        if self._cfg.get("projector_init", "xavier") == "feature_stats" and model.pre_process:
+            from nemo_avllm.data.features import FeatureCache
+            from nemo_avllm.data.prepare import read_inputs
+
+            train_ids = [it.id for it in read_inputs(self._cfg.data.train_manifest)]  # not held-out clips
+            done = model.standardize_projector_inputs(feature_stats(FeatureCache(self._cfg.data.feature_cache), train_ids))
+            log.info("projectors initialised on standardised encoder outputs of the training clips (%s)",
+                     ", ".join(done))
         if distributed.has_gpu():
             model.cuda()
-        restore.restore(weights, model)
+        restore.restore(weights, model)  # restored projectors replace the initial ones
         if weights.path:
             log.info("model weights restored from %s", weights.path)
         self.module, self.optimizer = optim.setup_training(model, self._cfg, self.use_distributed_optimizer(),

@@ -55,6 +55,12 @@ def validate(cfg: DictConfig, world_size: int | None = None, paths: bool = True)
     if float(m.optim.get("min_lr", 0.0)) > float(m.optim.lr):
         raise UserError(f"model.optim.min_lr={m.optim.min_lr} is above model.optim.lr={m.optim.lr}; the schedule decays "
                         f"from lr to min_lr, so give min_lr <= lr")
+    if m.get("projector_init", "xavier") not in ("xavier", "feature_stats"):
+        raise UserError(f"model.projector_init={m.projector_init!r}; expected xavier or feature_stats")
+    if m.get("projector_init") == "feature_stats" and not (m.get("data") or {}).get("feature_cache"):
+        raise UserError("model.projector_init=feature_stats reads encoder-output statistics from the feature "
+                         "cache: set model.data.feature_cache (build it with `avllm features`) or use "
+                         "model.projector_init=xavier")
     if m.get("nan_policy", "skip") not in ("skip", "stop"):
         raise UserError(f"model.nan_policy={m.nan_policy!r}; expected skip or stop")
     limit = m.get("max_consecutive_skipped_steps", 10)

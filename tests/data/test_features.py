@@ -174,3 +174,20 @@ def test_training_from_the_cache_gives_the_loss_of_running_the_encoders(data, cf
         from nemo_avllm.modality import TokenLayout
 
         AVDataset(good, tokenizer, TokenLayout(8, 16, 2), settings, feature_cache=cache)
+
+
+def test_feature_stats_are_mean_and_std_over_every_cached_token(cache_dir):
+    """What `projector_init=feature_stats` folds into the projectors."""
+    from nemo_avllm.training.model import feature_stats
+
+    cache = FeatureCache(cache_dir)
+    stats = feature_stats(cache)
+    for kind in ("temporal", "spatial", "audio"):
+        rows = torch.cat([cache.get(m)[kind].double().reshape(-1, cache.get(m)[kind].shape[-1])
+                          for m in sorted(cache.index) if kind in cache.get(m)])
+        mean, std = stats[kind]
+        torch.testing.assert_close(mean, rows.mean(0).float())
+        torch.testing.assert_close(std, rows.std(0, unbiased=False).float())
+    one = sorted(cache.index)[0]
+    torch.testing.assert_close(feature_stats(cache, [one, "not-cached"])["spatial"][0],
+                               cache.get(one)["spatial"].float().mean(0))

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-from nemo_avllm.model.encoders.frozen import FrozenEncoder
+from nemo_avllm.model.encoders.frozen import FrozenEncoder, seeded_init
 
 # HTSAT-{tiny,base,large} as laion_clap builds them (clap_module/htsat.py: create_htsat_model).
 HTSAT_ARCHS = {
@@ -50,6 +50,7 @@ class AudioEncoderConfig:
     depths: tuple | None = None
     num_heads: tuple | None = None
     checkpoint: str | None = None  # laion_clap checkpoint (`module.audio_branch.*`) or HF CLAP file/folder
+    init_seed: int = 0  # seed of the initial weights (they stay when checkpoint is null)
     sample_rate: int = 48000
     clip_samples: int = 480000
     window_size: int = 1024
@@ -97,17 +98,18 @@ class AudioEncoder(FrozenEncoder):
             model_name=cfg.model_name,
             enable_repeat_mode=False,
         )
-        self.htsat = htsat.HTSAT_Swin_Transformer(
-            spec_size=256,
-            patch_size=4,
-            patch_stride=(4, 4),
-            num_classes=527,
-            embed_dim=arch["embed_dim"],
-            depths=list(arch["depths"]),
-            num_heads=list(arch["num_heads"]),
-            window_size=8,
-            config=audio_cfg,
-        )
+        with seeded_init(cfg.init_seed):
+            self.htsat = htsat.HTSAT_Swin_Transformer(
+                spec_size=256,
+                patch_size=4,
+                patch_stride=(4, 4),
+                num_classes=527,
+                embed_dim=arch["embed_dim"],
+                depths=list(arch["depths"]),
+                num_heads=list(arch["num_heads"]),
+                window_size=8,
+                config=audio_cfg,
+            )
         self.width = self.htsat.num_features
         assert self.width == cfg.width
         if cfg.checkpoint:

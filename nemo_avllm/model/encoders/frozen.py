@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -38,6 +39,16 @@ class FrozenEncoder(nn.Module):
 
     def train(self, mode: bool = True):  # noqa: ARG002 - frozen in both stages (paper Fig. 2)
         return super().train(False)
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int):
+    """Build an encoder's initial weights from `seed` without touching the caller's RNG: a frozen
+    encoder without a checkpoint keeps its random weights for good, so the same config must give
+    the same encoder (and the same cached features) in every process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

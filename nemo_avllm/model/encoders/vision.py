@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_avllm.model.encoders.frozen import FrozenEncoder
+from nemo_avllm.model.encoders.frozen import FrozenEncoder, seeded_init
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -25,6 +25,7 @@ class VisionEncoderConfig:
     model_config: dict | None = None
     checkpoint: str | None = None  # open_clip state dict (`visual.*`) or HF CLIP file/folder; safetensors or .pt
     feature_layer: int = -2  # block whose output is used; -1 = last
+    init_seed: int = 0  # seed of the initial weights (they stay when checkpoint is null)
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
 
@@ -58,9 +59,10 @@ class VisionEncoder(FrozenEncoder):
 
         self.cfg = cfg
         model_cfg = cfg.open_clip_config()
-        self.visual = _build_vision_tower(
-            model_cfg["embed_dim"], dict(model_cfg["vision_cfg"]), quick_gelu=model_cfg.get("quick_gelu", False)
-        )
+        with seeded_init(cfg.init_seed):
+            self.visual = _build_vision_tower(
+                model_cfg["embed_dim"], dict(model_cfg["vision_cfg"]), quick_gelu=model_cfg.get("quick_gelu", False)
+            )
         geo = cfg.geometry()
         self.width, self.image_size, self.num_patches = geo["width"], geo["image_size"], geo["num_patches"]
         layers = geo["layers"]
