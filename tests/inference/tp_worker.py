@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tp", type=int, default=2)
     a = ap.parse_args()
-    inp = torch.load(a.inputs)
+    inp = torch.load(a.inputs, weights_only=True)
     backend = MegatronBackend(a.ckpt, tensor_model_parallel_size=a.tp)
     feats = backend.features(inp["prompts"], inp["video"], inp["audio"])
     gens = backend.generate(inp["prompts"], feats, SamplingConfig(max_new_tokens=inp["max_new_tokens"]))

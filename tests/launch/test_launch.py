@@ -67,15 +67,17 @@ def manifest(tmp_path_factory) -> Path:
 
 
 @pytest.mark.distributed
-def test_stage1_runs_through_nemo_run_local_executor_on_two_processes(tmp_path, manifest, tokenizer_dir, capsys, monkeypatch):
+def test_stage1_runs_through_nemo_run_local_executor_on_two_processes(tmp_path, manifest, tokenizer_dir):
     """`avllm launch executor=local`: NeMo-Run's torchrun launcher starts 2 gloo ranks that train,
-    log and checkpoint into the run folder that stage 2's `model.restore_from` can name."""
+    log and checkpoint into the run folder that stage 2's `model.restore_from` can name. Run as a
+    user runs it, in its own process (NeMo-Run's local runner takes over the process's streams)."""
     data = [f"stage1.model.data.train_manifest={manifest}", f"stage1.model.tokenizer={tokenizer_dir}"]
-    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the ranks import this checkout
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    out = launch_here("recipe=stage1", "executor=local", "gpus_per_node=2", "dryrun=false", f"exp_dir={tmp_path / 'runs'}",
-                      *data, *tiny_stage("stage1"),
-                      capsys=capsys)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")  # ranks import this checkout
+    proc = subprocess.run([sys.executable, "-m", "nemo_avllm.cli", "launch", "recipe=stage1", "executor=local",
+                           "gpus_per_node=2", "dryrun=false", f"exp_dir={tmp_path / 'runs'}", *data, *tiny_stage("stage1")],
+                          cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
     assert "avllm launch: {'stage1': 'SUCCEEDED" in out
     from nemo_avllm.training.callbacks import read_metrics
     from nemo_avllm.training.checkpoint import is_checkpoint, load_common, resolve
