@@ -25,6 +25,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -206,6 +207,12 @@ def _pool_context():
     return mp.get_context("spawn")
 
 
+def _worker_start() -> None:
+    """A pool worker answers SIGTERM again: it may fork from the DataLoader forkserver (one per
+    process), which ignores SIGTERM (`forkserver_init`), and `Pool.terminate` stops workers with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _work(args):
     return prepare_one(*args)
 
@@ -282,7 +289,7 @@ def prepare(
         pool = None
         try:
             if workers > 1:
-                pool = _pool_context().Pool(workers)
+                pool = _pool_context().Pool(workers, initializer=_worker_start)
                 results: Iterable[dict] = pool.imap_unordered(_work, jobs, chunksize=1)
             else:
                 results = map(_work, jobs)
