@@ -18,19 +18,19 @@ from tests.media_factory import conv, make_clip, tone
 SLURM_SCRIPTS = sorted((REPO / "scripts" / "slurm").glob("*"))
 
 
-def launch_here(*args: str, capsys) -> str:
-    """`avllm launch ...` in this process (a dry run starts nothing); returns what it printed."""
-    from nemo_avllm import cli
+def launch(*args: str) -> subprocess.CompletedProcess:
+    """`avllm launch ...` in its own process, as a user runs it (NeMo-Run takes over the streams
+    of the process it runs in, so it never runs inside pytest's)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "nemo_avllm.cli", "launch", *args], cwd=REPO, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
 
-    with open(os.devnull) as devnull:  # NeMo-Run's packaging (invoke) reads stdin, which pytest closes
-        stdin, sys.stdin = sys.stdin, devnull
-        try:
-            rc = cli.main(["launch", *args])
-        finally:
-            sys.stdin = stdin
-    out = capsys.readouterr().out
-    assert rc == 0, out[-6000:]
-    return out
+
+def launch_here(*args: str) -> str:
+    """A dry run that must succeed; returns what it printed."""
+    proc = launch(*args)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return proc.stdout
 
 
 def tiny_stage(stage: str, **extra) -> list[str]:
@@ -123,7 +123,7 @@ def test_a_stage_config_comes_back_from_its_overrides():
     assert OmegaConf.to_container(job_cfg, resolve=False) == OmegaConf.to_container(launch_cfg.stage2, resolve=False)
 
 
-def test_slurm_dry_run_prints_the_sbatch_scripts_with_layout_container_and_overrides(capsys):
+def test_slurm_dry_run_prints_the_sbatch_scripts_with_layout_container_and_overrides():
     out = launch_here("recipe=two_stage", "executor=slurm", "nodes=4", "gpus_per_node=8", "stage2_nodes=2",
                   "exp_dir=/lustre/avllm/runs", "slurm.account=proj", "slurm.partition=batch",
                   "slurm.container_image=/lustre/images/nemo_avllm.sqsh",
@@ -132,7 +132,7 @@ def test_slurm_dry_run_prints_the_sbatch_scripts_with_layout_container_and_overr
                   "stage1.model.tensor_model_parallel_size=2", "stage2.model.tensor_model_parallel_size=4",
                   "stage1.model.data.train_manifest=/data/desc.jsonl", "stage2.model.data.train_manifest=/data/inst.jsonl",
                   "stage1.model.tokenizer=/hf/vicuna 13b", "stage1.model.optim.lr=0.001",
-                  "stage1.model.restore_from=/lustre/ckpt/vicuna13b_mcore", capsys=capsys)
+                  "stage1.model.restore_from=/lustre/ckpt/vicuna13b_mcore")
     s1, s2 = out.split("# ---- stage2")
     assert "#SBATCH --nodes=4" in s1 and "#SBATCH --nodes=2" in s2
     for script in (s1, s2):
@@ -154,12 +154,11 @@ def test_slurm_dry_run_prints_the_sbatch_scripts_with_layout_container_and_overr
     assert not Path("/lustre/avllm").exists() or not any(Path("/lustre/avllm/runs").glob("*"))
 
 
-def test_launch_refuses_a_layout_that_cannot_work_before_submitting(capsys):
-    from nemo_avllm import cli
-
+def test_launch_refuses_a_layout_that_cannot_work_before_submitting():
     def refused(*args: str) -> str:
-        assert cli.main(["launch", *args]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
+        proc = launch(*args)
+        assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+        err = [line for line in proc.stderr.strip().splitlines() if line.startswith("avllm launch: error: ")]
         assert len(err) == 1 and err[0].startswith("avllm launch: error: "), err
         return err[0]
 
@@ -265,11 +264,11 @@ def test_container_install_keeps_the_images_prerelease_builds_and_refuses_a_wron
 
 
 @pytest.mark.parametrize("time_left,requeued", [("01:30", True), ("1-03:00:00", False)])
-def test_nemo_run_sbatch_requeues_a_job_stopped_at_the_time_limit(tmp_path, capsys, time_left, requeued):
+def test_nemo_run_sbatch_requeues_a_job_stopped_at_the_time_limit(tmp_path, time_left, requeued):
     """The sbatch script NeMo-Run would submit, run with stand-in SLURM commands: training exits 0
     (it saved on SIGTERM); with 90 s left the job requeues itself, with a day left it does not."""
     out = launch_here("executor=slurm", "slurm.account=proj", "slurm.container_image=/images/avllm.sqsh",
-                      "stage1.model.restore_from=/ckpt/vicuna7b_mcore", f"exp_dir={tmp_path / 'runs'}", capsys=capsys)
+                      "stage1.model.restore_from=/ckpt/vicuna7b_mcore", f"exp_dir={tmp_path / 'runs'}")
     script = tmp_path / "job.sbatch"
     script.write_text(out.split("# SBATCH_SCRIPT\n#----------------\n", 1)[1])
     bin_dir = tmp_path / "bin"
