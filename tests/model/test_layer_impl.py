@@ -177,7 +177,7 @@ def test_checkpoint_without_the_other_specs_extra_state_loads_strictly(dist1, tm
     dist_checkpointing.save({"model": sharded, checkpoint.COMMON_KEY: {}}, str(tmp_path / "ckpt"))
     torch.manual_seed(2)
     dst = build_model(cfg)
-    checkpoint.load(tmp_path / "ckpt", dst, strict=True)
+    checkpoint.load(tmp_path / "ckpt", dst)  # strict: no allow_missing
     for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), name

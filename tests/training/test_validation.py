@@ -88,7 +88,7 @@ def test_validation_is_logged_and_ranks_the_checkpoints(media_reference_run):
     # the best-1 checkpoint is the step with the lowest validation loss, as the callback recorded it
     best_step = min((2, 4, 6), key=lambda s: metrics[s]["val_loss"])
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if checkpoint.is_checkpoint(p))
-    assert [n for n in ckpts if not n.endswith("-last")] == [f"run--step={best_step}"], ckpts
+    assert [n for n in ckpts if not n.endswith("-last")] == [f"run--step_{best_step}"], ckpts
     last = next(run.glob("checkpoints/*-last"))
     states = checkpoint.load_common(last)["lightning"]["callbacks"]
     key = next(k for k in states if "ModelCheckpoint" in k)
