@@ -148,6 +148,16 @@ class ModalityPlan:
         self.separate = sep
         self.chunk = {m: self.G for m in MODALITIES if m in self.ratios and any(m in p for p in self.phases)}
 
+    @classmethod
+    def build(cls, ratios: dict[str, float] | None, sizes: dict[str, int], global_batch: int, schedule: str = "mat",
+              split: float = 0.5, max_steps: int | None = None) -> "ModalityPlan":
+        """The plan for configured `ratios` (None: no MAT, one stream of all samples; with pt1/pt2
+        the natural proportions of `sizes`, the items per modality)."""
+        if ratios is None and schedule == "mat":
+            return cls({ALL: 1.0}, global_batch)
+        norm = normalise_ratios(dict(ratios) if ratios is not None else sizes, sizes)
+        return cls(norm, global_batch, schedule, split, max_steps)
+
     @property
     def modalities(self) -> list[str]:
         return list(self.chunk)
@@ -278,13 +288,10 @@ class MATBatchSampler:
         for i, s in enumerate(samples):
             for view in s.available_views(self.derive_views):
                 pools[view].append((i, view))
-        sizes = {m: len(p) for m, p in pools.items()}
-        if ratios is None and schedule == "mat":
-            pools = {ALL: [(i, s.modality) for i, s in enumerate(samples)]}
-            self.ratios = {ALL: 1.0}
-        else:  # pt1/pt2 without ratios: the pools' natural proportions
-            self.ratios = normalise_ratios(dict(ratios) if ratios is not None else sizes, sizes)
-        self.plan = ModalityPlan(self.ratios, self.global_batch_size, schedule, split, max_steps)
+        pools[ALL] = [(i, s.modality) for i, s in enumerate(samples)]
+        self.plan = ModalityPlan.build(ratios, {m: len(pools[m]) for m in MODALITIES}, self.global_batch_size,
+                                       schedule, split, max_steps)
+        self.ratios = self.plan.ratios
         self.pools = {m: pools[m] for m in self.plan.modalities}
         self.streams = {m: PoolStream(len(self.pools[m]), c, self.seed, MODALITIES.index(m) if m in MODALITIES else 3, m)
                         for m, c in self.plan.chunk.items()}
