@@ -193,10 +193,10 @@ def test_schedule_and_rank_shares_follow_the_sampler_plan(media_shards, data, to
     from nemo_avllm.data.mat_sampler import MATBatchSampler
 
     kw = dict(global_batch_size=4, micro_batch_size=2, ratios=RATIOS, derive_views=True, seed=6, max_epochs=1,
-              schedule="pt2", schedule_split=0.5, max_steps=2)
+              schedule="pt2", schedule_split=0.5, max_steps=4)
     got = [ids(stream(media_shards, tokenizer, cfg, dp_rank=r, dp_size=2, **kw)) for r in range(2)]
     plans = [MATBatchSampler(data[1], RATIOS, 4, 2, dp_rank=r, dp_size=2, seed=6, derive_views=True,
-                             schedule="pt2", split=0.5, max_steps=2) for r in range(2)]
+                             schedule="pt2", split=0.5, max_steps=4) for r in range(2)]
     for r in range(2):
         assert [[m for _, m in mb] for mb in got[r]] == [[v for _, v in mb] for mb in plans[r]]
     steps = [sum((got[r][k] for r in range(2)), []) for k in range(3)]  # 15 // 4 = 3 steps, 1 micro-batch each
