@@ -426,8 +426,9 @@ class _Validator:
                                     "give the view's conversation as a list of {from, value} turns")
                 mod = self.conversation(turns, line, fld)
                 if name == own:
-                    raise self.drop(BAD_VIEW, line, fld, f"view {name} is the modality of the sample's own conversation",
-                                    f"remove views.{name} (the 'conversations' field is already the {name} one)")
+                    raise self.drop(BAD_VIEW, line, fld, f"view {name} is the modality of the sample's own "
+                                    f"conversation", f"remove views.{name} (the 'conversations' field is already "
+                                    f"the {name} one)")
                 if mod != name:
                     raise self.drop(BAD_VIEW, line, fld, f"view {name} uses the tokens of modality {mod}",
                                     f"use only {'<VIS>' if name == V else '<AUD>' if name == A else '<AUD_VIS>'} in this view")

@@ -293,7 +293,7 @@ class MATBatchSampler:
                                        schedule, split, max_steps)
         self.ratios = self.plan.ratios
         self.pools = {m: pools[m] for m in self.plan.modalities}
-        self.streams = {m: PoolStream(len(self.pools[m]), c, self.seed, MODALITIES.index(m) if m in MODALITIES else 3, m)
+        self.streams = {m: PoolStream(len(self.pools[m]), c, self.seed, (*MODALITIES, ALL).index(m), m)
                         for m, c in self.plan.chunk.items()}
         self.batches_per_epoch = max(1, len(samples) // self.global_batch_size)
         self.consumed_samples = 0

@@ -18,6 +18,7 @@ from tests.training.conftest import DROPOUT
 
 STEPS = 6  # pt1 with split 0.5: steps 1-3 AV only, then V, A, V (V:A batches track 0.5:0.2)
 MIX = {1: "AV", 2: "AV", 3: "AV", 4: "V", 5: "A", 6: "V"}
+MIX_KEYS = ("V", "A", "AV")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def shards(media_data, tmp_path_factory):
             return [{"from": "human", "value": f"{tok} Describe it."},
                     {"from": "gpt", "value": synthetic.description(spec, tok)}]
 
-        row = {"id": c["id"], "video": str(root / c["video"]), "conversations": conv(("<AUD_VIS>", "<VIS>", "<AUD>")[k % 3])}
+        tok = ("<AUD_VIS>", "<VIS>", "<AUD>")[k % 3]
+        row = {"id": c["id"], "video": str(root / c["video"]), "conversations": conv(tok)}
         if k % 3 == 0:
             row["views"] = {"V": conv("<VIS>"), "A": conv("<AUD>")}
         rows.append(row)
@@ -67,7 +69,7 @@ def test_shards_train_the_schedule_and_resume_exactly_across_the_switch(tmp_path
     ref = {m["step"]: m for m in read_metrics(tmp_path / "ref" / "run")}
     assert sorted(ref) == list(range(1, STEPS + 1))
     for step, mod in MIX.items():  # what the batch's tokens asked for, counted by the training step
-        assert {k: ref[step][f"samples_{k}"] for k in ("V", "A", "AV")} == {k: 2.0 * (k == mod) for k in ("V", "A", "AV")}
+        assert {k: ref[step][f"samples_{k}"] for k in MIX_KEYS} == {k: 2.0 * (k == mod) for k in MIX_KEYS}
 
     run = args(tmp_path / "b", shards, tokenizer_dir)
     proc = helpers.start(run, real_data=True)
