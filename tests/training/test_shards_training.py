@@ -4,6 +4,7 @@ modality schedule step by step, and an exact resume after SIGKILL across the pha
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -81,3 +82,19 @@ def test_shards_train_the_schedule_and_resume_exactly_across_the_switch(tmp_path
     assert max(got) == STEPS and min(got) in (3, 5), sorted(got)
     for step in got:  # bit-exact: same records, same RNG
         assert got[step] == ref[step]["reduced_train_loss"], (step, got[step], ref[step]["reduced_train_loss"])
+
+
+@pytest.mark.parametrize("data_keys, message", [
+    ([], "set one of model.data.train_manifest (a JSON Lines manifest) and model.data.shards"),
+    (["model.data.train_manifest=x.jsonl", "model.data.shards=y"], "and model.data.shards (the folder or URL "
+                                                                    "`avllm prepare shards.out_dir=` wrote) to train on, not both"),
+    (["model.data.shards=/nonexistent/shards"], "model.data.shards: cannot read /nonexistent/shards/shards.json"),
+])
+def test_train_data_names_the_shards_key(data_keys, message, tokenizer_dir):
+    from nemo_avllm import config
+    from nemo_avllm.errors import UserError
+    from nemo_avllm.training.data import TrainData
+
+    cfg = config.load("stage1_pretrain", ["model=tiny", f"model.tokenizer={tokenizer_dir}", *data_keys])
+    with pytest.raises(UserError, match=re.escape(message)):
+        TrainData(cfg)
