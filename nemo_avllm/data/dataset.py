@@ -464,16 +464,20 @@ def build_dataloader(
     backend: str = "cpu",
     max_length: int | None = None,
     pin_memory: bool = False,
+    schedule: str = "mat",
+    schedule_split: float = 0.5,
+    max_steps: int | None = None,
 ) -> torch.utils.data.DataLoader:
     """MAT sampler + AVDataset + collate for one data-parallel rank. `feature_cache`: a path or a
     FeatureCache (checked against `model_cfg`). `loader.batch_sampler.state_dict(n)` goes in the
-    checkpoint; pass `consumed_samples` back to resume exactly."""
+    checkpoint; pass `consumed_samples` back to resume exactly. `schedule`, `schedule_split`,
+    `max_steps`: the modality schedule (`mat_sampler.ModalityPlan`)."""
     from nemo_avllm.data.mat_sampler import MATBatchSampler
 
     dataset = _dataset(samples, tokenizer, model_cfg, backend=backend, index=index, feature_cache=feature_cache,
                        max_length=max_length or seq_length, derive_views=derive_views)
     sampler = MATBatchSampler(samples, ratios, global_batch_size, micro_batch_size, dp_rank, dp_size, seed,
-                              derive_views, consumed_samples)
+                              derive_views, consumed_samples, schedule, schedule_split, max_steps)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,

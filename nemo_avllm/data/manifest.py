@@ -8,9 +8,11 @@ A line::
      "views": {"V": [...], "A": [...]}}                                          # optional
 
 Paths are relative to the manifest's folder or absolute; `video` may be a still image. Modality
-tokens (`<VIS>`, `<AUD>`, `<AUD_VIS>`) go in human turns. `views` holds per-modality rewrites of
-the conversation that Modality-Augmented Training uses instead of mechanically rewriting the
-tokens when it derives visual-only / audio-only views of an audio-visual sample.
+tokens (`<VIS>`, `<AUD>`, `<AUD_VIS>`) go in human turns. `views` holds conversations written for
+other modalities of the same clip (e.g. the visual-only and audio-only instructions curated from
+an audio-visual video, paper Table 1); with `data.derive_views` MAT trains them as extra V / A / AV
+items. It is the only way a sample yields another modality: rewriting the token alone would keep
+an answer written for what the other modality shows or sounds like.
 
 `validate_manifest` never crashes on bad data: it returns the good samples and a report that
 counts every problem (with the first examples, each naming file, line, field and the fix), so a
@@ -162,31 +164,19 @@ class Sample:
 
     def available_views(self, derive: bool) -> list[str]:
         """Views this sample can be trained as: its own modality class, plus with `derive` the
-        visual-only and audio-only views of an audio-visual sample (and any validated `views`)."""
-        out = [self.modality]
-        if derive:
-            if self.modality == AV and self.has_audio:
-                out += [V, A]
-            for view in (self.views or {}):
-                if view not in out:
-                    out.append(view)
+        modalities of its validated `views`. Nothing is derived by rewriting modality tokens: an
+        answer written for the audio-visual clip would teach a `<VIS>` sample to describe sounds."""
+        out = {self.modality, *((self.views or {}) if derive else ())}
         return [m for m in MODALITIES if m in out]
 
     def conversation(self, view: str | None = None) -> list[dict]:
-        """The turns for `view`: the sample's own, its `views[view]`, or its own with every
-        modality token rewritten to the view's token (`<VIS>` for V, `<AUD>` for A)."""
+        """The turns for `view`: the sample's own, or its `views[view]`."""
         if view is None or view == self.modality:
             return self.conversations
         if self.views and view in self.views:
             return self.views[view]
-        return rewrite_tokens(self.conversations, view)
-
-
-def rewrite_tokens(turns: list[dict], view: str) -> list[dict]:
-    """Replace every modality token by the one token of `view` (V -> <VIS>, A -> <AUD>)."""
-    token = {V: modality.VIS_TOKEN, A: modality.AUD_TOKEN, AV: modality.AUD_VIS_TOKEN}[view]
-    pattern = re.compile("|".join(map(re.escape, modality.MODALITY_TOKENS)))
-    return [dict(t, value=pattern.sub(token, t["value"])) for t in turns]
+        raise KeyError(f"sample {self.id} ({self.file}:{self.line}) has no {view!r} conversation; give one in "
+                       f"the manifest's 'views' field")
 
 
 def modality_class(turns: Iterable[dict]) -> str | None:
@@ -340,7 +330,7 @@ class _Validator:
                             f"the conversation uses {modality.AUD_TOKEN} or {modality.AUD_VIS_TOKEN} but {src} has no audio",
                             f"use {modality.VIS_TOKEN} for this video, give an 'audio' file, or drop the sample")
         ntok = self.length(turns, line, "conversations")
-        views = self.views(rec.get("views"), line, has_audio)
+        views = self.views(rec.get("views"), line, has_audio, mod)
         return Sample(id=str(rec["id"]), video=video, audio=audio, conversations=turns, modality=mod,
                       has_audio=has_audio, media_id=mid, file=self.file, line=line, views=views,
                       num_tokens=ntok, record=rec)
@@ -418,7 +408,7 @@ class _Validator:
         self.truncated = True
         return self.max_length
 
-    def views(self, views, line: int, has_audio: bool | None) -> dict[str, list[dict]] | None:
+    def views(self, views, line: int, has_audio: bool | None, own: str) -> dict[str, list[dict]] | None:
         """Per-view conversations; a bad view is reported and left out, the sample stays."""
         if views is None:
             return None
@@ -435,6 +425,10 @@ class _Validator:
                     raise self.drop(BAD_VIEW, line, fld, f"a view is a list of turns, not {type(turns).__name__}",
                                     "give the view's conversation as a list of {from, value} turns")
                 mod = self.conversation(turns, line, fld)
+                if name == own:
+                    raise self.drop(BAD_VIEW, line, fld, f"view {name} is the modality of the sample's own "
+                                    f"conversation", f"remove views.{name} (the 'conversations' field is already "
+                                    f"the {name} one)")
                 if mod != name:
                     raise self.drop(BAD_VIEW, line, fld, f"view {name} uses the tokens of modality {mod}",
                                     f"use only {'<VIS>' if name == V else '<AUD>' if name == A else '<AUD_VIS>'} in this view")

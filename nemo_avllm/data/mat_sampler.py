@@ -1,20 +1,30 @@
-"""Modality-Augmented Training (paper §3.3): every global batch mixes visual-only, audio-only and
-audio-visual samples in a fixed, configured ratio.
+"""Modality-Augmented Training (paper §3.3) and the Table 5 training strategies as a batch plan.
 
-The batch plan is a pure function of (seed, epoch, batch index), so it is deterministic, the same
-on every data-parallel rank without communication, and resumable from a consumed-samples count
-alone (Megatron's convention; the count also survives a change of the data-parallel size):
+Which modalities each global batch holds is a `ModalityPlan`, a pure function of the global step
+(so it is deterministic, the same on every data-parallel rank without communication, and resumable
+from a consumed-samples count alone, Megatron's convention), for one of three schedules
+(`model.data.modality_schedule`, paper §4.4):
 
-- exact per-batch counts per modality by largest-remainder rounding of `ratio * global_batch`;
-- per epoch and modality, a stream of that modality's items: permutations of its pool seeded by
-  (seed + epoch, modality, pass), concatenated when the modality needs more items than it has
-  (oversampling) and cut when it needs fewer;
-- per batch, a seeded arrangement of the modality labels over the batch's slots, so each
-  data-parallel rank gets a mix rather than one modality;
-- rank r takes slots [r*G/dp, (r+1)*G/dp), cut into micro-batches.
+- `mat` (default): every global batch holds V, A and AV items in the exact counts of
+  `mat_ratios * global_batch` (largest-remainder rounding);
+- `pt1`: the first `modality_schedule_split` of the run's steps are audio-visual batches (AV only),
+  the rest are single-modality batches, V or A, alternating so that the running share of V
+  batches tracks V / (V + A) of `mat_ratios` (batch t of the phase is V iff
+  round((t+1)·q) > round(t·q), q that share);
+- `pt2`: those two phases in the other order (V or A batches first, then AV).
 
-An epoch is `len(samples) // global_batch` global batches: derived views do not lengthen it.
-Items are `(sample index, view)` tuples, which `AVDataset.__getitem__` accepts.
+Per modality, the items come from one endless stream: seeded permutations of its pool,
+`(seed, modality, pass)`, one after the other (every item once before any repeats). A global
+batch takes the next `count` items of each of its modalities. When a batch straddles two passes,
+the new pass's first items are swapped away from the ones the old pass gave that batch, so no item
+`(sample, view)` appears twice in a global batch (a pool smaller than one batch's share is refused).
+
+The labels of a global batch are dealt over the data-parallel ranks modality by modality, so
+each rank holds its share of each modality within ±1; each rank's slots are then shuffled
+(seeded by (seed, step)) and cut into micro-batches. An epoch is `len(samples) // global_batch`
+global batches (views do not lengthen it); it only frames DataLoader iteration. Items are
+`(sample index, view)` tuples, which `AVDataset.__getitem__` accepts; `shards.ShardStream`
+follows the same plan over webdataset streams.
 """
 
 from __future__ import annotations
@@ -25,9 +35,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from nemo_avllm.data.manifest import MODALITIES
+from nemo_avllm.errors import UserError
 
 Item = tuple[int, str]  # (sample index, view)
 ALL = "ALL"  # the single stream when no ratios are given (natural proportions)
+SCHEDULES = ("mat", "pt1", "pt2")
+TOGETHER, SEPARATE = (("AV",), ("V", "A"))  # the two kinds of phase of pt1/pt2
+PHASES = {"mat": None, "pt1": (TOGETHER, SEPARATE), "pt2": (SEPARATE, TOGETHER)}
 
 
 def normalise_ratios(ratios: dict[str, float], available: dict[str, int]) -> dict[str, float]:
@@ -70,13 +84,6 @@ def largest_remainder(ratios: dict[str, float], total: int) -> dict[str, int]:
     return counts
 
 
-def batch_slots(counts: dict[str, int], seed: int, epoch: int, batch: int) -> list[str]:
-    """Modality label of each position of one global batch, in a seeded random arrangement."""
-    labels = [m for m, c in counts.items() for _ in range(c)]
-    order = np.random.default_rng([seed, epoch, batch]).permutation(len(labels))
-    return [labels[i] for i in order]
-
-
 def rank_slice(global_batch: int, dp_rank: int, dp_size: int, micro_batch: int) -> tuple[int, int]:
     """[start, end) of a data-parallel rank's part of a global batch (checked divisibility)."""
     if global_batch % (dp_size * micro_batch):
@@ -89,25 +96,170 @@ def rank_slice(global_batch: int, dp_rank: int, dp_size: int, micro_batch: int) 
     return dp_rank * per_rank, (dp_rank + 1) * per_rank
 
 
-def stream_order(pool_size: int, needed: int, seed: int, epoch: int, stream: int) -> np.ndarray:
-    """Positions into a pool for one epoch: seeded permutations of the pool, concatenated (a
-    modality that needs more items than it has) and cut to `needed`."""
-    parts, have, k = [], 0, 0
-    while have < needed:
-        parts.append(np.random.default_rng([seed + epoch, stream, k]).permutation(pool_size))
-        have += pool_size
-        k += 1
-    return np.concatenate(parts)[:needed] if parts else np.zeros(0, dtype=np.int64)
+def rank_labels(counts: dict[str, int], seed: int, step: int, dp_size: int) -> list[list[str]]:
+    """Modality label of each slot of one global batch, per data-parallel rank: the labels are
+    dealt round-robin over the ranks modality after modality (from a seeded first rank), so every
+    rank holds floor or ceil of count/dp of each modality, then each rank's slots are shuffled."""
+    rng = np.random.default_rng([seed, step])
+    first = int(rng.integers(dp_size))
+    ranks: list[list[str]] = [[] for _ in range(dp_size)]
+    s = first
+    for m, c in counts.items():
+        for _ in range(c):
+            ranks[s % dp_size].append(m)
+            s += 1
+    return [[r[i] for i in rng.permutation(len(r))] for r in ranks]
+
+
+def _rounded(t: int, q: float) -> int:
+    """round(t*q) with halves up: monotone in t, steps of 0 or 1 (0 <= q <= 1)."""
+    return int(np.floor(t * q + 0.5 + 1e-9))
+
+
+class ModalityPlan:
+    """Modality counts of every global step for one schedule (see the module docstring).
+
+    `ratios`: normalised ratios (modality -> share) or {ALL: 1.0}; `max_steps`: the run's
+    step count (trainer.max_steps), which `split` divides for pt1/pt2."""
+
+    def __init__(self, ratios: dict[str, float], global_batch: int, schedule: str = "mat", split: float = 0.5,
+                 max_steps: int | None = None):
+        if schedule not in SCHEDULES:
+            raise UserError(f"model.data.modality_schedule={schedule!r}; use one of {', '.join(SCHEDULES)}")
+        self.G, self.schedule, self.ratios = int(global_batch), schedule, dict(ratios)
+        self.phases = PHASES[schedule]
+        if self.phases is None:
+            self.boundary = 0
+            self.chunk = largest_remainder(self.ratios, self.G)
+            return
+        if not 0.0 <= float(split) <= 1.0:
+            raise UserError(f"model.data.modality_schedule_split={split}: give the fraction of the steps in the "
+                            f"first phase, between 0 and 1")
+        if max_steps is None or int(max_steps) < 1:
+            raise UserError(f"model.data.modality_schedule={schedule} splits the run's steps into two phases: "
+                            f"set trainer.max_steps (got {max_steps})")
+        for phase in self.phases:
+            if not any(m in self.ratios for m in phase):
+                raise UserError(f"model.data.modality_schedule={schedule} has a {'+'.join(phase)} phase but there are "
+                                f"no {' or '.join(phase)} items with a positive ratio in model.data.mat_ratios")
+        self.boundary = int(round(float(split) * int(max_steps)))
+        sep = [m for m in SEPARATE if m in self.ratios]
+        self.q = self.ratios[sep[0]] / sum(self.ratios[m] for m in sep) if sep else 0.0  # share of the first
+        self.separate = sep
+        self.chunk = {m: self.G for m in MODALITIES if m in self.ratios and any(m in p for p in self.phases)}
+
+    @classmethod
+    def build(cls, ratios: dict[str, float] | None, sizes: dict[str, int], global_batch: int, schedule: str = "mat",
+              split: float = 0.5, max_steps: int | None = None) -> "ModalityPlan":
+        """The plan for configured `ratios` (None: no MAT, one stream of all samples; with pt1/pt2
+        the natural proportions of `sizes`, the items per modality)."""
+        if ratios is None and schedule == "mat":
+            return cls({ALL: 1.0}, global_batch)
+        norm = normalise_ratios(dict(ratios) if ratios is not None else sizes, sizes)
+        return cls(norm, global_batch, schedule, split, max_steps)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.chunk)
+
+    def phase(self, step: int) -> tuple[int, int]:
+        """(phase number, step within the phase) of global step `step`."""
+        return (0, step) if step < self.boundary else (1, step - self.boundary)
+
+    def _separate_first(self, t: int) -> int:
+        """Batches of the first separate modality among the phase's first `t`."""
+        return _rounded(t, self.q) if len(self.separate) == 2 else (t if self.separate else 0)
+
+    def counts(self, step: int) -> dict[str, int]:
+        """Items per modality in global batch `step`."""
+        if self.phases is None:
+            return dict(self.chunk)
+        p, t = self.phase(step)
+        if self.phases[p] == TOGETHER:
+            return {"AV": self.G}
+        first = self._separate_first(t + 1) > self._separate_first(t)
+        return {self.separate[0] if first else self.separate[-1]: self.G}
+
+    def _consumed_in_phase(self, p: int, t: int, m: str) -> int:
+        if self.phases[p] == TOGETHER:
+            return t * self.G if m == "AV" else 0
+        if m not in self.separate:
+            return 0
+        n_first = self._separate_first(t)
+        return self.G * (n_first if m == self.separate[0] else t - n_first)
+
+    def consumed(self, step: int, m: str) -> int:
+        """Items of modality `m` used by global batches [0, step)."""
+        if self.phases is None:
+            return step * self.chunk.get(m, 0)
+        before, after = min(step, self.boundary), max(0, step - self.boundary)
+        return self._consumed_in_phase(0, before, m) + self._consumed_in_phase(1, after, m)
+
+    def describe(self) -> str:
+        """What the schedule does, for the training log."""
+        if self.phases is None:
+            return f"modality schedule mat: every global batch {self.chunk}"
+        names = ["+".join(p) if p == TOGETHER else " or ".join(self.separate) + " batches" for p in self.phases]
+        return (f"modality schedule {self.schedule}: steps [0, {self.boundary}) {names[0]}, "
+                f"then {names[1]}")
+
+
+class PoolStream:
+    """Endless stream of positions into one modality's pool, taken `chunk` at a time: seeded
+    permutations per pass, each pass's head swapped away from the items the previous pass gave
+    to the chunk that straddles them. Passes are built in order (a resume replays them: integer
+    work only), keeping the last two."""
+
+    def __init__(self, pool_size: int, chunk: int, seed: int, stream: int, name: str = ""):
+        if chunk > pool_size:
+            raise UserError(
+                f"MAT: modality {name} has {pool_size} items but a global batch takes {chunk} of them, so some "
+                f"would repeat within a batch; add {name} samples, lower model.global_batch_size, or change "
+                f"model.data.mat_ratios / model.data.modality_schedule")
+        self.n, self.c, self.seed, self.stream = int(pool_size), int(chunk), int(seed), int(stream)
+        self._passes: dict[int, np.ndarray] = {}
+
+    def _raw(self, k: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.stream, k]).permutation(self.n)
+
+    def _pass(self, k: int) -> np.ndarray:
+        if k in self._passes:
+            return self._passes[k]
+        have = max((i for i in self._passes if i < k), default=-1)
+        prev = self._passes.get(have)
+        for i in range(have + 1, k + 1):
+            perm = self._raw(i)
+            j = (i * self.n) % self.c  # items of pass i-1 in the chunk that straddles into pass i
+            if i and j:
+                tail, q = set(prev[self.n - j:].tolist()), self.c - j
+                for h in range(self.c - j):  # the chunk's part in pass i: swap repeats further back
+                    if perm[h] in tail:
+                        while perm[q] in tail:
+                            q += 1
+                        perm[h], perm[q] = perm[q], perm[h]
+                        q += 1
+            self._passes = {i - 1: prev, i: perm} if prev is not None else {i: perm}
+            prev = perm
+        return self._passes[k]
+
+    def take(self, t: int) -> np.ndarray:
+        """Pool positions of chunk `t` (distinct)."""
+        k, o = divmod(t * self.c, self.n)
+        if o + self.c <= self.n:
+            return self._pass(k)[o:o + self.c]
+        head = self._pass(k)[o:]
+        return np.concatenate([head, self._pass(k + 1)[:self.c - len(head)]])
 
 
 class MATBatchSampler:
     """Micro-batches of `(sample index, view)` items for one data-parallel rank.
 
-    `samples`: validated manifest samples (anything with `available_views(derive)` and
+    `samples`: validated manifest samples (anything with `available_views(use_views)` and
     `modality`). `ratios`: e.g. {"V": 0.5, "A": 0.2, "AV": 0.3}; None trains on the samples as
-    they come (no MAT, natural proportions). `derive_views`: audio-visual samples also yield V and
-    A views. Use as a DataLoader `batch_sampler`; each `iter()` runs to the end of the current
-    epoch, the next one starts the next epoch."""
+    they come (no MAT, natural proportions). `derive_views`: also train the per-modality
+    conversations of the manifest's `views`. `schedule`, `split`, `max_steps`: see
+    `ModalityPlan`. Use as a DataLoader `batch_sampler`; each `iter()` runs to the end of the
+    current epoch, the next one starts the next epoch."""
 
     def __init__(
         self,
@@ -120,6 +272,9 @@ class MATBatchSampler:
         seed: int = 0,
         derive_views: bool = False,
         consumed_samples: int = 0,
+        schedule: str = "mat",
+        split: float = 0.5,
+        max_steps: int | None = None,
     ):
         if not samples:
             raise ValueError("MAT sampler: no samples (the manifest validated to nothing?)")
@@ -129,21 +284,25 @@ class MATBatchSampler:
         self.start, self.end = rank_slice(self.global_batch_size, self.dp_rank, self.dp_size, self.micro_batch_size)
         self.seed = int(seed)
         self.derive_views = bool(derive_views)
-        if ratios is None:
-            self.pools: dict[str, list[Item]] = {ALL: [(i, s.modality) for i, s in enumerate(samples)]}
-            self.ratios = {ALL: 1.0}
-        else:
-            pools: dict[str, list[Item]] = {m: [] for m in MODALITIES}
-            for i, s in enumerate(samples):
-                for view in s.available_views(self.derive_views):
-                    pools[view].append((i, view))
-            self.ratios = normalise_ratios(dict(ratios), {m: len(p) for m, p in pools.items()})
-            self.pools = {m: pools[m] for m in self.ratios}
-        self.counts = largest_remainder(self.ratios, self.global_batch_size)
+        pools: dict[str, list[Item]] = {m: [] for m in MODALITIES}
+        for i, s in enumerate(samples):
+            for view in s.available_views(self.derive_views):
+                pools[view].append((i, view))
+        pools[ALL] = [(i, s.modality) for i, s in enumerate(samples)]
+        self.plan = ModalityPlan.build(ratios, {m: len(pools[m]) for m in MODALITIES}, self.global_batch_size,
+                                       schedule, split, max_steps)
+        self.ratios = self.plan.ratios
+        self.pools = {m: pools[m] for m in self.plan.modalities}
+        self.streams = {m: PoolStream(len(self.pools[m]), c, self.seed, (*MODALITIES, ALL).index(m), m)
+                        for m, c in self.plan.chunk.items()}
         self.batches_per_epoch = max(1, len(samples) // self.global_batch_size)
         self.consumed_samples = 0
-        self._epoch_cache: tuple[int, dict[str, np.ndarray]] | None = None
         self.set_consumed_samples(consumed_samples)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Per-batch counts of the `mat` schedule (of the current step for pt1/pt2)."""
+        return self.plan.counts(self.consumed_samples // self.global_batch_size)
 
     # -- position ----------------------------------------------------------------------------
     @property
@@ -171,33 +330,23 @@ class MATBatchSampler:
         self.set_consumed_samples(int(state["consumed_samples"]))
 
     # -- plan --------------------------------------------------------------------------------
-    def _streams(self, epoch: int) -> dict[str, np.ndarray]:
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            streams = {}
-            for k, (m, count) in enumerate(self.counts.items()):
-                order = stream_order(len(self.pools[m]), count * self.batches_per_epoch, self.seed, epoch,
-                                     MODALITIES.index(m) if m in MODALITIES else k)
-                streams[m] = order
-            self._epoch_cache = (epoch, streams)
-        return self._epoch_cache[1]
+    def rank_batches(self, step: int) -> list[list[Item]]:
+        """Global batch `step` (counted from the start of training) as each rank's items."""
+        counts = self.plan.counts(step)
+        todo = {m: iter([self.pools[m][p] for p in self.streams[m].take(self.plan.consumed(step, m) // c)])
+                for m, c in counts.items() if c}
+        return [[next(todo[m]) for m in labels] for labels in rank_labels(counts, self.seed, step, self.dp_size)]
 
-    def global_batch(self, epoch: int, batch: int) -> list[Item]:
-        """The whole global batch `batch` of `epoch` (what all ranks together train on)."""
-        streams = self._streams(epoch)
-        taken = dict.fromkeys(self.counts, 0)
-        out = []
-        for m in batch_slots(self.counts, self.seed, epoch, batch):
-            pos = streams[m][batch * self.counts[m] + taken[m]]
-            taken[m] += 1
-            out.append(self.pools[m][pos])
-        return out
+    def global_batch(self, step: int) -> list[Item]:
+        """The whole global batch `step` (what all ranks together train on), rank after rank."""
+        return [it for r in self.rank_batches(step) for it in r]
 
     def __iter__(self) -> Iterator[list[Item]]:
         epoch = self.epoch
         first = (self.consumed_samples % self.samples_per_epoch) // self.global_batch_size
         mbs = self.micro_batch_size
         for b in range(first, self.batches_per_epoch):
-            mine = self.global_batch(epoch, b)[self.start : self.end]
+            mine = self.rank_batches(epoch * self.batches_per_epoch + b)[self.dp_rank]
             micro = [mine[i : i + mbs] for i in range(0, len(mine), mbs)]
             for k, mb in enumerate(micro):
                 if k == len(micro) - 1:

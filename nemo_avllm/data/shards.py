@@ -7,10 +7,12 @@ media bytes (`<key>.video.<ext>`, `<key>.audio.flac` from the prepare side-car o
 `<key>.audio.<ext>` from the manifest) or the cached encoder tokens (`<key>.feat.safetensors`).
 `shards.json` lists the shards with their per-view counts (and the feature-cache meta).
 
-Reading (`ShardStream`, an IterableDataset): yields micro-batches of the same item dicts as
-`AVDataset`, for one data-parallel rank, with the same MAT plan as `MATBatchSampler`
-(`batch_slots`: the same per-batch modality counts and arrangement). Each modality is its own
-stream of records; a stream's shards are reshuffled per epoch (seed + epoch) and partitioned over
+Reading (`ShardStream`, an IterableDataset; what training uses with `model.data.shards`): yields
+micro-batches of the same item dicts as `AVDataset`, for one data-parallel rank, with the same
+modality plan as `MATBatchSampler` (`ModalityPlan` and `rank_labels`: the same per-step counts,
+schedule phases and per-rank shares). `path` is the folder or URL that holds `shards.json`, or a
+brace pattern of some of its tars (`https://host/shards/{V,AV}-{000000..000003}.tar`). Each
+modality is its own stream of records; a stream's shards are reshuffled per (seed, epoch) and partitioned over
 the `dp_size * num_workers` consumers (by shard when there are enough shards, else by record),
 so within one pass over a stream ranks and workers read disjoint data (a consumer whose part runs
 out first goes on with the stream's next, reshuffled pass). DataLoader worker w builds micro-batches w, w+W, ...,
@@ -40,7 +42,7 @@ from nemo_avllm import modality
 from nemo_avllm.data.conversation import ConversationError, ConversationTemplate
 from nemo_avllm.data.dataset import DecodeSettings, MediaSource, build_item
 from nemo_avllm.data.manifest import MODALITIES, Sample, as_index
-from nemo_avllm.data.mat_sampler import ALL, batch_slots, largest_remainder, normalise_ratios, rank_slice
+from nemo_avllm.data.mat_sampler import ALL, ModalityPlan, rank_labels, rank_slice
 from nemo_avllm.data.media import MediaError, MediaInfo
 
 log = logging.getLogger(__name__)
@@ -193,8 +195,29 @@ def load_shards_meta(base: str) -> dict:
         with wds.gopen(url, "rb") as f:
             return json.loads(f.read())
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"cannot read {url} ({e}); write shards with `avllm prepare ... shards=<dir>` "
-                                f"(nemo_avllm.data.shards.write_shards) and set data.shards to that folder") from e
+        raise FileNotFoundError(f"cannot read {url} ({e}); write shards with `avllm prepare shards.out_dir=<dir>` "
+                                f"and set model.data.shards to that folder or URL") from e
+
+
+def open_shards(spec: str) -> tuple[str, dict]:
+    """(base, shards.json) of `model.data.shards`: a folder or URL holding shards.json, or a
+    brace pattern of tars in one (only those shards are read)."""
+    spec = os.fspath(spec)
+    if "{" not in spec:
+        return spec, load_shards_meta(spec)
+    from braceexpand import braceexpand
+
+    base = spec[: spec.rfind("/", 0, spec.index("{"))]
+    meta = load_shards_meta(base)
+    by_name = {e["file"]: e for e in meta["shards"]}
+    names = [u[len(base) + 1:] for u in braceexpand(spec)]
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise FileNotFoundError(f"model.data.shards={spec}: {len(unknown)} shards ({', '.join(unknown[:3])}) are not "
+                                f"listed in {_join(base, SHARDS_NAME)}; the pattern must name shards that "
+                                f"`avllm prepare shards.out_dir=` wrote there")
+    picked = [by_name[n] for n in dict.fromkeys(names)]
+    return base, dict(meta, shards=picked, total=sum(e["count"] for e in picked))
 
 
 def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -223,7 +246,7 @@ class _Stream:
         self.base, self.shards, self.view, self.derive = base, shards, view, derive
         self.seed, self.epoch, self.stream_id = seed, epoch, stream_id
         self.consumer, self.consumers = consumer, consumers
-        rng = np.random.default_rng([seed + epoch, stream_id, consumer, 1])
+        rng = np.random.default_rng([seed, epoch, stream_id, consumer, 1])
         self._it = _shuffled(self._records(), shuffle_buffer, rng)
         self._ahead: deque = deque()
 
@@ -235,7 +258,7 @@ class _Stream:
     def _records(self) -> Iterator[tuple[dict, dict]]:
         c, C = self.consumer, self.consumers
         for k in range(1 << 62):
-            order = np.random.default_rng([self.seed + self.epoch, self.stream_id, k]).permutation(len(self.shards))
+            order = np.random.default_rng([self.seed, self.epoch, self.stream_id, k]).permutation(len(self.shards))
             by_shard = len(self.shards) >= C
             mine = [self.shards[order[p]] for p in range(c, len(order), C)] if by_shard else [self.shards[i] for i in order]
             n = got = 0
@@ -289,10 +312,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         max_epochs: int | None = None,
         max_replacements: int = 64,
         template: ConversationTemplate = ConversationTemplate(),
+        schedule: str = "mat",
+        schedule_split: float = 0.5,
+        max_steps: int | None = None,
     ):
         super().__init__()
-        self.base = os.fspath(path)
-        self.meta = load_shards_meta(self.base)
+        self.base, self.meta = open_shards(path)
         self.features = self.meta["content"] == "features"
         if self.features and model_cfg is not None:
             from nemo_avllm.data.features import cache_fields, check_meta
@@ -306,16 +331,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.max_length, self.template = max_length, template
         self.shuffle_buffer, self.max_epochs, self.max_replacements = shuffle_buffer, max_epochs, max_replacements
         shards = self.meta["shards"]
-        if ratios is None:
-            self.stream_shards = {ALL: shards}
-            self.counts = {ALL: self.G}
-        else:
-            have = {m: sum(e["views"][m] if self.derive else e["count"] * (e["modality"] == m) for e in shards)
-                    for m in MODALITIES}
-            norm = normalise_ratios(dict(ratios), have)
-            self.stream_shards = {m: [e for e in shards if (e["views"][m] if self.derive else e["modality"] == m)]
-                                  for m in norm}
-            self.counts = largest_remainder(norm, self.G)
+        have = {m: sum(e["views"][m] if self.derive else e["count"] * (e["modality"] == m) for e in shards)
+                for m in MODALITIES}
+        self.plan = ModalityPlan.build(ratios, have, self.G, schedule, schedule_split, max_steps)
+        self.stream_shards = {m: shards if m == ALL else
+                              [e for e in shards if (e["views"][m] if self.derive else e["modality"] == m)]
+                              for m in self.plan.modalities}
         self.batches_per_epoch = max(1, int(self.meta["total"]) // self.G)
         self.consumed_samples = 0
         self.set_consumed_samples(consumed_samples)
@@ -347,13 +368,13 @@ class ShardStream(torch.utils.data.IterableDataset):
                                       MODALITIES.index(m) if m in MODALITIES else 3,
                                       self.dp_rank * W + w, self.dp_size * W, self.shuffle_buffer)
                            for m, sh in self.stream_shards.items()}
-                slots_of = {}
+                labels_of = {}
                 for j in range(w, self.batches_per_epoch * per_rank, W):
                     b, k = divmod(j, per_rank)
-                    if b not in slots_of:
-                        slots_of = {b: batch_slots(self.counts, self.seed, epoch, b)}
-                    lo = self.start + k * self.mbs
-                    slots = slots_of[b][lo : lo + self.mbs]
+                    if b not in labels_of:
+                        step = epoch * self.batches_per_epoch + b
+                        labels_of = {b: rank_labels(self.plan.counts(step), self.seed, step, self.dp_size)[self.dp_rank]}
+                    slots = labels_of[b][k * self.mbs : (k + 1) * self.mbs]
                     if j < j0:  # resume: consume the records without decoding them
                         for m in slots:
                             streams[m].take()
@@ -419,7 +440,8 @@ def build_shard_loader(
     **stream_kw,
 ) -> torch.utils.data.DataLoader:
     """ShardStream + collate for one data-parallel rank (`stream_kw`: ratios, derive_views,
-    dp_rank, dp_size, seed, consumed_samples, shuffle_buffer, max_epochs)."""
+    dp_rank, dp_size, seed, consumed_samples, shuffle_buffer, max_epochs, schedule,
+    schedule_split, max_steps)."""
     from functools import partial
 
     from nemo_avllm.data.dataset import collate_av, layout_of, pad_id_of, worker_kwargs

@@ -1,5 +1,7 @@
 """Training data of one stage: `cfg.model.data` -> validated samples -> MAT loader per DP rank,
-and, with `model.data.validation_manifest`, the validation loader (every sample once).
+and, with `model.data.validation_manifest`, the validation loader (every sample once). With
+`model.data.shards` the training samples stream from webdataset shards instead (`avllm prepare
+shards.out_dir=` validated them when it wrote them), with the same modality plan.
 
 Manifest checks run once, before the trainer starts (bad samples are reported, never fatal). The
 loader is built lazily from the consumed-samples count, so a resumed run continues with exactly
@@ -23,8 +25,10 @@ class TrainData:
         from nemo_avllm.data.manifest import validate_manifest
 
         m, d = cfg.model, cfg.model.data
-        if not d.get("train_manifest"):
-            raise UserError("model.data.train_manifest is not set: give the JSON Lines manifest to train on")
+        if bool(d.get("train_manifest")) == bool(d.get("shards")):
+            raise UserError("set one of model.data.train_manifest (a JSON Lines manifest) and model.data.shards "
+                            "(the folder or URL `avllm prepare shards.out_dir=` wrote) to train on"
+                            + (", not both" if d.get("shards") else ""))
         if not m.get("tokenizer"):
             raise UserError("model.tokenizer is not set: give the LLM's Hugging Face tokenizer folder")
         self.cfg = cfg
@@ -50,14 +54,29 @@ class TrainData:
                                 f"fix the problems logged above")
             return samples, report
 
-        self.samples, self.report = checked(d.train_manifest, "model.data.train_manifest")
+        self.shards = None
+        if d.get("shards"):
+            from nemo_avllm.data.shards import open_shards
+
+            try:
+                self.shards = open_shards(str(d.shards))[1]
+            except FileNotFoundError as e:
+                raise UserError(f"model.data.shards: {e}") from e
+            self.samples = []
+        else:
+            self.samples, self.report = checked(d.train_manifest, "model.data.train_manifest")
         self.val_samples = []
         if d.get("validation_manifest"):
             self.val_samples, self.val_report = checked(d.validation_manifest, "model.data.validation_manifest")
 
     @property
     def num_samples(self) -> int:
-        return len(self.samples)
+        return int(self.shards["total"]) if self.shards is not None else len(self.samples)
+
+    @property
+    def reads_features(self) -> bool:
+        """The shards hold cached encoder tokens (no encoders needed)."""
+        return self.shards is not None and self.shards.get("content") == "features"
 
     def loader(self, model, consumed_samples: int):
         """An endless iterable of this rank's micro-batches, starting after `consumed_samples`.
@@ -71,10 +90,7 @@ class TrainData:
             return _Epochs([None])
 
         m, d = self.cfg.model, self.cfg.model.data
-        dl = build_dataloader(
-            self.samples,
-            self.tokenizer,
-            m,
+        kw = dict(
             global_batch_size=int(m.global_batch_size),
             micro_batch_size=int(m.micro_batch_size),
             seq_length=int(m.seq_length),
@@ -84,11 +100,23 @@ class TrainData:
             derive_views=bool(d.get("derive_views", False)),
             seed=int(self.cfg.trainer.get("seed", 1234)),
             consumed_samples=consumed_samples,
-            index=d.get("index"),
-            feature_cache=d.get("feature_cache"),
             num_workers=int(d.get("num_workers", 2)),
             backend=d.get("decode_backend", "auto"),
+            schedule=d.get("modality_schedule", "mat"),
+            schedule_split=float(d.get("modality_schedule_split", 0.5)),
+            # the run's step count (trainer.max_steps, or what max_epochs gives when it is -1)
+            max_steps=getattr(model, "max_steps_for_schedule", None) or int(self.cfg.trainer.get("max_steps", -1)),
         )
+        if self.shards is not None:
+            from nemo_avllm.data.shards import build_shard_loader
+
+            dl = build_shard_loader(str(d.shards), self.tokenizer, m, **kw)  # endless: epochs advance inside
+            plan = dl.dataset.plan
+        else:
+            dl = build_dataloader(self.samples, self.tokenizer, m, index=d.get("index"),
+                                  feature_cache=d.get("feature_cache"), **kw)
+            plan = dl.batch_sampler.plan
+        log.info("%s", plan.describe())
         return _Epochs(dl)
 
     def val_loader(self, model):

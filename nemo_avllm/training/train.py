@@ -159,6 +159,8 @@ def train(cfg: DictConfig, data=None):
         from nemo_avllm.training.data import TrainData
 
         data = TrainData(cfg)
+    if getattr(data, "reads_features", False) and cfg.model.get("build_encoders", True):
+        cfg = with_overrides(cfg, **{"model.build_encoders": False})  # shards of cached encoder tokens
     from nemo_avllm.training.callbacks import LastCheckpointAtEnd, MetricsJsonl
 
     steps = max_steps(cfg, data.num_samples)

@@ -82,16 +82,19 @@ def test_items_carry_only_the_media_their_tokens_need(dataset, data):
     assert torch.equal(still[0], still[3])  # an image is a 1-frame video
 
 
-def test_derived_views_rewrite_tokens_or_use_the_views_conversations(dataset, tokenizer):
-    v = dataset[(2, "V")]  # <AUD_VIS> sample seen as visual-only: <VIS>, no audio decoded
+def test_other_views_come_only_from_the_manifest_views(dataset, tokenizer):
+    v = dataset[(5, "V")]  # the AV clip's own visual-only conversation from `views`: <VIS>, no audio decoded
     ids = torch.tensor(v["tokens"].input_ids)
     assert (ids == modality.AUDIO_ID).sum() == 0 and (ids == modality.TEMPORAL_ID).sum() == 4
     assert "audio" not in v and v["video"].shape[0] == 4
+    assert "The square is red" in tokenizer.decode([t for t in v["tokens"].input_ids if t >= 0])
     a = dataset[(5, "A")]  # its own "A" conversation from `views`
     assert "hear" in tokenizer.decode([t for t in a["tokens"].input_ids if t >= 0])
     assert "video" not in a and a["audio"].shape == (2, 480000)
     with pytest.raises(KeyError, match="has no 'A' view"):
         dataset[(0, "A")]
+    with pytest.raises(KeyError, match="has no 'V' view"):  # an AV answer is never reused for <VIS>
+        dataset[(2, "V")]
 
 
 def test_prepare_index_supplies_the_flac_side_car(data, tokenizer, model_cfg, tmp_path):

@@ -184,19 +184,22 @@ def test_views_are_validated_and_used_for_derived_views(tmp_path, media):
              "AV": conv("<AUD> wrong token", "x")}
     path = write(tmp_path, [line(0, av, conv("<AUD_VIS> Describe.", "A red frame and a tone."), views=views),
                             line(1, mute, conv("<VIS> a", "b"), views={"A": conv("<AUD> a", "b")}),
-                            line(2, av, conv("<VIS> Colour?", "Red.", "<AUD> Sound?", "A tone."))])
+                            line(2, av, conv("<VIS> Colour?", "Red.", "<AUD> Sound?", "A tone.")),
+                            line(3, mute, conv("<VIS> a", "b"), views={"A": conv("<VIS> wrong token", "x")})])
     samples, rep = validate_manifest(path)
-    assert rep.kept == 3 and rep.counts == {"bad_view": 2}
-    assert "field 'views.AV': view AV uses the tokens of modality A" in rep.examples["bad_view"][0]
+    assert rep.kept == 4 and rep.counts == {"bad_view": 3}
+    assert (f"{path}:1: field 'views.AV': view AV is the modality of the sample's own conversation. "
+            f"Fix: remove views.AV") in rep.examples["bad_view"][0]
     assert ":2: field 'views.A'" in rep.examples["bad_view"][1] and "needs audio" in rep.examples["bad_view"][1]
-    s0, s1, s2 = samples
+    assert ":4: field 'views.A': view A uses the tokens of modality V" in rep.examples["bad_view"][2]
+    s0, s1, s2, _ = samples
     assert set(s0.views) == {"V", "A"} and s1.views is None
     assert s0.available_views(derive=False) == ["AV"] and s0.available_views(derive=True) == ["V", "A", "AV"]
     assert s1.available_views(derive=True) == ["V"]
     assert s0.conversation("V") == views["V"] and s0.conversation("AV") == s0.conversations
-    # no per-view conversation: every modality token becomes the view's token
-    assert [t["value"] for t in s2.conversation("A")] == ["<AUD> Colour?", "Red.", "<AUD> Sound?", "A tone."]
-    assert [t["value"] for t in s2.conversation("V")][2] == "<VIS> Sound?"
-    assert mf.modality_class(s2.conversation("V")) == "V"
+    # no per-view conversation, no other view: tokens are never rewritten over an AV answer
+    assert s2.available_views(derive=True) == ["AV"]
+    with pytest.raises(KeyError, match=r"no 'V' conversation; give one in the manifest's 'views'"):
+        s2.conversation("V")
     with pytest.raises(ManifestError, match="views.AV"):
         validate_manifest(path, strict=True)

@@ -39,7 +39,9 @@ def data(tmp_path_factory):
         ("av", "av1.mp4", conv("<AUD_VIS> Describe.", "A red square and a tone.")),
         ("av2", "av2.webm", conv("<VIS> Colour?", "Green.", "<AUD> Sound?", "High.")),
     ]
-    lines = [{"id": f"{n}-{k}", "video": v, "conversations": c} for k in range(3) for n, v, c in base]  # 15
+    views = {"V": conv("<VIS> What colour?", "Red."), "A": conv("<AUD> What sound?", "A low tone.")}
+    lines = [{"id": f"{n}-{k}", "video": v, "conversations": c, **({"views": views} if n == "av" else {})}
+             for k in range(3) for n, v, c in base]  # 15
     path = d / "train.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     samples, report = validate_manifest(path)
@@ -75,7 +77,8 @@ def test_shard_files_hold_json_and_media(media_shards, data):
     assert [e["file"] for e in meta["shards"]] == [
         "V-000000.tar", "V-000001.tar", "V-000002.tar", "A-000000.tar", "A-000001.tar",
         "AV-000000.tar", "AV-000001.tar", "AV-000002.tar"]
-    assert sum(e["views"]["V"] for e in meta["shards"]) == 6 + 6  # 6 visual samples + views of 6 AV ones
+    assert sum(e["views"]["V"] for e in meta["shards"]) == 6 + 3  # 6 visual samples + the V views of 3 AV ones
+    assert sum(e["views"]["A"] for e in meta["shards"]) == 3 + 3
     with tarfile.open(media_shards / "A-000000.tar") as t:
         names = t.getnames()
     assert names == ["a000000000.json", "a000000000.video.mp4", "a000000001.json", "a000000001.video.mp4"]
@@ -182,3 +185,45 @@ def test_prepared_shards_carry_the_flac_side_car(data, tokenizer, cfg, tmp_path)
     assert len(got) == 3
     for it in got:
         assert (it["audio"] - ref[by_id[it["id"]]]["audio"]).abs().max() < 1e-3  # 16-bit FLAC of the same track
+
+
+def test_schedule_and_rank_shares_follow_the_sampler_plan(media_shards, data, tokenizer, cfg):
+    """pt2 over shards, DP=2: each step's micro-batches hold exactly the modalities the
+    `MATBatchSampler` plan gives that rank (V or A batches, then AV), from disjoint records."""
+    from nemo_avllm.data.mat_sampler import MATBatchSampler
+
+    kw = dict(global_batch_size=4, micro_batch_size=2, ratios=RATIOS, derive_views=True, seed=6, max_epochs=1,
+              schedule="pt2", schedule_split=0.5, max_steps=4)
+    got = [ids(stream(media_shards, tokenizer, cfg, dp_rank=r, dp_size=2, **kw)) for r in range(2)]
+    plans = [MATBatchSampler(data[1], RATIOS, 4, 2, dp_rank=r, dp_size=2, seed=6, derive_views=True,
+                             schedule="pt2", split=0.5, max_steps=4) for r in range(2)]
+    for r in range(2):
+        assert [[m for _, m in mb] for mb in got[r]] == [[v for _, v in mb] for mb in plans[r]]
+    steps = [sum((got[r][k] for r in range(2)), []) for k in range(3)]  # 15 // 4 = 3 steps, 1 micro-batch each
+    assert [sorted({m for _, m in s}) for s in steps] == [["V"], ["A"], ["AV"]]  # V:A 5:2 -> V, A; then AV
+    assert all(len(set(s)) == 4 for s in steps)
+
+
+def test_brace_pattern_over_http_reads_only_the_named_shards(media_shards, tokenizer, cfg):
+    """`model.data.shards` as a URL pattern: a real HTTP server on 127.0.0.1 serves the folder."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(media_shards))
+    handler.log_message = lambda *a: None
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        got = [it for mb in stream(url + "/{V,AV}-{000000..000001}.tar", tokenizer, cfg, global_batch_size=8,
+                                   micro_batch_size=8) for it in mb]
+        named = []
+        for name in ("V-000000.tar", "V-000001.tar", "AV-000000.tar", "AV-000001.tar"):
+            with tarfile.open(media_shards / name) as t:
+                named += [json.load(t.extractfile(m))["id"] for m in t.getmembers() if m.name.endswith(".json")]
+        assert len(got) == 8 and sorted(it["id"] for it in got) == sorted(named)
+        with pytest.raises(FileNotFoundError, match="1 shards .V-000009.tar. are not listed in"):
+            stream(url + "/V-{000000,000009}.tar", tokenizer, cfg, global_batch_size=4, micro_batch_size=4)
+    finally:
+        httpd.shutdown()
