@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_avllm.data import media
+from nemo_avllm.data import decode_pyav, media
 from nemo_avllm.data.media import (
     CLAP_WINDOW,
     MediaError,
@@ -109,11 +109,11 @@ def test_seeking_decoder_matches_sequential_decode(tmp_path):
     path = make_clip(tmp_path / "g.mp4", num_frames=31, gop=5)
     with av.open(str(path)) as c:
         vs = c.streams.video[0]
-        index = media._scan_video(c, vs, str(path))
+        index = decode_pyav._scan_video(c, vs, str(path))
         wanted = [0, 3, 11, 12, 29, 30]
-        by_seek = media._decode_seek(c, vs, index, wanted)
+        by_seek = decode_pyav._decode_seek(c, vs, index, wanted)
         assert by_seek is not None, "the pts index should let the decoder seek on a plain mp4"
-        seq, n = media._decode_sequential(c, vs, set(wanted))
+        seq, n = decode_pyav._decode_sequential(c, vs, set(wanted))
     assert n == 31
     for i in wanted:
         np.testing.assert_array_equal(by_seek[i].to_ndarray(format="rgb24"), seq[i].to_ndarray(format="rgb24"))
