@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     got = race({name: frames_with(name) for name in libs}, pairs, args.repeat)
     ref_frames = got["pyav"][1]
     for name, (cps, out) in got.items():
-        rows.append(("frames", name, cps, "max|diff| to PyAV " + max_diff(out[0], ref_frames[0])))
+        rows.append(("frames", name, cps, "max abs diff to PyAV " + max_diff(out[0], ref_frames[0])))
     # resize/normalise: the contract's torch step, and each library's own resize while decoding
     cps, norm = race({"contract": lambda fr: media.normalize_frames(fr, S)}, [(f,) for f in ref_frames],
                      args.repeat)["contract"]
@@ -133,13 +133,13 @@ def main(argv=None) -> int:
         rows.append(("frames+resize", f"{name} + contract resize", 1.0 / (1.0 / got[name][0] + 1.0 / cps),
                      "is the contract"))
         rows.append(("frames+resize", f"{name} own resize (swscale bicubic)", cps_joint,
-                     "max|diff| to the contract " + max_diff(out[0], norm[0].numpy())))
+                     "max abs diff to the contract " + max_diff(out[0], norm[0].numpy())))
     # audio
     for src in ("container", "flac"):
         got = race({name: _audio_fn(name, src, R) for name in libs}, pairs, args.repeat)
         ref = got["pyav"][1]
         for name, (cps, out) in got.items():
-            note = f"len {len(out[0])} vs {len(ref[0])}, max|diff| {max_diff(out[0][:len(ref[0])], ref[0][:len(out[0])])}"
+            note = f"len {len(out[0])} vs {len(ref[0])}, max abs diff {max_diff(out[0][:len(ref[0])], ref[0][:len(out[0])])}"
             rows.append((f"audio ({src})", name, cps, note))
     # whole clip contract: one library alone vs the project's cpu run
     for src in ("container", "flac"):
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         ref = got["pyav alone"][1][0]
         for name, (cps, out) in got.items():
             video, audio = (out[0].video, out[0].audio) if isinstance(out[0], media.DecodedClip) else out[0]
-            rows.append((f"clip ({src} audio)", name, cps, f"video max|diff| to PyAV {max_diff(video, ref[0])}, "
+            rows.append((f"clip ({src} audio)", name, cps, f"video max abs diff to PyAV {max_diff(video, ref[0])}, "
                          f"audio {max_diff(audio, ref[1])}"))
 
     print("\n| step | back-end | clips/s | check |\n|---|---|---|---|")
