@@ -245,3 +245,17 @@ def test_dali_gpu_batch_decoder(clips):
     video, ok = dec.decode([(clips["h264"], idx, 0), (clips["vp9_rot90"], [0, 1, 2, 3], 90)])
     assert ok == [True, True] and video.is_cuda and video.shape == (2, 4, 3, 64, 64)
     assert frame_ids(video[0]) == idx
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_dali_gpu_run_resizes_a_still_image_with_dali(tmp_path):
+    """NVDEC reads no stills: PyAV decodes it, DALI resizes it on the GPU, as for the run's videos."""
+    from tests.media_factory import make_image
+
+    path = make_image(tmp_path / "s.png", textured_frames(1)[0])
+    clip = decode_clip(path, num_frames=4, image_size=32, backend="dali")
+    assert clip.backend == "dali-gpu" and clip.video.is_cuda and clip.video.shape == (4, 3, 32, 32)
+    frames, _, _ = decode_pyav.decode_video_frames(path, 4, pixels="dali")
+    mean, mx = _parity(clip.video, normalize_frames_dali(frames, 32, "cpu"))
+    assert mx < 0.05, (mean, mx)
