@@ -1,7 +1,16 @@
-"""NVIDIA DALI pipelines for GPU nodes (NVDEC video decode, GPU resize/normalise, FLAC audio).
+"""NVIDIA DALI back-end of the decoding contract (`nemo_avllm.data.media`): NVDEC video decode
+and GPU resize/normalise on GPU nodes, DALI's CPU operators elsewhere, FLAC/WAV/OGG audio.
 
-Same output contract as the CPU back-end in `nemo_avllm.data.media`; see `video.py` and
-`audio.py`. Importing a submodule needs `nvidia-dali-cuda12x/13x`.
+Importing this package needs `nvidia-dali-cuda12x/13x`; `media.installed("dali")` says whether
+it is there. `media.backend_module("dali")` is how the rest of the project reaches it.
 """
 
-__all__ = ["video", "audio"]
+from dali_pipelines.audio import decode_audio_dali, load_audio_segments_dali
+from dali_pipelines.video import decode_video_dali, normalize_frames_dali
+
+__all__ = ["available", "decode_audio_dali", "decode_video_dali", "load_audio_segments_dali",
+           "normalize_frames_dali"]
+
+
+def available() -> bool:
+    return True  # the imports above succeeded

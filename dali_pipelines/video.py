@@ -1,4 +1,4 @@
-"""DALI video pipeline: T chosen frames → upright → short side S → centre crop → CLIP-normalised
+"""DALI video pipelines: T chosen frames → upright → short side S → centre crop → CLIP-normalised
 float32 `[T, 3, S, S]`, the same contract as the CPU back-end (`nemo_avllm.data.media`).
 
 On a GPU node the decode runs on NVDEC (`fn.decoders.video(device="mixed")`: H.264, HEVC, AV1,
@@ -7,6 +7,10 @@ runs on DALI's CPU operators, which read only VP8, VP9 and MJPEG (NOTES.md). The
 come from the caller (`sample_frame_indices` over the frame count in the prepare index), so both
 back-ends pick the same frames. DALI does not apply display-matrix rotation itself; the angle from
 the probe is applied with an exact nearest-neighbour `fn.rotate` before resizing.
+
+A clip DALI cannot decode (a still image, a codec the device lacks) is decoded by PyAV with
+DALI's colour conversion and resized here (`normalize_frames_dali`), so a DALI run preprocesses
+every clip the same way.
 """
 
 from __future__ import annotations
@@ -28,16 +32,9 @@ from nemo_avllm.data.media import (
 VIDEO_INPUTS = ("encoded", "frames", "rotation")
 
 
-@pipeline_def
-def clip_video_pipeline(image_size: int = DEFAULT_IMAGE_SIZE, device: str = "gpu"):
-    """External inputs per sample: the file's bytes, the frame indices (int32 [T]) and the
-    rotation (float, counter-clockwise degrees). Output: float32 FCHW `[T, 3, S, S]`."""
-    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-    frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
-    rotation = fn.external_source(name="rotation", dtype=types.FLOAT, ndim=0)
-    video = fn.decoders.video(encoded, device="mixed" if device == "gpu" else "cpu", frames=frames)
-    # Multiples of 90° with nearest-neighbour are exact pixel permutations, like np.rot90.
-    video = fn.rotate(video, angle=rotation, keep_size=False, interp_type=types.INTERP_NN)
+def _resize_normalise(video, image_size: int):
+    """Upright FHWC uint8 frames → short side S (cubic, antialiased) → centre S x S crop → CLIP
+    mean/std → float32 FCHW: the contract's preprocessing, shared by both pipelines below."""
     video = fn.resize(video, resize_shorter=image_size, interp_type=types.INTERP_CUBIC, antialias=True)
     return fn.crop_mirror_normalize(
         video,
@@ -49,6 +46,27 @@ def clip_video_pipeline(image_size: int = DEFAULT_IMAGE_SIZE, device: str = "gpu
         dtype=types.FLOAT,
         output_layout="FCHW",
     )
+
+
+@pipeline_def
+def clip_video_pipeline(image_size: int = DEFAULT_IMAGE_SIZE, device: str = "gpu"):
+    """External inputs per sample: the file's bytes, the frame indices (int32 [T]) and the
+    rotation (float, counter-clockwise degrees). Output: float32 FCHW `[T, 3, S, S]`."""
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+    frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+    rotation = fn.external_source(name="rotation", dtype=types.FLOAT, ndim=0)
+    video = fn.decoders.video(encoded, device="mixed" if device == "gpu" else "cpu", frames=frames)
+    # Multiples of 90° with nearest-neighbour are exact pixel permutations, like np.rot90.
+    video = fn.rotate(video, angle=rotation, keep_size=False, interp_type=types.INTERP_NN)
+    return _resize_normalise(video, image_size)
+
+
+@pipeline_def
+def frames_pipeline(image_size: int = DEFAULT_IMAGE_SIZE, device: str = "gpu"):
+    """External input: upright uint8 frames `[T, H, W, 3]` decoded elsewhere (PyAV, DALI's
+    colour conversion) for clips DALI cannot decode. Output: float32 FCHW `[T, 3, S, S]`."""
+    frames = fn.external_source(name="rgb", dtype=types.UINT8, ndim=4, layout="FHWC")
+    return _resize_normalise(frames.gpu() if device == "gpu" else frames, image_size)
 
 
 def to_torch(tensor_list, device: str) -> torch.Tensor:
@@ -188,3 +206,28 @@ def decode_video_dali(
         return dec._run([encoded], [np.asarray(frame_indices, np.int32)], [np.float32(rotation or 0)])[0]
     except RuntimeError as e:
         raise MediaError(path, f"DALI ({device}) could not decode it: {error_detail(e)}") from e
+
+
+_FRAME_PIPES: dict[tuple[int, str], object] = {}
+
+
+def normalize_frames_dali(frames: np.ndarray, image_size: int = DEFAULT_IMAGE_SIZE, device: str = "cpu") -> torch.Tensor:
+    """Upright uint8 `[T, H, W, 3]` → `[T, 3, S, S]` float32 through DALI's resize and normalise
+    (on the GPU for device="gpu"), the same operators as a clip DALI decodes itself."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    key = (image_size, device)
+    if key not in _FRAME_PIPES:
+        pipe = frames_pipeline(image_size=image_size, device=device, batch_size=1, num_threads=2,
+                               device_id=torch.cuda.current_device() if device == "gpu" else None,
+                               prefetch_queue_depth=1, exec_dynamic=True)
+        pipe.build()
+        _FRAME_PIPES[key] = pipe
+    pipe = _FRAME_PIPES[key]
+    pipe.feed_input("rgb", [np.ascontiguousarray(frames)])
+    try:
+        (out,) = pipe.run()
+    except Exception:
+        del _FRAME_PIPES[key]
+        raise
+    return to_torch(out, device)[0]

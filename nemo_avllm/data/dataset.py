@@ -114,7 +114,7 @@ def load_media(src: MediaSource, s: DecodeSettings, video: bool, audio: bool):
     v = a = None
     if video:
         if s.backend == "cpu":
-            v, _, _ = media.decode_video(src.video, s.num_frames, s.image_size)
+            v, _, _ = media.decode_video(src.video, s.num_frames, s.image_size, info=src.info)
         else:  # DALI when it reads the codec; its audio path reads the side-car FLAC
             clip = media.decode_clip(src.video, src.audio, s.num_frames, s.num_audio_segments, s.image_size,
                                      s.sample_rate, s.window, backend=s.backend, info=src.info)

@@ -31,7 +31,7 @@ import torch
 
 from nemo_avllm.config import to_dict
 from nemo_avllm.data.dataset import DecodeSettings, MediaSource, load_media, load_media_batch, stack_rows
-from nemo_avllm.data.media import MediaError, backend_label
+from nemo_avllm.data.media import MediaError, backend_label, backend_mismatch
 from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -321,10 +321,9 @@ def build_feature_cache(
             raise FeatureCacheError(
                 f"{out} holds a feature cache for another config (hash {old.get('hash')}, dtype {old.get('dtype')}; "
                 f"now {meta['hash']}, {dtype}); choose another data.feature_cache folder or delete this one")
-        if old.get("decode_backend", meta["decode_backend"]) != meta["decode_backend"]:
-            log.warning("features: %s was started with decode back-end %s, this run decodes with %s (pixels differ "
-                        "slightly between decoders)", out, old["decode_backend"], meta["decode_backend"])
-            meta["decode_backend"] = f"{old['decode_backend']} + {meta['decode_backend']}"
+        mismatch = backend_mismatch(old.get("decode_backend"), meta["decode_backend"], out)
+        if mismatch:
+            raise FeatureCacheError(mismatch)
     if not resume:
         for f in out.glob("shard-*.safetensors"):
             f.unlink()

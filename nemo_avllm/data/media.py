@@ -1,7 +1,9 @@
-"""Media decoding: the output contract shared by both back-ends, and the CPU back-end (PyAV).
+"""The decoding contract: what every back-end returns, and which back-end a run uses.
 
-Contract (DESIGN.md §3), identical for the CPU back-end here and the DALI pipelines in
-`dali_pipelines/`:
+Back-ends are siblings that import this module (never the reverse, except through
+:func:`backend_module`, the one place that loads them): `decode_pyav.py` (reads everything;
+the fallback), `decode_torchcodec.py`, `decode_decord.py` (faster where installed and able to
+read the file) and `dali_pipelines/` (DALI, GPU nodes). Contract (DESIGN.md §3):
 
 - frames are sampled uniformly, `round(linspace(0, n-1, T))` (:func:`sample_frame_indices`);
 - each frame is turned upright (display-matrix rotation; JPEG EXIF orientation, which FFmpeg
@@ -11,21 +13,25 @@ Contract (DESIGN.md §3), identical for the CPU back-end here and the DALI pipel
   float32 `[T, 3, S, S]`;
 - audio is the whole track, mono (mean of the channels), 48 kHz, cut into K equal consecutive
   segments, each repeat-padded or centre-cropped to the CLAP window → float32 `[K, W]`
-  (:func:`segment_audio`, used by both back-ends).
+  (:func:`segment_audio`, used by every back-end);
+- pixels come from one of two YUV→RGB conventions (:data:`PIXEL_CONVENTIONS`), fixed per run:
+  `swscale` (libswscale's default: chroma point-sampled; PyAV, torchcodec and decord return the
+  same bytes) in a CPU run, `dali` (chroma bilinear, :func:`yuv420_to_rgb`) in a DALI run.
 
-The CPU back-end seeks with a packet index built by demuxing (no decoding), so only the GOPs that
-hold the wanted frames are decoded, and it falls back to a plain sequential decode when a file's
-timestamps can't be trusted.
+One back-end per run: :func:`resolve_backend` decides `cpu` or `dali` once, before workers
+start; :func:`backend_label` is recorded in the feature cache, which refuses a second label.
+In a `cpu` run each step uses the fastest installed decoder that reads the file
+(:data:`FRAME_DECODERS`, :data:`AUDIO_DECODERS`, measured in bench/RESULTS.md), PyAV last.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -52,6 +58,11 @@ DALI_CPU_VIDEO_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 DALI_GPU_VIDEO_CODECS = DALI_CPU_VIDEO_CODECS | {"h264", "hevc", "av1", "mpeg4"}
 # What DALI's `fn.decoders.audio` reads: WAV, FLAC and OGG (Vorbis/Opus) *files*.
 DALI_AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus"})
+# YUV→RGB conventions: libswscale's default (CPU decoders) or DALI's (see yuv420_to_rgb).
+PIXEL_CONVENTIONS = ("swscale", "dali")
+# BT.601 limited range, the matrix libswscale and DALI use for untagged and BT.601 video.
+_YUV_SCALE = 255.0 / 219.0, 255.0 / 224.0
+_KR, _KB = 0.299, 0.114
 
 _FIX_HINT = (
     "Check the file, re-encode it (e.g. `ffmpeg -i IN -c:v libx264 -c:a aac OUT.mp4`) or drop it "
@@ -75,7 +86,7 @@ class MediaError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# Shared helpers (both back-ends)
+# Shared helpers (every back-end)
 # --------------------------------------------------------------------------------------------
 
 
@@ -127,6 +138,25 @@ def normalize_frames(frames: np.ndarray, image_size: int = DEFAULT_IMAGE_SIZE) -
     return x.sub_(mean).div_(std)
 
 
+def yuv420_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """8-bit 4:2:0 planes (`[T, H, W]`, `[T, h, w]` twice) → uint8 `[T, H, W, 3]` the way DALI's
+    video decoder converts: chroma upsampled bilinearly (centre-sited: weights 3/4, 1/4, edges
+    repeated), BT.601 limited range, rounded to nearest. libswscale's default instead repeats
+    each chroma sample, which differs by up to 169/255 at sharp colour edges."""
+    t, h, w = y.shape
+    chroma = torch.stack([u, v], 1).float()
+    chroma = F.interpolate(chroma, size=(h, w), mode="bilinear", align_corners=False).sub_(128.0)
+    cb, cr = chroma[:, 0], chroma[:, 1]
+    luma = y.float().sub_(16.0).mul_(_YUV_SCALE[0])
+    kg, s = 1.0 - _KR - _KB, _YUV_SCALE[1]
+    rgb = torch.empty((t, h, w, 3), dtype=torch.float32)
+    torch.add(luma, cr, alpha=2 * (1 - _KR) * s, out=rgb[..., 0])
+    torch.add(luma, cb, alpha=-2 * _KB * (1 - _KB) / kg * s, out=rgb[..., 1])
+    rgb[..., 1].add_(cr, alpha=-2 * _KR * (1 - _KR) / kg * s)
+    torch.add(luma, cb, alpha=2 * (1 - _KB) * s, out=rgb[..., 2])
+    return rgb.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def segment_audio(
     wave: np.ndarray, num_segments: int = DEFAULT_NUM_SEGMENTS, window: int = CLAP_WINDOW
 ) -> np.ndarray:
@@ -164,7 +194,7 @@ def dali_available() -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Probing
+# What a probe finds and what a clip decodes to
 # --------------------------------------------------------------------------------------------
 
 
@@ -203,267 +233,6 @@ class MediaInfo:
 
 
 @dataclass
-class _FrameIndex:
-    """Presentation-ordered packet timestamps of the video stream (from demuxing only)."""
-
-    pts: list[int | None]
-    keyframe: list[bool]
-    end_pts: int | None = None  # pts + duration of the last frame, for the duration
-
-    @property
-    def num_frames(self) -> int:
-        return len(self.pts)
-
-    @property
-    def seekable(self) -> bool:
-        """Frames can be found by pts only if every packet has a unique pts."""
-        return bool(self.pts) and None not in self.pts and len(set(self.pts)) == len(self.pts)
-
-
-def _open(path) -> av.container.InputContainer:
-    p = os.fspath(path)
-    if not os.path.isfile(p):
-        raise MediaError(p, "file not found")
-    try:
-        return av.open(p, mode="r")
-    except (av.FFmpegError, UnicodeDecodeError, OSError) as e:
-        raise MediaError(p, f"not a readable media file ({e})") from e
-
-
-def _video_stream(container, path):
-    if not container.streams.video:
-        raise MediaError(path, "no video stream")
-    return container.streams.video[0]
-
-
-def _scan_video(container, stream, path) -> _FrameIndex:
-    """Demux (don't decode) the video stream: one packet per frame → exact count and pts index."""
-    rows: list[tuple[int | None, bool]] = []
-    end_pts = None
-    packets = 0
-    try:
-        for pkt in container.demux(stream):
-            if pkt.size == 0:  # the flush packet at EOF
-                continue
-            packets += 1
-            if pkt.is_discard:  # before an edit list's start (trimmed mp4): decoded, never shown
-                continue
-            ts = pkt.pts if pkt.pts is not None else pkt.dts
-            rows.append((ts, bool(pkt.is_keyframe)))
-            if ts is not None and pkt.duration:
-                end = ts + pkt.duration
-                end_pts = end if end_pts is None else max(end_pts, end)
-    except av.FFmpegError as e:
-        raise MediaError(path, f"demuxing failed after {packets} video packets ({e})") from e
-    if not rows:
-        raise MediaError(path, "the video stream has no frames")
-    declared = stream.frames or 0
-    if container.format.name.split(",")[0] in ("mov", "mp4") and declared > packets:
-        # mp4/mov headers list every sample; fewer packets on disk means the file was cut short.
-        raise MediaError(path, f"truncated: the header lists {declared} frames, {packets} are on disk")
-    if all(r[0] is not None for r in rows):
-        rows.sort(key=lambda r: r[0])
-    return _FrameIndex([r[0] for r in rows], [r[1] for r in rows], end_pts)
-
-
-def _is_image(container) -> bool:
-    return any(name in IMAGE_DEMUXERS for name in container.format.name.split(","))
-
-
-def probe(path) -> MediaInfo:
-    """Probe a video (or still image) once: frame count, fps, duration, size, rotation, audio."""
-    p = os.fspath(path)
-    with _open(p) as c:
-        vs = _video_stream(c, p)
-        index = _scan_video(c, vs, p)
-        rotation = 0
-        try:
-            c.seek(0)
-            for frame in c.decode(vs):  # one frame: rotation lives in frame side data
-                rotation = int(frame.rotation or 0)
-                break
-            else:
-                raise MediaError(p, "no decodable video frame")
-        except av.FFmpegError as e:
-            raise MediaError(p, f"decoding the first frame failed ({e})") from e
-        tb = vs.time_base
-        is_image = _is_image(c)
-        duration = 0.0
-        if index.seekable and tb is not None and index.num_frames > 1:
-            end = index.end_pts if index.end_pts is not None else index.pts[-1]
-            duration = float((end - index.pts[0]) * tb)
-        if duration <= 0 and c.duration and not is_image:
-            duration = c.duration / av.time_base
-        fps = index.num_frames / duration if duration > 0 else 0.0
-        return MediaInfo(
-            path=p,
-            num_frames=index.num_frames,
-            fps=round(fps, 6),
-            duration=round(duration, 6),
-            width=int(vs.codec_context.width),
-            height=int(vs.codec_context.height),
-            rotation=rotation % 360,
-            video_codec=vs.codec_context.name,
-            container=c.format.name,
-            is_image=bool(is_image),
-            has_audio=bool(c.streams.audio),
-            **_audio_fields(c),
-        )
-
-
-def _audio_fields(container) -> dict:
-    if not container.streams.audio:
-        return {"audio_channels": 0, "audio_sample_rate": 0, "audio_codec": None}
-    cc = container.streams.audio[0].codec_context
-    return {"audio_channels": int(cc.channels), "audio_sample_rate": int(cc.sample_rate or 0), "audio_codec": cc.name}
-
-
-def probe_audio(path) -> dict | None:
-    """Channels, rate and codec of a file's first audio stream (None without one), for a
-    manifest's separate `audio` file."""
-    with _open(path) as c:
-        return _audio_fields(c) if c.streams.audio else None
-
-
-# --------------------------------------------------------------------------------------------
-# CPU back-end: video
-# --------------------------------------------------------------------------------------------
-
-
-def _decode_seek(container, stream, index: _FrameIndex, wanted: list[int]) -> dict[int, "av.VideoFrame"] | None:
-    """Decode the `wanted` presentation indices, seeking to the keyframe before a wanted frame
-    whenever a keyframe lies between the decoder's position and that frame. Returns None when
-    the stream doesn't behave (frame missing or without pts): the caller decodes sequentially."""
-    key_before, last_key = [], 0
-    for i, k in enumerate(index.keyframe):
-        last_key = i if k else last_key
-        key_before.append(last_key)
-    got: dict[int, av.VideoFrame] = {}
-    frames_iter, last_pts = None, None
-    for t in wanted:
-        target = index.pts[t]
-        key = key_before[t]
-        if frames_iter is None or (last_pts is not None and index.pts[key] > last_pts):
-            if key > 0:
-                container.seek(index.pts[key], stream=stream, backward=True, any_frame=False)
-            else:
-                container.seek(0)  # the index scan left the demuxer at EOF
-            frames_iter = container.decode(stream)
-            last_pts = None
-        for frame in frames_iter:
-            if frame.pts is None:
-                return None
-            last_pts = frame.pts
-            if frame.pts == target:
-                got[t] = frame
-                break
-            if frame.pts > target:
-                return None  # the wanted frame was not produced by the decoder
-        else:
-            return None
-    return got
-
-
-def _decode_sequential(container, stream, wanted: set[int]) -> tuple[dict[int, "av.VideoFrame"], int]:
-    """Decode every frame from the start, keep the wanted ones; also returns the decoded count."""
-    container.seek(0)
-    got, n = {}, 0
-    for frame in container.decode(stream):
-        if n in wanted:
-            got[n] = frame
-        n += 1
-    return got, n
-
-
-def decode_video_frames(path, num_frames: int = DEFAULT_NUM_FRAMES) -> tuple[np.ndarray, list[int], int]:
-    """Decode T uniformly sampled frames, upright, as uint8 `[T, H, W, 3]` (CPU, PyAV).
-
-    Returns (frames, frame indices, number of frames in the video).
-    """
-    p = os.fspath(path)
-    with _open(p) as c:
-        vs = _video_stream(c, p)
-        vs.thread_type = "AUTO"
-        try:
-            index = _scan_video(c, vs, p)
-            n = index.num_frames
-            indices = sample_frame_indices(n, num_frames)
-            wanted = sorted(set(indices))
-            got = _decode_seek(c, vs, index, wanted) if index.seekable else None
-            if got is None:
-                got, decoded = _decode_sequential(c, vs, set(wanted))
-                if decoded == 0:
-                    raise MediaError(p, "no decodable video frame")
-                if decoded < n:  # the decoder dropped packets: sample over what really decodes
-                    n = decoded
-                    indices = sample_frame_indices(n, num_frames)
-                    got, _ = _decode_sequential(c, vs, set(indices))
-            rgb = {i: f.to_ndarray(format="rgb24") for i, f in got.items()}
-            rotation = int(got[indices[0]].rotation or 0)  # display matrix / JPEG EXIF orientation
-        except av.FFmpegError as e:
-            raise MediaError(p, f"video decoding failed ({e})") from e
-    frames = np.stack([rgb[i] for i in indices])
-    return rotate_upright(frames, rotation), indices, n
-
-
-def decode_video(
-    path, num_frames: int = DEFAULT_NUM_FRAMES, image_size: int = DEFAULT_IMAGE_SIZE
-) -> tuple[torch.Tensor, list[int], int]:
-    """CPU back-end video: `[T, 3, S, S]` float32, frame indices, frames in the video."""
-    frames, indices, n = decode_video_frames(path, num_frames)
-    return normalize_frames(frames, image_size), indices, n
-
-
-# --------------------------------------------------------------------------------------------
-# CPU back-end: audio
-# --------------------------------------------------------------------------------------------
-
-
-def decode_audio(path, sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:
-    """Whole audio track → mono float32 at `sample_rate` (mean of the channels).
-
-    None when the file has no audio stream or the stream holds no samples. Resampling keeps the
-    channels (libswresample, per channel) and averages afterwards, so the downmix is a plain mean
-    rather than ffmpeg's surround downmix matrix.
-    """
-    p = os.fspath(path)
-    with _open(p) as c:
-        if not c.streams.audio:
-            return None
-        stream = c.streams.audio[0]
-        resampler = av.AudioResampler(format="fltp", layout=None, rate=sample_rate)
-        chunks: list[np.ndarray] = []
-        try:
-            for frame in c.decode(stream):
-                frame.pts = None  # resample by sample count, immune to timestamp gaps
-                chunks.extend(f.to_ndarray().mean(axis=0) for f in resampler.resample(frame))
-            chunks.extend(f.to_ndarray().mean(axis=0) for f in resampler.resample(None))
-        except av.FFmpegError as e:
-            raise MediaError(p, f"audio decoding failed ({e})") from e
-    if not chunks:
-        return None
-    return np.concatenate(chunks).astype(np.float32, copy=False)
-
-
-def load_audio_segments(
-    path,
-    num_segments: int = DEFAULT_NUM_SEGMENTS,
-    sample_rate: int = SAMPLE_RATE,
-    window: int = CLAP_WINDOW,
-) -> torch.Tensor | None:
-    """CPU back-end audio: `[K, W]` float32, or None without audio."""
-    wave = decode_audio(path, sample_rate)
-    if wave is None or wave.size == 0:
-        return None
-    return torch.from_numpy(segment_audio(wave, num_segments, window))
-
-
-# --------------------------------------------------------------------------------------------
-# One clip, either back-end
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
 class DecodedClip:
     """One clip in the contract's shapes. `audio` is None when `has_audio` is False."""
 
@@ -472,7 +241,106 @@ class DecodedClip:
     frame_indices: list[int]
     num_frames: int  # frames in the video file
     has_audio: bool
-    backend: str = field(default="cpu")
+    backend: str = field(default="cpu")  # backend_label() of the run
+
+
+# --------------------------------------------------------------------------------------------
+# Back-ends: the one place that loads them
+# --------------------------------------------------------------------------------------------
+
+# module of each back-end; each has `available()`; frame decoders `read_frames(path, T, info)`,
+# audio decoders `read_audio(path, sample_rate)` (see decode_pyav.py for the reference).
+BACKEND_MODULES = {
+    "pyav": "nemo_avllm.data.decode_pyav",
+    "torchcodec": "nemo_avllm.data.decode_torchcodec",
+    "decord": "nemo_avllm.data.decode_decord",
+    "dali": "dali_pipelines",
+}
+# Fastest first (bench/RESULTS.md, "decode steps"); PyAV reads what the others cannot.
+FRAME_DECODERS = ("torchcodec", "decord", "pyav")
+AUDIO_DECODERS = ("torchcodec", "pyav")
+
+# PyAV names that other files import from here (kept for them; defined in decode_pyav.py).
+_PYAV_NAMES = frozenset({"probe", "probe_audio", "decode_audio", "decode_video_frames"})
+
+
+def backend_module(name: str):
+    """The back-end module `name` (imported on first use, so this module imports none of them)."""
+    if name not in BACKEND_MODULES:
+        raise ValueError(f"unknown decode back-end {name!r}; expected one of {sorted(BACKEND_MODULES)}")
+    return importlib.import_module(BACKEND_MODULES[name])
+
+
+def installed(name: str) -> bool:
+    """True when back-end `name`'s library imports here."""
+    try:
+        return bool(backend_module(name).available())
+    except ImportError:
+        return False
+
+
+def __getattr__(name: str):
+    if name in _PYAV_NAMES:
+        return getattr(backend_module("pyav"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def read_video_frames(path, num_frames: int = DEFAULT_NUM_FRAMES, info: MediaInfo | None = None,
+                      decoders: tuple[str, ...] = FRAME_DECODERS) -> tuple[np.ndarray, list[int], int]:
+    """T sampled frames, upright uint8 `[T, H, W, 3]` (libswscale pixels), from the first of
+    `decoders` that is installed and reads the file; PyAV decides what is unreadable.
+    Returns (frames, frame indices, frames in the video)."""
+    for name in decoders:
+        if name == "pyav":
+            return backend_module("pyav").decode_video_frames(path, num_frames)
+        if info is None or info.is_image or not installed(name):
+            continue  # the faster decoders need the probe's frame count, and read no stills
+        try:
+            return backend_module(name).read_frames(path, num_frames, info)
+        except Exception:  # noqa: BLE001 - a codec or file it cannot read: the next decoder
+            continue
+    raise ValueError(f"no frame decoder among {decoders} read {path}; add 'pyav' (reads every codec)")
+
+
+def read_audio(path, sample_rate: int = SAMPLE_RATE, decoders: tuple[str, ...] = AUDIO_DECODERS) -> np.ndarray | None:
+    """Whole track → mono float32 at `sample_rate` (mean of the channels), or None without audio,
+    from the first of `decoders` that is installed and reads it (PyAV last)."""
+    for name in decoders:
+        if name == "pyav":
+            return backend_module("pyav").decode_audio(path, sample_rate)
+        if not installed(name):
+            continue
+        try:
+            return backend_module(name).read_audio(path, sample_rate)
+        except Exception:  # noqa: BLE001 - e.g. no audio stream: PyAV answers
+            continue
+    raise ValueError(f"no audio decoder among {decoders} read {path}; add 'pyav' (reads every codec)")
+
+
+def decode_video(
+    path, num_frames: int = DEFAULT_NUM_FRAMES, image_size: int = DEFAULT_IMAGE_SIZE, info: MediaInfo | None = None
+) -> tuple[torch.Tensor, list[int], int]:
+    """CPU run's video: `[T, 3, S, S]` float32, frame indices, frames in the video."""
+    frames, indices, n = read_video_frames(path, num_frames, info)
+    return normalize_frames(frames, image_size), indices, n
+
+
+def load_audio_segments(
+    path,
+    num_segments: int = DEFAULT_NUM_SEGMENTS,
+    sample_rate: int = SAMPLE_RATE,
+    window: int = CLAP_WINDOW,
+) -> torch.Tensor | None:
+    """CPU run's audio: `[K, W]` float32, or None without audio."""
+    wave = read_audio(path, sample_rate)
+    if wave is None or wave.size == 0:
+        return None
+    return torch.from_numpy(segment_audio(wave, num_segments, window))
+
+
+# --------------------------------------------------------------------------------------------
+# One back-end per run
+# --------------------------------------------------------------------------------------------
 
 
 def dali_reads_video(info: MediaInfo, device: str) -> bool:
@@ -488,48 +356,36 @@ def dali_reads_audio(path) -> bool:
 
 
 def resolve_backend(backend: str) -> str:
-    """The run's decode back-end, decided once (main process, before workers start): `cpu`, or
-    `dali` / `auto` when DALI is used. `auto` is DALI only with DALI installed and a CUDA device
-    (NVDEC); it then still reads still images and codecs NVDEC lacks with the CPU decoder."""
+    """The run's decode back-end, decided once (main process, before workers start): `cpu` or
+    `dali`. `auto` is DALI only with DALI installed and a CUDA device (NVDEC); a DALI run still
+    decodes still images and codecs DALI lacks with PyAV, converted to RGB the DALI way and
+    resized by DALI, so every clip of the run gets the same preprocessing."""
     if backend not in ("auto", "cpu", "dali"):
         raise ValueError(f"decode backend must be 'auto', 'cpu' or 'dali', got {backend!r}")
     if backend == "dali" and not dali_available():
         raise RuntimeError("backend='dali' needs nvidia-dali (pip install nvidia-dali-cuda120)")
-    if backend == "auto" and not (dali_available() and cuda_available()):
-        return "cpu"
+    if backend == "auto":
+        return "dali" if dali_available() and cuda_available() else "cpu"
     return backend
 
 
 def backend_label(backend: str) -> str:
-    """What a resolved back-end decodes with, as recorded in the feature cache."""
+    """What a run decodes with, as recorded in the feature cache: `cpu` (libswscale pixels) or
+    `dali-gpu` / `dali-cpu` (DALI's pixels and resize; README "Known limits" gives the gap)."""
+    backend = resolve_backend(backend)
     if backend == "cpu":
         return "cpu"
-    dev = "gpu" if cuda_available() else "cpu"
-    return f"dali-{dev}" + (" (cpu for images and codecs DALI lacks)" if backend == "auto" else "")
+    return "dali-gpu" if cuda_available() else "dali-cpu"
 
 
-def _choose_backend(backend: str, info_fn) -> tuple[str, str | None]:
-    """→ ("cpu", None) or ("dali", device)."""
-    if backend == "cpu":
-        return "cpu", None
-    if backend not in ("auto", "dali"):
-        raise ValueError(f"backend must be 'auto', 'cpu' or 'dali', got {backend!r}")
-    device = "gpu" if cuda_available() else "cpu"
-    if not dali_available():
-        if backend == "dali":
-            raise RuntimeError("backend='dali' needs nvidia-dali (pip install nvidia-dali-cuda120)")
-        return "cpu", None
-    if backend == "auto" and device != "gpu":
-        return "cpu", None
-    info = info_fn()
-    if dali_reads_video(info, device):
-        return "dali", device
-    if backend == "dali":
-        raise ValueError(
-            f"DALI on {device} cannot decode {info.path} (codec {info.video_codec}"
-            f"{', still image' if info.is_image else ''}); use backend='cpu' or 'auto'"
-        )
-    return "cpu", None
+def backend_mismatch(recorded: str | None, label: str, where) -> str | None:
+    """Why `label`-decoded data may not join `where`, which holds `recorded`-decoded data (None
+    when it may): the back-ends' pixels differ (README "Known limits"), so a cache holds one."""
+    if recorded is None or recorded == label:
+        return None
+    return (f"{where} was decoded with back-end {recorded!r}, this run decodes with {label!r}; their pixels "
+            f"differ, so one cache holds one back-end: set model.data.decode_backend to the cache's "
+            f"({'cpu' if recorded == 'cpu' else 'dali'}) or choose another data.feature_cache folder")
 
 
 def decode_clip(
@@ -546,36 +402,30 @@ def decode_clip(
     """Decode one clip into the contract's tensors.
 
     `audio_path` (the FLAC side-car from `prepare`) replaces the container's audio. `backend`:
-    "cpu" (PyAV), "dali" (GPU if CUDA is present, else DALI's CPU decoders, VP8/VP9/MJPEG only)
-    or "auto" (DALI on a GPU when it can read the codec, else CPU). `info` (from the prepare
-    index) saves a probe. Raises MediaError for files that cannot be decoded.
+    "cpu", "dali" (GPU if CUDA is present, else DALI's CPU operators) or "auto" (see
+    :func:`resolve_backend`). `info` (from the prepare index) saves a probe. Raises MediaError
+    for files that cannot be decoded.
     """
-    cached: list[MediaInfo] = [info] if info is not None else []
-
-    def get_info() -> MediaInfo:
-        if not cached:
-            cached.append(probe(video_path))
-        return cached[0]
-
-    chosen, device = _choose_backend(backend, get_info)
+    run = resolve_backend(backend)
     audio_src = audio_path if audio_path is not None else video_path
-    if chosen == "dali":
-        from dali_pipelines.video import decode_video_dali
-
-        meta = get_info()
-        indices = sample_frame_indices(meta.num_frames, num_frames)
-        video = decode_video_dali(video_path, indices, rotation=meta.rotation, image_size=image_size, device=device)
-        n = meta.num_frames
+    if run == "dali":
+        dali = backend_module("dali")
+        device = "gpu" if cuda_available() else "cpu"
+        meta = info if info is not None else backend_module("pyav").probe(video_path)
+        if dali_reads_video(meta, device):
+            indices = sample_frame_indices(meta.num_frames, num_frames)
+            video = dali.decode_video_dali(video_path, indices, meta.rotation, image_size, device)
+            n = meta.num_frames
+        else:
+            frames, indices, n = backend_module("pyav").decode_video_frames(video_path, num_frames, pixels="dali")
+            video = dali.normalize_frames_dali(frames, image_size, device)
+        wave = dali.decode_audio_dali(audio_src, sample_rate) if dali_reads_audio(audio_src) else read_audio(
+            audio_src, sample_rate)
     else:
-        video, indices, n = decode_video(video_path, num_frames, image_size)
-
-    if chosen == "dali" and dali_reads_audio(audio_src):
-        from dali_pipelines.audio import decode_audio_dali
-
-        wave = decode_audio_dali(audio_src, sample_rate=sample_rate)
-    else:
-        wave = decode_audio(audio_src, sample_rate)
+        frames, indices, n = read_video_frames(video_path, num_frames, info)
+        video = normalize_frames(frames, image_size)
+        wave = read_audio(audio_src, sample_rate)
     audio = None
     if wave is not None and wave.size > 0:
         audio = torch.from_numpy(segment_audio(wave, num_segments, window))
-    return DecodedClip(video, audio, indices, n, audio is not None, backend=chosen if device is None else f"dali-{device}")
+    return DecodedClip(video, audio, indices, n, audio is not None, backend=backend_label(run))

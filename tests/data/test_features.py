@@ -10,7 +10,8 @@ import torch
 
 from nemo_avllm import config
 from nemo_avllm.data.dataset import AVDataset, DecodeSettings, MediaSource, collate_av, layout_of, load_media
-from nemo_avllm.data.features import FeatureCache, FeatureCacheError, build_encoders, build_feature_cache
+from nemo_avllm.data.features import META_NAME, FeatureCache, FeatureCacheError, build_encoders, build_feature_cache
+from nemo_avllm.data.media import backend_label
 from nemo_avllm.data.manifest import validate_manifest
 from nemo_avllm.data.prepare import prepare
 from tests.media_factory import conv, make_media_set, FFMPEG, make_clip
@@ -106,6 +107,14 @@ def test_cache_built_for_another_config_is_refused(cache_dir, override, words):
 def test_writing_into_a_cache_of_another_config_is_refused(data, cache_dir):
     with pytest.raises(FeatureCacheError, match="another config"):
         build_feature_cache(data[2], cache_dir, config.load_model("tiny", ["num_frames=8"]), progress=False)
+
+
+def test_a_cache_holds_one_decode_backend(data, cfg, cache_dir):
+    pytest.importorskip("nvidia.dali", reason="needs nvidia-dali for a second back-end")
+    assert json.loads((cache_dir / META_NAME).read_text())["decode_backend"] == backend_label("auto")
+    other = "dali" if backend_label("auto") == "cpu" else "cpu"
+    with pytest.raises(FeatureCacheError, match="decoded with back-end .* one cache holds one back-end"):
+        build_feature_cache(data[2], cache_dir, cfg, backend=other, progress=False)
 
 
 def test_resume_skips_done_clips_and_does_not_retry_bad_ones(data, cfg, encoders, tmp_path):

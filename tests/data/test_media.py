@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_avllm.data import media
+from nemo_avllm.data import decode_pyav, media
 from nemo_avllm.data.media import (
     CLAP_WINDOW,
     MediaError,
@@ -109,11 +109,11 @@ def test_seeking_decoder_matches_sequential_decode(tmp_path):
     path = make_clip(tmp_path / "g.mp4", num_frames=31, gop=5)
     with av.open(str(path)) as c:
         vs = c.streams.video[0]
-        index = media._scan_video(c, vs, str(path))
+        index = decode_pyav._scan_video(c, vs, str(path))
         wanted = [0, 3, 11, 12, 29, 30]
-        by_seek = media._decode_seek(c, vs, index, wanted)
+        by_seek = decode_pyav._decode_seek(c, vs, index, wanted)
         assert by_seek is not None, "the pts index should let the decoder seek on a plain mp4"
-        seq, n = media._decode_sequential(c, vs, set(wanted))
+        seq, n = decode_pyav._decode_sequential(c, vs, set(wanted))
     assert n == 31
     for i in wanted:
         np.testing.assert_array_equal(by_seek[i].to_ndarray(format="rgb24"), seq[i].to_ndarray(format="rgb24"))
@@ -309,3 +309,83 @@ def test_auto_backend_without_gpu_is_cpu(tmp_path):
     assert decode_clip(path, num_frames=2, image_size=32).backend == "cpu"
     np.testing.assert_allclose(mean_rgb(decode_clip(path, num_frames=1, image_size=32).video)[0],
                                frame_color(0), atol=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# one contract, back-ends as siblings
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_contract_imports_no_backend():
+    """media.py is imported by every back-end and imports none of them (no cycle): they are
+    loaded by `media.backend_module` only, when a decode needs them."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, nemo_avllm.data.media\n"
+            "print([m for m in ('av', 'nemo_avllm.data.decode_pyav', 'nemo_avllm.data.decode_torchcodec', "
+            "'nemo_avllm.data.decode_decord', 'dali_pipelines', 'torchcodec', 'decord') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    root = Path(media.__file__).resolve().parents[2]
+    tree = ast.parse(Path(media.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not imported & {"av", "dali_pipelines", *media.BACKEND_MODULES.values()}, imported
+    for module in media.BACKEND_MODULES.values():  # and every back-end uses the contract
+        path = root / (module.replace(".", "/") + ".py")
+        path = path if path.is_file() else root / module / "video.py"
+        assert "from nemo_avllm.data.media import" in path.read_text(), path
+    assert media.probe is decode_pyav.probe  # names other files import from media keep working
+
+
+def _fast_decoders() -> list[str]:
+    return [name for name in ("torchcodec", "decord") if media.installed(name)]
+
+
+@pytest.mark.skipif(not _fast_decoders(), reason="needs torchcodec or decord (pip install 'nemo_avllm[decoders]')")
+def test_fast_decoders_return_pyavs_frames(tmp_path):
+    """torchcodec and decord give the contract's frames byte for byte (libswscale's RGB, upright,
+    sampled over the probe's count), so a cpu run may take each file from the fastest."""
+    clips = [make_clip(tmp_path / "g.mp4", num_frames=31, gop=5),
+             make_clip(tmp_path / "r.mp4", split_frames(6, 64, 32), rotate=90),
+             make_clip(tmp_path / "v.webm", num_frames=12, vcodec="vp9")]
+    for path in clips:
+        info = probe(path)
+        ref, idx, n = decode_video_frames(path, 7)
+        for name in _fast_decoders():
+            frames, got_idx, got_n = media.backend_module(name).read_frames(path, 7, info)
+            assert (got_idx, got_n) == (idx, n) and frames.dtype == np.uint8, (name, path)
+            np.testing.assert_array_equal(frames, ref, err_msg=f"{name} {path.name}")
+        frames, _, _ = media.read_video_frames(path, 7, info)
+        np.testing.assert_array_equal(frames, ref)
+
+
+def test_a_decoder_that_miscounts_falls_back_to_pyav(tmp_path):
+    """An edit-list mp4 (5 hidden frames): a decoder that counts them is refused, PyAV answers."""
+    src = make_clip(tmp_path / "src.mp4", num_frames=30, gop=10)
+    trimmed = trim_copy(src, tmp_path / "trim.mp4", 0.45)
+    info = probe(trimmed)
+    assert info.num_frames == 25
+    ref = decode_video_frames(trimmed, 6)
+    for name in _fast_decoders():
+        got = media.read_video_frames(trimmed, 6, info, decoders=(name, "pyav"))
+        assert got[1:] == ref[1:], name
+        np.testing.assert_array_equal(got[0], ref[0], err_msg=name)
+    if media.installed("decord"):
+        with pytest.raises(ValueError, match="decord counts 30 frames"):
+            media.backend_module("decord").read_frames(trimmed, 6, info)
+
+
+@pytest.mark.skipif(not media.installed("torchcodec"), reason="needs torchcodec (pip install 'nemo_avllm[decoders]')")
+def test_torchcodec_audio_only_where_it_matches_pyav(tmp_path):
+    """On FLAC torchcodec returns PyAV's samples exactly; on AAC it keeps the encoder's end padding,
+    so the cpu run reads AAC with PyAV and K segments keep their boundaries."""
+    tc = media.backend_module("torchcodec")
+    flac = make_audio_file(tmp_path / "a.flac", tone(1.0, 44100, 700, gains=(0.6, 0.2)), 44100)
+    np.testing.assert_array_equal(tc.read_audio(flac, 48000), decode_audio(flac, 48000))
+    clip = make_clip(tmp_path / "c.mp4", num_frames=10, audio=tone(3.0, 44100, 1000), audio_rate=44100, acodec="aac")
+    with pytest.raises(ValueError, match="files only"):
+        tc.read_audio(clip, 48000)
+    assert len(media.read_audio(clip, 48000)) == len(decode_audio(clip, 48000)) == 144000

@@ -1,0 +1,296 @@
+"""PyAV back-end of the decoding contract (`media.py`): probing, frames, audio.
+
+The reference decoder: it reads every codec and container FFmpeg reads, so it is the fallback of
+the faster back-ends (`decode_torchcodec.py`, `decode_decord.py`) and of DALI for still images
+and codecs DALI lacks. It seeks with a packet index built by demuxing (no decoding), so only the
+GOPs that hold the wanted frames are decoded, and falls back to a plain sequential decode when a
+file's timestamps can't be trusted.
+
+Pixels: `pixels="swscale"` converts YUV to RGB with libswscale's default (what torchcodec and
+decord also return, bit for bit); `pixels="dali"` converts 4:2:0 frames the way DALI does
+(`media.yuv420_to_rgb`), for a DALI run's clips that DALI cannot decode itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+
+from nemo_avllm.data.media import (
+    DEFAULT_NUM_FRAMES,
+    IMAGE_DEMUXERS,
+    PIXEL_CONVENTIONS,
+    SAMPLE_RATE,
+    MediaError,
+    MediaInfo,
+    rotate_upright,
+    sample_frame_indices,
+    yuv420_to_rgb,
+)
+
+NAME = "pyav"
+
+
+def available() -> bool:
+    return True  # a core dependency
+
+
+
+
+@dataclass
+class _FrameIndex:
+    """Presentation-ordered packet timestamps of the video stream (from demuxing only)."""
+
+    pts: list[int | None]
+    keyframe: list[bool]
+    end_pts: int | None = None  # pts + duration of the last frame, for the duration
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.pts)
+
+    @property
+    def seekable(self) -> bool:
+        """Frames can be found by pts only if every packet has a unique pts."""
+        return bool(self.pts) and None not in self.pts and len(set(self.pts)) == len(self.pts)
+
+
+def _open(path) -> av.container.InputContainer:
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        raise MediaError(p, "file not found")
+    try:
+        return av.open(p, mode="r")
+    except (av.FFmpegError, UnicodeDecodeError, OSError) as e:
+        raise MediaError(p, f"not a readable media file ({e})") from e
+
+
+def _video_stream(container, path):
+    if not container.streams.video:
+        raise MediaError(path, "no video stream")
+    return container.streams.video[0]
+
+
+def _scan_video(container, stream, path) -> _FrameIndex:
+    """Demux (don't decode) the video stream: one packet per frame → exact count and pts index."""
+    rows: list[tuple[int | None, bool]] = []
+    end_pts = None
+    packets = 0
+    try:
+        for pkt in container.demux(stream):
+            if pkt.size == 0:  # the flush packet at EOF
+                continue
+            packets += 1
+            if pkt.is_discard:  # before an edit list's start (trimmed mp4): decoded, never shown
+                continue
+            ts = pkt.pts if pkt.pts is not None else pkt.dts
+            rows.append((ts, bool(pkt.is_keyframe)))
+            if ts is not None and pkt.duration:
+                end = ts + pkt.duration
+                end_pts = end if end_pts is None else max(end_pts, end)
+    except av.FFmpegError as e:
+        raise MediaError(path, f"demuxing failed after {packets} video packets ({e})") from e
+    if not rows:
+        raise MediaError(path, "the video stream has no frames")
+    declared = stream.frames or 0
+    if container.format.name.split(",")[0] in ("mov", "mp4") and declared > packets:
+        # mp4/mov headers list every sample; fewer packets on disk means the file was cut short.
+        raise MediaError(path, f"truncated: the header lists {declared} frames, {packets} are on disk")
+    if all(r[0] is not None for r in rows):
+        rows.sort(key=lambda r: r[0])
+    return _FrameIndex([r[0] for r in rows], [r[1] for r in rows], end_pts)
+
+
+def _is_image(container) -> bool:
+    return any(name in IMAGE_DEMUXERS for name in container.format.name.split(","))
+
+
+def probe(path) -> MediaInfo:
+    """Probe a video (or still image) once: frame count, fps, duration, size, rotation, audio."""
+    p = os.fspath(path)
+    with _open(p) as c:
+        vs = _video_stream(c, p)
+        index = _scan_video(c, vs, p)
+        rotation = 0
+        try:
+            c.seek(0)
+            for frame in c.decode(vs):  # one frame: rotation lives in frame side data
+                rotation = int(frame.rotation or 0)
+                break
+            else:
+                raise MediaError(p, "no decodable video frame")
+        except av.FFmpegError as e:
+            raise MediaError(p, f"decoding the first frame failed ({e})") from e
+        tb = vs.time_base
+        is_image = _is_image(c)
+        duration = 0.0
+        if index.seekable and tb is not None and index.num_frames > 1:
+            end = index.end_pts if index.end_pts is not None else index.pts[-1]
+            duration = float((end - index.pts[0]) * tb)
+        if duration <= 0 and c.duration and not is_image:
+            duration = c.duration / av.time_base
+        fps = index.num_frames / duration if duration > 0 else 0.0
+        return MediaInfo(
+            path=p,
+            num_frames=index.num_frames,
+            fps=round(fps, 6),
+            duration=round(duration, 6),
+            width=int(vs.codec_context.width),
+            height=int(vs.codec_context.height),
+            rotation=rotation % 360,
+            video_codec=vs.codec_context.name,
+            container=c.format.name,
+            is_image=bool(is_image),
+            has_audio=bool(c.streams.audio),
+            **_audio_fields(c),
+        )
+
+
+def _audio_fields(container) -> dict:
+    if not container.streams.audio:
+        return {"audio_channels": 0, "audio_sample_rate": 0, "audio_codec": None}
+    cc = container.streams.audio[0].codec_context
+    return {"audio_channels": int(cc.channels), "audio_sample_rate": int(cc.sample_rate or 0), "audio_codec": cc.name}
+
+
+def probe_audio(path) -> dict | None:
+    """Channels, rate and codec of a file's first audio stream (None without one), for a
+    manifest's separate `audio` file."""
+    with _open(path) as c:
+        return _audio_fields(c) if c.streams.audio else None
+
+
+# --------------------------------------------------------------------------------------------
+# Video
+# --------------------------------------------------------------------------------------------
+
+
+def _decode_seek(container, stream, index: _FrameIndex, wanted: list[int]) -> dict[int, "av.VideoFrame"] | None:
+    """Decode the `wanted` presentation indices, seeking to the keyframe before a wanted frame
+    whenever a keyframe lies between the decoder's position and that frame. Returns None when
+    the stream doesn't behave (frame missing or without pts): the caller decodes sequentially."""
+    key_before, last_key = [], 0
+    for i, k in enumerate(index.keyframe):
+        last_key = i if k else last_key
+        key_before.append(last_key)
+    got: dict[int, av.VideoFrame] = {}
+    frames_iter, last_pts = None, None
+    for t in wanted:
+        target = index.pts[t]
+        key = key_before[t]
+        if frames_iter is None or (last_pts is not None and index.pts[key] > last_pts):
+            if key > 0:
+                container.seek(index.pts[key], stream=stream, backward=True, any_frame=False)
+            else:
+                container.seek(0)  # the index scan left the demuxer at EOF
+            frames_iter = container.decode(stream)
+            last_pts = None
+        for frame in frames_iter:
+            if frame.pts is None:
+                return None
+            last_pts = frame.pts
+            if frame.pts == target:
+                got[t] = frame
+                break
+            if frame.pts > target:
+                return None  # the wanted frame was not produced by the decoder
+        else:
+            return None
+    return got
+
+
+def _decode_sequential(container, stream, wanted: set[int]) -> tuple[dict[int, "av.VideoFrame"], int]:
+    """Decode every frame from the start, keep the wanted ones; also returns the decoded count."""
+    container.seek(0)
+    got, n = {}, 0
+    for frame in container.decode(stream):
+        if n in wanted:
+            got[n] = frame
+        n += 1
+    return got, n
+
+
+def _plane(plane) -> np.ndarray:
+    """One 8-bit plane of a frame without its row padding, `[h, w]` uint8."""
+    rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+    return rows[:, : plane.width]
+
+
+def frames_to_rgb(frames: list, pixels: str = "swscale") -> np.ndarray:
+    """Decoded frames → uint8 `[T, H, W, 3]` in the given pixel convention (`media.PIXEL_CONVENTIONS`).
+    Only 8-bit 4:2:0 frames have a DALI conversion; others use libswscale in both conventions."""
+    if pixels not in PIXEL_CONVENTIONS:
+        raise ValueError(f"pixels must be one of {PIXEL_CONVENTIONS}, got {pixels!r}")
+    if pixels == "dali" and frames and all(f.format.name == "yuv420p" for f in frames):
+        y, u, v = (torch.from_numpy(np.stack([_plane(f.planes[i]) for f in frames])) for i in range(3))
+        return yuv420_to_rgb(y, u, v).numpy()
+    return np.stack([f.to_ndarray(format="rgb24") for f in frames])
+
+
+def decode_video_frames(
+    path, num_frames: int = DEFAULT_NUM_FRAMES, pixels: str = "swscale"
+) -> tuple[np.ndarray, list[int], int]:
+    """Decode T uniformly sampled frames, upright, as uint8 `[T, H, W, 3]`.
+
+    Returns (frames, frame indices, number of frames in the video).
+    """
+    p = os.fspath(path)
+    with _open(p) as c:
+        vs = _video_stream(c, p)
+        vs.thread_type = "AUTO"
+        try:
+            index = _scan_video(c, vs, p)
+            n = index.num_frames
+            indices = sample_frame_indices(n, num_frames)
+            wanted = sorted(set(indices))
+            got = _decode_seek(c, vs, index, wanted) if index.seekable else None
+            if got is None:
+                got, decoded = _decode_sequential(c, vs, set(wanted))
+                if decoded == 0:
+                    raise MediaError(p, "no decodable video frame")
+                if decoded < n:  # the decoder dropped packets: sample over what really decodes
+                    n = decoded
+                    indices = sample_frame_indices(n, num_frames)
+                    got, _ = _decode_sequential(c, vs, set(indices))
+            order = sorted(got)
+            rgb = dict(zip(order, frames_to_rgb([got[i] for i in order], pixels)))
+            rotation = int(got[indices[0]].rotation or 0)  # display matrix / JPEG EXIF orientation
+        except av.FFmpegError as e:
+            raise MediaError(p, f"video decoding failed ({e})") from e
+    frames = np.stack([rgb[i] for i in indices])
+    return rotate_upright(frames, rotation), indices, n
+
+
+# --------------------------------------------------------------------------------------------
+# Audio
+# --------------------------------------------------------------------------------------------
+
+
+def decode_audio(path, sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:
+    """Whole audio track → mono float32 at `sample_rate` (mean of the channels).
+
+    None when the file has no audio stream or the stream holds no samples. Resampling keeps the
+    channels (libswresample, per channel) and averages afterwards, so the downmix is a plain mean
+    rather than ffmpeg's surround downmix matrix.
+    """
+    p = os.fspath(path)
+    with _open(p) as c:
+        if not c.streams.audio:
+            return None
+        stream = c.streams.audio[0]
+        resampler = av.AudioResampler(format="fltp", layout=None, rate=sample_rate)
+        chunks: list[np.ndarray] = []
+        try:
+            for frame in c.decode(stream):
+                frame.pts = None  # resample by sample count, immune to timestamp gaps
+                chunks.extend(f.to_ndarray().mean(axis=0) for f in resampler.resample(frame))
+            chunks.extend(f.to_ndarray().mean(axis=0) for f in resampler.resample(None))
+        except av.FFmpegError as e:
+            raise MediaError(p, f"audio decoding failed ({e})") from e
+    if not chunks:
+        return None
+    return np.concatenate(chunks).astype(np.float32, copy=False)
