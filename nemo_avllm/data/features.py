@@ -43,8 +43,8 @@ BAD_FILES_NAME = "bad_files.jsonl"
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMAT_VERSION = 1
 # Settings a reader compares one by one, so the error can name the one that differs.
-_CHECKED = ("num_frames", "num_audio_segments", "image_size", "num_patches", "feature_layer", "sample_rate",
-            "window", "vision_width", "audio_width")
+_CHECKED = ("audio_encoder", "num_frames", "num_audio_segments", "image_size", "num_patches", "feature_layer",
+            "sample_rate", "window", "vision_width", "audio_width")
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,6 +77,7 @@ def cache_fields(model_cfg) -> dict:
         "window": s.window,
         "vision_width": geo["width"],
         "audio_width": cfg.audio.width,
+        "audio_encoder": cfg.audio.type,  # htsat | whisper: their caches are never mixed
         "vision": _portable(asdict(cfg.vision)),
         "audio": _portable(asdict(cfg.audio)),
     }
@@ -273,13 +274,13 @@ def _write_json(path: Path, obj) -> None:
 def build_encoders(model_cfg, device: str | torch.device = "cpu"):
     """The frozen vision and audio encoders of a model config, in `model.encoder_dtype`, eval mode.
     Null encoder checkpoints are refused unless `model.allow_random_init=true`."""
-    from nemo_avllm.model.encoders import AudioEncoder, VisionEncoder
+    from nemo_avllm.model.encoders import VisionEncoder, build_audio_encoder
     from nemo_avllm.model.provider import avllm_config, check_encoder_weights
 
     check_encoder_weights({**to_dict(model_cfg), "build_encoders": True})
     cfg = avllm_config(model_cfg)
     return (VisionEncoder(cfg.vision).to(device).set_dtype(cfg.encoder_dtype),
-            AudioEncoder(cfg.audio).to(device).set_dtype(cfg.encoder_dtype))
+            build_audio_encoder(cfg.audio).to(device).set_dtype(cfg.encoder_dtype))
 
 
 def build_feature_cache(

@@ -267,7 +267,7 @@ def main(cfg: DictConfig) -> int:
 
 def save_demo_encoders(model_cfg, folder: Path, seed: int):
     """The demo's encoders are random (no downloads): build them from `seed` and save them in the
-    open_clip / laion_clap layouts, so features, training and `avllm generate` on raw clips all
+    open_clip / laion_clap (or HF Whisper) layouts, so features, training and `avllm generate` on raw clips all
     use the same weights (the configs point at the files)."""
     import torch
     from safetensors.torch import save_file
@@ -279,8 +279,7 @@ def save_demo_encoders(model_cfg, folder: Path, seed: int):
     vision, audio = build_encoders(model_cfg)
     files = {"vision": folder / "vision.safetensors", "audio": folder / "audio.safetensors"}
     save_file({f"visual.{k}": v.contiguous() for k, v in vision.visual.state_dict().items()}, str(files["vision"]))
-    save_file({f"module.audio_branch.{k}": v.contiguous() for k, v in audio.htsat.state_dict().items()},
-              str(files["audio"]))
+    save_file({k: v.contiguous() for k, v in audio.public_state_dict().items()}, str(files["audio"]))
     model_cfg.vision.checkpoint, model_cfg.audio.checkpoint = str(files["vision"]), str(files["audio"])
     return model_cfg
 

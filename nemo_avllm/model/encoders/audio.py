@@ -44,6 +44,7 @@ def _htsat_module():
 
 @dataclass
 class AudioEncoderConfig:
+    type: str = "htsat"  # model.audio.type: which audio encoder (htsat | whisper: encoders/whisper.py)
     model_name: str = "tiny"  # HTSAT size: tiny (laion_clap 630k-audioset checkpoints) | base | large
     # Overrides of the HTSAT size (tiny test models): embed_dim, depths, num_heads
     embed_dim: int | None = None
@@ -144,6 +145,11 @@ class AudioEncoder(FrozenEncoder):
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}; "
                 f"laion_clap's 630k-audioset checkpoints are HTSAT-tiny (model/audio=htsat_tiny)"
             )
+
+    def public_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights in laion_clap's checkpoint layout (`module.audio_branch.*`), which
+        `load_checkpoint` reads."""
+        return {f"module.audio_branch.{k}": v for k, v in self.htsat.state_dict().items()}
 
     @torch.no_grad()
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
