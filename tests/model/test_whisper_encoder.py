@@ -1,0 +1,127 @@
+"""The Whisper audio encoder (paper Table 7), built from a tiny config with random weights:
+K tokens per clip from a real ffmpeg clip, numerically transformers' WhisperFeatureExtractor +
+WhisperEncoder + mean pooling; HF Whisper checkpoints load strictly; the dtype and the feature
+cache keep HTSAT and Whisper apart."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from nemo_avllm import config
+from nemo_avllm.model.encoders import WhisperAudioEncoder, build_audio_encoder
+from nemo_avllm.model.provider import avllm_config
+from tests.media_factory import FFMPEG, make_clip, tone
+
+pytestmark = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg binary to make test media")
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def model_cfg():
+    return config.load_model("tiny", ["audio=whisper_test", f"num_audio_segments={K}", "allow_random_init=true"])
+
+
+@pytest.fixture(scope="module")
+def section(model_cfg):
+    return avllm_config(model_cfg)
+
+
+@pytest.fixture(scope="module")
+def clip_audio(model_cfg, tmp_path_factory):
+    """[K, 32000] at 16 kHz from an H.264 + AAC (48 kHz) clip: 1.5 s of silence then 1.5 s of
+    a 440 Hz tone, so the first and last segments hold different sound."""
+    from nemo_avllm.data.dataset import DecodeSettings, MediaSource, load_media
+
+    d = tmp_path_factory.mktemp("whisper_clip")
+    wave = np.concatenate([np.zeros((72000, 1), np.float32), tone(1.5, 48000, 440)])
+    path = make_clip(d / "clip.mp4", num_frames=30, fps=10, audio=wave)
+    settings = DecodeSettings.from_model_config(model_cfg)
+    assert (settings.sample_rate, settings.window) == (16000, 32000)  # the data pipeline follows model.audio
+    _, audio = load_media(MediaSource(str(path), str(path), str(path), True), settings, video=False, audio=True)
+    return audio
+
+
+def _hf_reference(enc: WhisperAudioEncoder, audio: torch.Tensor) -> torch.Tensor:
+    """What plain transformers gives: WhisperFeatureExtractor (NumPy) -> the same WhisperEncoder
+    weights -> mean over positions."""
+    from transformers import WhisperFeatureExtractor
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    hf = WhisperEncoder(enc.cfg.hf_config()).eval()
+    hf.load_state_dict(enc.public_state_dict(), strict=True)
+    fe = WhisperFeatureExtractor(feature_size=hf.config.num_mel_bins, sampling_rate=16000,
+                                 chunk_length=enc.cfg.clip_samples // 16000)
+    mel = fe(list(audio.numpy()), sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        return hf(input_features=mel).last_hidden_state.mean(dim=1)
+
+
+def test_k_tokens_per_clip_equal_to_plain_transformers(section, clip_audio):
+    enc = build_audio_encoder(section.audio)
+    assert isinstance(enc, WhisperAudioEncoder) and enc.width == section.audio.width == 32
+    assert not any(p.requires_grad for p in enc.parameters()) and not enc.training  # frozen
+    assert clip_audio.shape == (K, 32000)
+    tokens = enc(clip_audio.unsqueeze(0))
+    assert tokens.shape == (1, K, 32)
+    torch.testing.assert_close(tokens[0], _hf_reference(enc, clip_audio), rtol=1e-5, atol=1e-5)
+    assert (tokens[0, 0] - tokens[0, -1]).abs().max() > 1e-3  # silence and tone give different tokens
+
+
+def test_encoder_dtype_is_respected_and_the_front_end_stays_fp32(section, clip_audio):
+    enc = build_audio_encoder(section.audio).set_dtype(torch.bfloat16)
+    assert enc.dtype == torch.bfloat16 and enc.frontend.mel.dtype == torch.float32
+    out = enc(clip_audio.unsqueeze(0))
+    ref = build_audio_encoder(section.audio)(clip_audio.unsqueeze(0))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("layout", ["WhisperModel", "WhisperForConditionalGeneration", "WhisperEncoder"])
+def test_whisper_saved_by_transformers_loads_strictly(section, tmp_path, layout):
+    import transformers
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    cls = WhisperEncoder if layout == "WhisperEncoder" else getattr(transformers, layout)
+    torch.manual_seed(3)
+    hf = cls(section.audio.hf_config()).eval()
+    hf.save_pretrained(tmp_path / "whisper")
+    enc = build_audio_encoder(replace(section.audio, checkpoint=str(tmp_path / "whisper")))
+    want = (hf if layout == "WhisperEncoder" else hf.get_encoder()).state_dict()
+    got = enc.public_state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_checkpoint_of_another_size_is_refused_naming_the_config(section, tmp_path):
+    from transformers import WhisperModel
+
+    WhisperModel(replace(section.audio, d_model=48).hf_config()).save_pretrained(tmp_path / "w48")
+    with pytest.raises(ValueError, match=r"does not match Whisper-tiny.*shapes.*whisper_tiny, whisper_base"):
+        build_audio_encoder(replace(section.audio, checkpoint=str(tmp_path / "w48")))
+    torch.save({"module.audio_branch.patch_embed.proj.weight": torch.zeros(1)}, tmp_path / "clap.pt")
+    with pytest.raises(ValueError, match="holds no Whisper encoder tensors"):
+        build_audio_encoder(replace(section.audio, checkpoint=str(tmp_path / "clap.pt")))
+
+
+def test_real_sizes_and_window_check():
+    tiny = avllm_config(config.load_model("tiny", ["audio=whisper_tiny"])).audio
+    base = avllm_config(config.load_model("tiny", ["audio=whisper_base"])).audio
+    assert (tiny.width, tiny.arch()["encoder_layers"], base.width, base.arch()["encoder_layers"]) == (384, 4, 512, 6)
+    assert tiny.clip_samples == 480000 and tiny.sample_rate == 16000
+    with pytest.raises(ValueError, match=r"clip_samples=240000 does not fit max_source_positions=1500.*480000"):
+        replace(tiny, clip_samples=240000).check()
+
+
+def test_feature_caches_of_htsat_and_whisper_are_never_mixed(model_cfg):
+    from nemo_avllm.data.features import FeatureCacheError, cache_fields, check_meta, fields_hash
+
+    htsat = cache_fields(config.load_model("tiny", ["allow_random_init=true"]))
+    whisper = cache_fields(model_cfg)
+    assert (htsat["audio_encoder"], whisper["audio_encoder"]) == ("htsat", "whisper")
+    meta = {"hash": fields_hash(htsat), "fields": htsat}
+    with pytest.raises(FeatureCacheError, match="audio_encoder: cache 'htsat', model 'whisper'"):
+        check_meta(meta, whisper, "feature cache X")
