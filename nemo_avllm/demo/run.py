@@ -207,6 +207,10 @@ def main(cfg: DictConfig) -> int:
     from nemo_avllm.demo import synthetic
     from nemo_avllm.training.train import train, validate
 
+    if cfg.get("ablation"):
+        from nemo_avllm.demo.ablation import run_ablation
+
+        return run_ablation(cfg)
     t0 = time.time()
     out = Path(cfg.out_dir).resolve()
     for stage in (1, 2):  # refuse bad stage settings before minutes of data generation (paths come later)
