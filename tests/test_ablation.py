@@ -134,12 +134,10 @@ def test_training_strategy_settings_reach_the_stage_configs(tmp_path):
     cfg = config.load("demo", ["ablation=training_strategy", "ablations.modality_schedule_split=0.25"])
     stages = ablation._stages_with_schedule(cfg)
     assert 2 in stages
-    model_cfg = config.load_model(str(cfg.model))
-    model_cfg.vision.checkpoint, model_cfg.audio.checkpoint = "v.safetensors", "a.safetensors"
     paths = {"stage1": tmp_path / "s1.jsonl", "stage2": tmp_path / "s2.jsonl", "eval": tmp_path / "e.jsonl"}
     seen = {}
     for label, model, model_over, stage_over in ablation.settings(cfg):
-        scfg = ablation.setting_cfg(cfg, tmp_path / label, model_cfg, model, model_over, stage_over, tuple(stages))
+        scfg = ablation.setting_cfg(cfg, tmp_path / label, model, model_over, stage_over, tuple(stages))
         s2 = run._stage_cfg(scfg, 2, tmp_path, paths, str(tmp_path))
         seen[label] = (s2.model.data.modality_schedule, s2.model.data.modality_schedule_split)
         assert s2.model.data.feature_cache == str(tmp_path / label / "features")

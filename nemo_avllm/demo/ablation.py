@@ -71,12 +71,13 @@ def _quoted(d):
     return {k: _quoted(v) if isinstance(v, dict) else (f"'{v}'" if isinstance(v, Path) else v) for k, v in d.items()}
 
 
-def setting_cfg(cfg: DictConfig, folder: Path, model_cfg, model: str, model_over: dict, stage_over: dict,
+def setting_cfg(cfg: DictConfig, folder: Path, model: str, model_over: dict, stage_over: dict,
                 stage_over_in: tuple[int, ...]) -> DictConfig:
     """The demo config of one setting: its model, its overrides in both stage sections, and its
-    own encoder files, feature cache and run folder under `folder` (data and tokenizer are shared)."""
-    own = {"model": {**model_over, "vision": {"checkpoint": Path(model_cfg.vision.checkpoint)},
-                     "audio": {"checkpoint": Path(model_cfg.audio.checkpoint)},
+    own encoder files (`run.save_demo_encoders` into folder/encoders), feature cache and run
+    folder under `folder` (data and tokenizer are shared)."""
+    own = {"model": {**model_over, "vision": {"checkpoint": folder / "encoders" / "vision.safetensors"},
+                     "audio": {"checkpoint": folder / "encoders" / "audio.safetensors"},
                      "data": {"feature_cache": folder / "features"}},
            "exp_manager": {"exp_dir": folder / "runs"}}
     scfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -87,10 +88,9 @@ def setting_cfg(cfg: DictConfig, folder: Path, model_cfg, model: str, model_over
     return scfg
 
 
-def run_setting(cfg: DictConfig, out: Path, paths: dict, label: str, model: str, model_over: dict,
-                stage_over: dict, stage_over_in: tuple[int, ...] = (1, 2)) -> dict:
-    """Features, stage 1, stage 2 and evaluation of one setting (under out/<ablation>/<label>/);
-    `stage_over` applies to the stages in `stage_over_in`."""
+def run_setting(cfg: DictConfig, out: Path, paths: dict, label: str, scfg: DictConfig, model_over: dict) -> dict:
+    """Features, stage 1, stage 2 and evaluation of one setting (`setting_cfg`), under
+    out/<ablation>/<label>/."""
     from nemo_avllm import config
     from nemo_avllm.data.features import build_feature_cache
     from nemo_avllm.demo import run
@@ -98,13 +98,13 @@ def run_setting(cfg: DictConfig, out: Path, paths: dict, label: str, model: str,
 
     t0 = time.time()
     d = out / str(cfg.ablation) / _slug(label)
-    model_cfg = config.load_model(model, [f"allow_random_init={str(cfg.allow_random_init).lower()}",
-                                          *run._encoder_seed_overrides(cfg, prefix=""), *run._dotted(model_over)])
+    model_cfg = config.load_model(str(scfg.model), [f"allow_random_init={str(cfg.allow_random_init).lower()}",
+                                                    *run._encoder_seed_overrides(cfg, prefix=""),
+                                                    *run._dotted(model_over)])
     model_cfg = run.save_demo_encoders(model_cfg, d / "encoders", cfg.seed)
     print(f"[ablation] {label}: features")
     print(build_feature_cache(out / "prepared", d / "features", model_cfg, index=out / "prepared", dtype="fp32",
                               progress=cfg.progress_bar))
-    scfg = setting_cfg(cfg, d, model_cfg, model, model_over, stage_over, stage_over_in)
     restore = None
     for stage in (1, 2):
         print(f"[ablation] {label}: stage {stage}")
@@ -143,9 +143,7 @@ def summary_table(ablation: str, rows: list[tuple[str, dict]]) -> str:
 
 def run_ablation(cfg: DictConfig) -> int:
     """`avllm demo ablation=NAME` (module docstring)."""
-    from nemo_avllm.data.prepare import prepare
-    from nemo_avllm.data.tokenizer import train_sentencepiece
-    from nemo_avllm.demo import run, synthetic
+    from nemo_avllm.demo import run
 
     t0 = time.time()
     plan = settings(cfg)
@@ -154,19 +152,16 @@ def run_ablation(cfg: DictConfig) -> int:
         raise UserError(f"ablation=training_strategy needs model.data.{SCHEDULE_KEY} in conf/data/*.yaml "
                         f"(the modality schedules mat/pt1/pt2); this checkout has none")
     out = Path(cfg.out_dir).resolve()
+    setting_cfgs = []
+    for label, model, model_over, stage_over in plan:
+        scfg = setting_cfg(cfg, out / str(cfg.ablation) / _slug(label), model, model_over, stage_over, schedule_stages)
+        run.validate_stages(scfg, out)  # every setting's stage configs, before any data is made
+        setting_cfgs.append(scfg)
     out.mkdir(parents=True, exist_ok=True)
     run._check_out_dir(out, cfg)
-    if cfg.get("train_manifest"):
-        paths = {"stage1": Path(cfg.train_manifest), "stage2": Path(cfg.get("stage2_manifest") or cfg.train_manifest),
-                 "eval": Path(cfg.eval_manifest)}
-    else:
-        print(f"[ablation] generating {cfg.num_train} training and {cfg.num_eval} held-out clips with ffmpeg")
-        paths = synthetic.generate(out / "data", cfg.num_train, cfg.num_eval, seed=cfg.seed, workers=cfg.num_workers or 2)
-    train_sentencepiece(synthetic.corpus(paths), out / "tokenizer", vocab_size=int(cfg.tokenizer_vocab))
-    print(prepare([str(paths["stage1"]), str(paths["stage2"]), str(paths["eval"])], out / "prepared",
-                  num_workers=max(1, cfg.num_workers or 2), progress=cfg.progress_bar))
-    rows = [(label, run_setting(cfg, out, paths, label, model, model_over, stage_over, schedule_stages))
-            for label, model, model_over, stage_over in plan]
+    paths = run.prepare_data(cfg, out)
+    rows = [(label, run_setting(cfg, out, paths, label, scfg, model_over))
+            for (label, _, model_over, _), scfg in zip(plan, setting_cfgs)]
     if cfg.ablation == "modality":
         md = f"### Ablation: modality\n\n{run.table(rows[0][1])}"
     else:

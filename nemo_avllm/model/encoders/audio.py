@@ -42,6 +42,16 @@ def _htsat_module():
     return importlib.import_module(f"{name}.htsat")
 
 
+def preset_arch(cfg, presets: dict) -> dict:
+    """The size preset `cfg.model_name` of an audio encoder config, with every key the config
+    sets (not null) in place of the preset's (tiny test models, custom sizes)."""
+    if cfg.model_name not in presets:
+        raise ValueError(f"model.audio.model_name={cfg.model_name!r} (type {cfg.type}); expected one of {sorted(presets)}")
+    arch = dict(presets[cfg.model_name])
+    arch.update({k: getattr(cfg, k) for k in arch if getattr(cfg, k) is not None})
+    return arch
+
+
 @dataclass
 class AudioEncoderConfig:
     type: str = "htsat"  # model.audio.type: which audio encoder (htsat | whisper: encoders/whisper.py)
@@ -62,13 +72,7 @@ class AudioEncoderConfig:
 
     def arch(self) -> dict:
         """HTSAT size with overrides applied: embed_dim, depths, num_heads."""
-        if self.model_name not in HTSAT_ARCHS:
-            raise ValueError(f"model.audio.model_name={self.model_name!r}; expected one of {sorted(HTSAT_ARCHS)}")
-        arch = dict(HTSAT_ARCHS[self.model_name])
-        for k in ("embed_dim", "depths", "num_heads"):
-            if getattr(self, k) is not None:
-                arch[k] = getattr(self, k)
-        return arch
+        return preset_arch(self, HTSAT_ARCHS)
 
     @property
     def width(self) -> int:

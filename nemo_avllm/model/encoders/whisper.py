@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nemo_avllm.model.encoders.audio import preset_arch
 from nemo_avllm.model.encoders.frozen import FrozenEncoder, seeded_init
 
 # Whisper encoder sizes (openai/whisper-*): d_model, encoder_layers, encoder_attention_heads, num_mel_bins.
@@ -61,13 +62,7 @@ class WhisperEncoderConfig:
 
     def arch(self) -> dict:
         """Whisper size with overrides applied."""
-        if self.model_name not in WHISPER_ARCHS:
-            raise ValueError(f"model.audio.model_name={self.model_name!r} (type whisper); expected one of {sorted(WHISPER_ARCHS)}")
-        arch = dict(WHISPER_ARCHS[self.model_name])
-        for k in arch:
-            if getattr(self, k) is not None:
-                arch[k] = int(getattr(self, k))
-        return arch
+        return preset_arch(self, WHISPER_ARCHS)
 
     def check(self) -> None:
         """Settings the front end and the encoder cannot run with, refused naming the key."""
