@@ -9,8 +9,8 @@ clips with sound, audio [K, Da], in bf16 or fp16.
 Layout of a cache folder:
 - `shard-000000.safetensors`, ...: many clips per shard, tensors named `<media id>/<kind>`;
 - `index.json`: media id -> shard file;
-- `meta.json`: what the tokens depend on (encoder configs, T, K, image size, feature layer,
-  sample rate, window) and their hash. `FeatureCache` refuses a cache whose meta differs from the
+- `meta.json`: what the tokens depend on (encoder configs, which audio encoder: HTSAT or
+  Whisper, T, K, image size, feature layer, sample rate, window) and their hash. `FeatureCache` refuses a cache whose meta differs from the
   model config, naming both values: stale features train silently wrong otherwise;
 - `journal.jsonl`, `bad_files.jsonl`: progress and failures, so a killed run resumes where it
   stopped (finished shards are kept; clips that failed are reported and not retried).
