@@ -32,14 +32,19 @@ def section(model_cfg):
 
 
 @pytest.fixture(scope="module")
-def clip_audio(model_cfg, tmp_path_factory):
-    """[K, 32000] at 16 kHz from an H.264 + AAC (48 kHz) clip: 1.5 s of silence then 1.5 s of
-    a 440 Hz tone, so the first and last segments hold different sound."""
-    from nemo_avllm.data.dataset import DecodeSettings, MediaSource, load_media
-
+def clip(tmp_path_factory):
+    """An H.264 + AAC (48 kHz) clip: 1.5 s of silence then 1.5 s of a 440 Hz tone."""
     d = tmp_path_factory.mktemp("whisper_clip")
     wave = np.concatenate([np.zeros((72000, 1), np.float32), tone(1.5, 48000, 440)])
-    path = make_clip(d / "clip.mp4", num_frames=30, fps=10, audio=wave)
+    return make_clip(d / "clip.mp4", num_frames=30, fps=10, audio=wave)
+
+
+@pytest.fixture(scope="module")
+def clip_audio(model_cfg, clip):
+    """[K, 32000] at 16 kHz: the first and last segments hold different sound."""
+    from nemo_avllm.data.dataset import DecodeSettings, MediaSource, load_media
+
+    path = clip
     settings = DecodeSettings.from_model_config(model_cfg)
     assert (settings.sample_rate, settings.window) == (16000, 32000)  # the data pipeline follows model.audio
     _, audio = load_media(MediaSource(str(path), str(path), str(path), True), settings, video=False, audio=True)
@@ -125,3 +130,35 @@ def test_feature_caches_of_htsat_and_whisper_are_never_mixed(model_cfg):
     meta = {"hash": fields_hash(htsat), "fields": htsat}
     with pytest.raises(FeatureCacheError, match="audio_encoder: cache 'htsat', model 'whisper'"):
         check_meta(meta, whisper, "feature cache X")
+
+
+def test_training_step_with_the_live_whisper_encoder(model_cfg, clip, tokenizer, dist1, tmp_path):
+    """The training step's micro-batch path on decoded media: Whisper runs frozen inside the
+    model (no feature cache), the audio projector gets gradients, the encoder none."""
+    import json
+
+    from nemo_avllm.data.dataset import AVDataset, DecodeSettings, collate_av, layout_of
+    from nemo_avllm.data.manifest import validate_manifest
+    from nemo_avllm.model.provider import build_model
+    from nemo_avllm.training import optim
+    from nemo_avllm.training.step import forward_step
+    from tests.media_factory import conv
+
+    lines = [{"id": "a", "video": str(clip), "conversations": conv("<AUD> What sound?", "A tone after silence.")},
+             {"id": "av", "video": str(clip), "conversations": conv("<AUD_VIS> Describe.", "A red frame and a tone.")}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    samples, report = validate_manifest(tmp_path / "train.jsonl")
+    assert report.ok
+    torch.manual_seed(0)
+    model = build_model(model_cfg)
+    optim.freeze_for_stage(model, ["projectors"])
+    ds = AVDataset(samples, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg))
+    batch = collate_av([ds[0], ds[1]], 128)
+    assert tuple(batch["audio"].shape) == (2, K, 32000)
+    output, loss_func = forward_step(iter([batch]), model)
+    loss_sum, tokens, _ = loss_func(output)
+    (loss_sum / tokens).backward()
+    assert torch.isfinite(loss_sum) and tokens > 0
+    grad = model.proj_audio.linear.weight.grad
+    assert grad is not None and grad.shape[1] == 32 and grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in model.audio.parameters())
