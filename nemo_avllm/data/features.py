@@ -45,6 +45,9 @@ FORMAT_VERSION = 1
 # Settings a reader compares one by one, so the error can name the one that differs.
 _CHECKED = ("audio_encoder", "num_frames", "num_audio_segments", "image_size", "num_patches", "feature_layer",
             "sample_rate", "window", "vision_width", "audio_width")
+# Fields a cache may lack: HTSAT caches written before other audio encoders existed carry no
+# `audio_encoder` (and HTSAT's fields keep leaving it out, so those caches stay valid).
+_DEFAULTS = {"audio_encoder": "htsat"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,7 +70,8 @@ def cache_fields(model_cfg) -> dict:
     cfg = avllm_config(model_cfg)
     s = DecodeSettings.from_model_config(model_cfg)
     geo = cfg.vision.geometry()
-    return {
+    audio = _portable({k: v for k, v in asdict(cfg.audio).items() if k != "type"})
+    fields = {
         "num_frames": s.num_frames,
         "num_audio_segments": s.num_audio_segments,
         "image_size": s.image_size,
@@ -77,10 +81,12 @@ def cache_fields(model_cfg) -> dict:
         "window": s.window,
         "vision_width": geo["width"],
         "audio_width": cfg.audio.width,
-        "audio_encoder": cfg.audio.type,  # htsat | whisper: their caches are never mixed
         "vision": _portable(asdict(cfg.vision)),
-        "audio": _portable(asdict(cfg.audio)),
+        "audio": audio,
     }
+    if cfg.audio.type != _DEFAULTS["audio_encoder"]:  # whisper: its caches and HTSAT's are never mixed
+        fields["audio_encoder"] = cfg.audio.type
+    return fields
 
 
 def fields_hash(fields: dict) -> str:
@@ -110,7 +116,9 @@ class FeatureCacheError(UserError):
 def check_meta(meta: dict, expected: dict, what: str) -> None:
     """Refuse cached tokens made for another model config, naming what differs and the fix."""
     got = meta["fields"]
-    diffs = [f"{k}: cache {got.get(k)!r}, model {expected[k]!r}" for k in _CHECKED if got.get(k) != expected[k]]
+    field = lambda f, k: f.get(k, _DEFAULTS.get(k))  # noqa: E731
+    diffs = [f"{k}: cache {field(got, k)!r}, model {field(expected, k)!r}" for k in _CHECKED
+             if field(got, k) != field(expected, k)]
     if not diffs and meta["hash"] != fields_hash(expected):
         diffs = _diff({"vision": got.get("vision"), "audio": got.get("audio")},
                       {"vision": expected["vision"], "audio": expected["audio"]}) or ["encoder config hash"]
