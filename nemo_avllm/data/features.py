@@ -9,8 +9,8 @@ clips with sound, audio [K, Da], in bf16 or fp16.
 Layout of a cache folder:
 - `shard-000000.safetensors`, ...: many clips per shard, tensors named `<media id>/<kind>`;
 - `index.json`: media id -> shard file;
-- `meta.json`: what the tokens depend on (encoder configs, T, K, image size, feature layer,
-  sample rate, window) and their hash. `FeatureCache` refuses a cache whose meta differs from the
+- `meta.json`: what the tokens depend on (encoder configs, which audio encoder: HTSAT or
+  Whisper, T, K, image size, feature layer, sample rate, window) and their hash. `FeatureCache` refuses a cache whose meta differs from the
   model config, naming both values: stale features train silently wrong otherwise;
 - `journal.jsonl`, `bad_files.jsonl`: progress and failures, so a killed run resumes where it
   stopped (finished shards are kept; clips that failed are reported and not retried).
@@ -43,8 +43,11 @@ BAD_FILES_NAME = "bad_files.jsonl"
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMAT_VERSION = 1
 # Settings a reader compares one by one, so the error can name the one that differs.
-_CHECKED = ("num_frames", "num_audio_segments", "image_size", "num_patches", "feature_layer", "sample_rate",
-            "window", "vision_width", "audio_width")
+_CHECKED = ("audio_encoder", "num_frames", "num_audio_segments", "image_size", "num_patches", "feature_layer",
+            "sample_rate", "window", "vision_width", "audio_width")
+# Fields a cache may lack: HTSAT caches written before other audio encoders existed carry no
+# `audio_encoder` (and HTSAT's fields keep leaving it out, so those caches stay valid).
+_DEFAULTS = {"audio_encoder": "htsat"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,7 +70,8 @@ def cache_fields(model_cfg) -> dict:
     cfg = avllm_config(model_cfg)
     s = DecodeSettings.from_model_config(model_cfg)
     geo = cfg.vision.geometry()
-    return {
+    audio = _portable({k: v for k, v in asdict(cfg.audio).items() if k != "type"})
+    fields = {
         "num_frames": s.num_frames,
         "num_audio_segments": s.num_audio_segments,
         "image_size": s.image_size,
@@ -78,8 +82,11 @@ def cache_fields(model_cfg) -> dict:
         "vision_width": geo["width"],
         "audio_width": cfg.audio.width,
         "vision": _portable(asdict(cfg.vision)),
-        "audio": _portable(asdict(cfg.audio)),
+        "audio": audio,
     }
+    if cfg.audio.type != _DEFAULTS["audio_encoder"]:  # whisper: its caches and HTSAT's are never mixed
+        fields["audio_encoder"] = cfg.audio.type
+    return fields
 
 
 def fields_hash(fields: dict) -> str:
@@ -109,7 +116,9 @@ class FeatureCacheError(UserError):
 def check_meta(meta: dict, expected: dict, what: str) -> None:
     """Refuse cached tokens made for another model config, naming what differs and the fix."""
     got = meta["fields"]
-    diffs = [f"{k}: cache {got.get(k)!r}, model {expected[k]!r}" for k in _CHECKED if got.get(k) != expected[k]]
+    field = lambda f, k: f.get(k, _DEFAULTS.get(k))  # noqa: E731
+    diffs = [f"{k}: cache {field(got, k)!r}, model {field(expected, k)!r}" for k in _CHECKED
+             if field(got, k) != field(expected, k)]
     if not diffs and meta["hash"] != fields_hash(expected):
         diffs = _diff({"vision": got.get("vision"), "audio": got.get("audio")},
                       {"vision": expected["vision"], "audio": expected["audio"]}) or ["encoder config hash"]
@@ -273,13 +282,13 @@ def _write_json(path: Path, obj) -> None:
 def build_encoders(model_cfg, device: str | torch.device = "cpu"):
     """The frozen vision and audio encoders of a model config, in `model.encoder_dtype`, eval mode.
     Null encoder checkpoints are refused unless `model.allow_random_init=true`."""
-    from nemo_avllm.model.encoders import AudioEncoder, VisionEncoder
+    from nemo_avllm.model.encoders import VisionEncoder, build_audio_encoder
     from nemo_avllm.model.provider import avllm_config, check_encoder_weights
 
     check_encoder_weights({**to_dict(model_cfg), "build_encoders": True})
     cfg = avllm_config(model_cfg)
     return (VisionEncoder(cfg.vision).to(device).set_dtype(cfg.encoder_dtype),
-            AudioEncoder(cfg.audio).to(device).set_dtype(cfg.encoder_dtype))
+            build_audio_encoder(cfg.audio).to(device).set_dtype(cfg.encoder_dtype))
 
 
 def build_feature_cache(

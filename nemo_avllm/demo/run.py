@@ -202,32 +202,18 @@ def check_bars(results: dict, bars) -> list[str]:
 def main(cfg: DictConfig) -> int:
     from nemo_avllm import config
     from nemo_avllm.data.features import build_feature_cache
-    from nemo_avllm.data.prepare import prepare
-    from nemo_avllm.data.tokenizer import train_sentencepiece
-    from nemo_avllm.demo import synthetic
-    from nemo_avllm.training.train import train, validate
+    from nemo_avllm.training.train import train
 
+    if cfg.get("ablation"):
+        from nemo_avllm.demo.ablation import run_ablation
+
+        return run_ablation(cfg)
     t0 = time.time()
     out = Path(cfg.out_dir).resolve()
-    for stage in (1, 2):  # refuse bad stage settings before minutes of data generation (paths come later)
-        try:
-            validate(_stage_cfg(cfg, stage, out, {"stage1": out, "stage2": out}, str(out) if stage == 2 else None),
-                     paths=False)
-        except UserError as e:
-            raise UserError(f"stage{stage}.{e}") from e
+    validate_stages(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     _check_out_dir(out, cfg)
-    if cfg.get("train_manifest"):
-        paths = {"stage1": Path(cfg.train_manifest), "stage2": Path(cfg.get("stage2_manifest") or cfg.train_manifest),
-                 "eval": Path(cfg.eval_manifest)}
-    else:
-        print(f"[demo] generating {cfg.num_train} training and {cfg.num_eval} held-out clips with ffmpeg")
-        paths = synthetic.generate(out / "data", cfg.num_train, cfg.num_eval, seed=cfg.seed, workers=cfg.num_workers or 2)
-    print("[demo] training the tokenizer")
-    train_sentencepiece(synthetic.corpus(paths), out / "tokenizer", vocab_size=int(cfg.tokenizer_vocab))
-    print("[demo] prepare: probing clips, writing FLAC side-cars")
-    sources = [str(paths["stage1"]), str(paths["stage2"]), str(paths["eval"])]
-    print(prepare(sources, out / "prepared", num_workers=max(1, cfg.num_workers or 2), progress=cfg.progress_bar))
+    paths = prepare_data(cfg, out)
     model_cfg = config.load_model(cfg.model, [f"allow_random_init={str(cfg.allow_random_init).lower()}",
                                               *_encoder_seed_overrides(cfg, prefix="")])
     model_cfg = save_demo_encoders(model_cfg, out / "encoders", cfg.seed)
@@ -265,9 +251,43 @@ def main(cfg: DictConfig) -> int:
     return 0
 
 
+def validate_stages(cfg: DictConfig, out: Path) -> None:
+    """Refuse bad stage settings before minutes of data generation (paths are checked later)."""
+    from nemo_avllm.training.train import validate
+
+    for stage in (1, 2):
+        try:
+            validate(_stage_cfg(cfg, stage, out, {"stage1": out, "stage2": out}, str(out) if stage == 2 else None),
+                     paths=False)
+        except UserError as e:
+            raise UserError(f"stage{stage}.{e}") from e
+
+
+def prepare_data(cfg: DictConfig, out: Path) -> dict:
+    """The manifests (given, or the synthetic set generated into out/data), the tokenizer trained
+    on their text (out/tokenizer) and `prepare` of every clip (out/prepared). Returns the manifest
+    paths {"stage1", "stage2", "eval"}."""
+    from nemo_avllm.data.prepare import prepare
+    from nemo_avllm.data.tokenizer import train_sentencepiece
+    from nemo_avllm.demo import synthetic
+
+    if cfg.get("train_manifest"):
+        paths = {"stage1": Path(cfg.train_manifest), "stage2": Path(cfg.get("stage2_manifest") or cfg.train_manifest),
+                 "eval": Path(cfg.eval_manifest)}
+    else:
+        print(f"[demo] generating {cfg.num_train} training and {cfg.num_eval} held-out clips with ffmpeg")
+        paths = synthetic.generate(out / "data", cfg.num_train, cfg.num_eval, seed=cfg.seed, workers=cfg.num_workers or 2)
+    print("[demo] training the tokenizer")
+    train_sentencepiece(synthetic.corpus(paths), out / "tokenizer", vocab_size=int(cfg.tokenizer_vocab))
+    print("[demo] prepare: probing clips, writing FLAC side-cars")
+    sources = [str(paths["stage1"]), str(paths["stage2"]), str(paths["eval"])]
+    print(prepare(sources, out / "prepared", num_workers=max(1, cfg.num_workers or 2), progress=cfg.progress_bar))
+    return paths
+
+
 def save_demo_encoders(model_cfg, folder: Path, seed: int):
     """The demo's encoders are random (no downloads): build them from `seed` and save them in the
-    open_clip / laion_clap layouts, so features, training and `avllm generate` on raw clips all
+    open_clip / laion_clap (or HF Whisper) layouts, so features, training and `avllm generate` on raw clips all
     use the same weights (the configs point at the files)."""
     import torch
     from safetensors.torch import save_file
@@ -279,8 +299,7 @@ def save_demo_encoders(model_cfg, folder: Path, seed: int):
     vision, audio = build_encoders(model_cfg)
     files = {"vision": folder / "vision.safetensors", "audio": folder / "audio.safetensors"}
     save_file({f"visual.{k}": v.contiguous() for k, v in vision.visual.state_dict().items()}, str(files["vision"]))
-    save_file({f"module.audio_branch.{k}": v.contiguous() for k, v in audio.htsat.state_dict().items()},
-              str(files["audio"]))
+    save_file({k: v.contiguous() for k, v in audio.public_state_dict().items()}, str(files["audio"]))
     model_cfg.vision.checkpoint, model_cfg.audio.checkpoint = str(files["vision"]), str(files["audio"])
     return model_cfg
 

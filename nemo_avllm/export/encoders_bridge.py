@@ -1,4 +1,4 @@
-"""The frozen encoders in their public formats: open_clip <-> HF CLIP, laion_clap <-> HF CLAP.
+"""The frozen encoders in their public formats: open_clip <-> HF CLIP, laion_clap <-> HF CLAP, HF Whisper.
 
 Vision: an open_clip `VisionTransformer` state dict (`visual.*` in a full CLIP checkpoint) and HF
 `CLIPVisionModel`/`CLIPVisionModelWithProjection` (`vision_model.*`, `visual_projection.weight`;
@@ -236,3 +236,34 @@ def clap_audio_config(audio_cfg):
         num_classes=527,
         architectures=["ClapAudioModel"],
     )
+
+
+# ---- HF Whisper (encoder) ---------------------------------------------------------------------------
+# The training encoder *is* transformers' `WhisperEncoder`, so its state dict is already the public
+# layout; checkpoints differ only by where the encoder sits: `WhisperEncoder` (bare names, what
+# export-hf writes), `WhisperModel` / `WhisperForAudioClassification` (`encoder.*`),
+# `WhisperForConditionalGeneration` (`model.encoder.*`). Decoders and heads are dropped.
+_WHISPER_ENCODER_PREFIXES = ("model.encoder.", "encoder.", "")
+_WHISPER_BARE = ("conv1.", "conv2.", "embed_positions.", "layers.", "layer_norm.")
+
+
+def whisper_encoder_weights(sd: dict[str, torch.Tensor], where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Any Hugging Face Whisper state dict -> `WhisperEncoder` names (module docstring above)."""
+    if any(k.startswith(("encoder.blocks.", "encoder.positional_embedding")) for k in sd):
+        raise ValueError(
+            f"{where} is an openai-whisper checkpoint (encoder.blocks.*); convert it to the Hugging Face layout first "
+            f"(transformers' models/whisper/convert_openai_to_hf.py) and give the folder it writes")
+    for prefix in _WHISPER_ENCODER_PREFIXES:
+        out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and k[len(prefix):].startswith(_WHISPER_BARE)}
+        if out:
+            return out
+    raise ValueError(f"{where} holds no Whisper encoder tensors (conv1.*, layers.* under encoder. / model.encoder.); "
+                     f"give a Hugging Face Whisper folder (WhisperModel.save_pretrained) or set model.audio.type=htsat")
+
+
+def hf_audio(audio_cfg, sd: dict[str, torch.Tensor]):
+    """(transformers config, state dict) of the audio encoder in its public HF format, from the
+    training encoder's own state dict: HTSAT -> `ClapAudioModel`, Whisper -> `WhisperEncoder`."""
+    if audio_cfg.type == "whisper":
+        return audio_cfg.hf_config(), dict(sd)
+    return clap_audio_config(audio_cfg), laion_to_hf(sd)

@@ -3,7 +3,7 @@
 The checkpoint is read into a TP=1/PP=1 model (dist checkpointing reshards on load, so every
 saved layout works, and optimizer state is never read), then each component is written in its
 public format (layout: `nemo_avllm.export.hf_model`): the LLM as `LlamaForCausalLM`, the encoders
-as `CLIPVisionModelWithProjection` and `ClapAudioModel`, the projectors, the config (T, N, K, token
+as `CLIPVisionModelWithProjection` and `ClapAudioModel` (HTSAT) or `WhisperEncoder`, the projectors, the config (T, N, K, token
 ids, preprocessing) and the tokenizer with `<VIS>`, `<AUD>`, `<AUD_VIS>` added as special tokens.
 Safetensors only.
 
@@ -40,7 +40,8 @@ from nemo_avllm.model.llm import LLMConfig
 
 log = logging.getLogger(__name__)
 
-VISION_PREFIX, AUDIO_PREFIX = "vision.visual.", "audio.htsat."
+VISION_PREFIX = "vision.visual."
+AUDIO_PREFIXES = {"htsat": "audio.htsat.", "whisper": "audio.whisper."}  # by model.audio.type
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -89,21 +90,21 @@ def _write_encoder(folder: Path, hf_cfg, tensors: dict, dtype) -> None:
 def _encoder(kind: str, cfg, saved: set[str], fallback: str | None, dtype: torch.dtype):
     """The vision/audio encoder to export: its weights come from the checkpoint when training
     built it, else from an encoder checkpoint file (training on cached features never has them)."""
-    from nemo_avllm.model.encoders import AudioEncoder, VisionEncoder
+    from nemo_avllm.model.encoders import VisionEncoder, build_audio_encoder
     from nemo_avllm.model.provider import avllm_config
 
     section = avllm_config(cfg)
     enc_cfg = section.vision if kind == "vision" else section.audio
-    in_ckpt = any(k.startswith(VISION_PREFIX if kind == "vision" else AUDIO_PREFIX) for k in saved)
+    in_ckpt = any(k.startswith(VISION_PREFIX if kind == "vision" else AUDIO_PREFIXES[enc_cfg.type]) for k in saved)
     path = fallback or enc_cfg.checkpoint
     if not in_ckpt and not path:
         raise MissingWeightsError(
             f"the checkpoint holds no {kind} encoder weights (it was trained on cached features or is an "
-            f"import-hf checkpoint); give {kind}_checkpoint=<{'open_clip or HF CLIP' if kind == 'vision' else 'laion_clap or HF CLAP'} "
+            f"import-hf checkpoint); give {kind}_checkpoint=<{'open_clip or HF CLIP' if kind == 'vision' else 'laion_clap or HF CLAP (HF Whisper for a Whisper model)'} "
             f"weights> or export the LLM alone with llm_only=true"
         )
     enc_cfg.checkpoint = None if in_ckpt else path
-    encoder = (VisionEncoder if kind == "vision" else AudioEncoder)(enc_cfg).to(dtype)
+    encoder = (VisionEncoder if kind == "vision" else build_audio_encoder)(enc_cfg).to(dtype)
     return encoder, in_ckpt
 
 
@@ -211,11 +212,11 @@ def _write_avllm(folder: Path, cfg, full: dict, dtype: torch.dtype, tok) -> None
 
     section = avllm_config(cfg)
     geo = section.vision.geometry()
-    # vision: open_clip -> CLIPVisionModelWithProjection; audio: laion HTSAT -> ClapAudioModel
+    # vision: open_clip -> CLIPVisionModelWithProjection; audio: laion HTSAT -> ClapAudioModel, or WhisperEncoder
     vision_cfg = encoders_bridge.clip_vision_config(section.vision)
-    audio_cfg = encoders_bridge.clap_audio_config(section.audio)
+    audio_cfg, audio_sd = encoders_bridge.hf_audio(section.audio, _strip(full, AUDIO_PREFIXES[section.audio.type]))
     _write_encoder(folder / hf_model.VISION_DIR, vision_cfg, encoders_bridge.open_clip_to_hf(_strip(full, VISION_PREFIX)), dtype)
-    _write_encoder(folder / hf_model.AUDIO_DIR, audio_cfg, encoders_bridge.laion_to_hf(_strip(full, AUDIO_PREFIX)), dtype)
+    _write_encoder(folder / hf_model.AUDIO_DIR, audio_cfg, audio_sd, dtype)
     # projectors: megatron ColumnParallelLinear -> nn.Linear (same [out, in] layout)
     proj = {f"{p}.{n}": full[f"{p}.linear.{n}"] for p in hf_model.PROJECTORS for n in ("weight", "bias")}
     _write(folder / hf_model.PROJECTORS_FILE, proj, dtype)
@@ -240,11 +241,9 @@ def _write_avllm(folder: Path, cfg, full: dict, dtype: torch.dtype, tok) -> None
         image_std=list(section.vision.std),
         sample_rate=section.audio.sample_rate,
         clip_samples=section.audio.clip_samples,
-        window_size=section.audio.window_size,
-        hop_size=section.audio.hop_size,
-        mel_bins=section.audio.mel_bins,
-        fmin=section.audio.fmin,
-        fmax=section.audio.fmax,
+        # HTSAT's front end settings (Whisper's front end is fixed by its config)
+        **({k: getattr(section.audio, k) for k in ("window_size", "hop_size", "mel_bins", "fmin", "fmax")}
+           if section.audio.type == "htsat" else {}),
         architectures=["AVLLMForConditionalGeneration"],
         torch_dtype=dtype,
         bos_token_id=tok.bos_token_id,

@@ -24,6 +24,17 @@ def _sub(cls, value):
     return value if isinstance(value, cls) else cls(**(value or {}))
 
 
+def _audio_sub(value):
+    """The audio tower's config: `ClapAudioConfig` (HTSAT) or `WhisperConfig`, by its model_type."""
+    from transformers import PretrainedConfig, WhisperConfig
+
+    if isinstance(value, PretrainedConfig):
+        return value
+    if (value or {}).get("model_type") == "whisper":
+        return WhisperConfig(**value)
+    return _sub(AVLLMConfig.sub_configs["audio_config"], value)
+
+
 class AVLLMConfig(PretrainedConfig):
     """Sub-configs of the three components plus what the training config fixes: the token layout
     (T, N, K and the modality token ids) and the preprocessing the encoders expect."""
@@ -58,7 +69,7 @@ class AVLLMConfig(PretrainedConfig):
         classes = self.sub_configs
         self.text_config = _sub(classes["text_config"], text_config)
         self.vision_config = _sub(classes["vision_config"], vision_config)
-        self.audio_config = _sub(classes["audio_config"], audio_config)
+        self.audio_config = _audio_sub(audio_config)
         self.num_frames, self.num_patches, self.num_audio_segments = num_frames, num_patches, num_audio_segments
         self.vision_feature_layer = vision_feature_layer
         self.vis_token_id, self.aud_token_id, self.aud_vis_token_id = vis_token_id, aud_token_id, aud_vis_token_id

@@ -8,7 +8,8 @@ Folder layout (written by `nemo_avllm.export.export_hf`, and by `save_pretrained
     tokenizer files           the LLM's tokenizer + <VIS>, <AUD>, <AUD_VIS> as special tokens
     llm/                      a plain `LlamaForCausalLM` folder (config, model.safetensors, tokenizer)
     vision/                   a plain `CLIPVisionModelWithProjection` folder
-    audio/                    a plain `ClapAudioModel` folder
+    audio/                    a plain `ClapAudioModel` folder (HTSAT), or a `WhisperEncoder` folder
+                              (model.audio.type=whisper; transformers.models.whisper.modeling_whisper)
 
 Each component folder loads alone with plain `transformers`; nothing is stored twice. Loading the
 whole model needs `transformers` and this package (no `trust_remote_code`, no pickle): importing
@@ -43,6 +44,19 @@ from nemo_avllm.export.hf_config import AVLLMConfig
 LLM_DIR, VISION_DIR, AUDIO_DIR = "llm", "vision", "audio"
 PROJECTORS_FILE = "projectors.safetensors"
 PROJECTORS = ("proj_temporal", "proj_spatial", "proj_audio")
+
+
+def is_whisper(config: AVLLMConfig) -> bool:
+    """Whether the audio tower is a Whisper encoder (else CLAP HTSAT)."""
+    return getattr(config.audio_config, "model_type", None) == "whisper"
+
+
+def _audio_tower_class(config: AVLLMConfig):
+    if is_whisper(config):
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        return WhisperEncoder
+    return ClapAudioModel
 # from_pretrained arguments handed on to the component models
 _COMPONENT_KWARGS = ("dtype", "torch_dtype", "device_map", "attn_implementation", "low_cpu_mem_usage")
 
@@ -179,11 +193,11 @@ class LogMel(nn.Module):
 # the model
 # ------------------------------------------------------------------------------------------------
 class AVLLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
-    """LLaMA + CLIP ViT + CLAP HTSAT + three linear projectors, numerically the training model.
+    """LLaMA + CLIP ViT + CLAP HTSAT (or Whisper) + three linear projectors, numerically the training model.
 
     Inputs: `input_ids` (modality tokens single or expanded), `pixel_values_videos`
     [B, T, 3, H, W] (CLIP-normalised frames), `audio_values` [B, K, clip_samples] (mono waveform
-    at `sample_rate`, each segment one CLAP window). Encoders run only for the samples whose ids
+    at `sample_rate`, each segment one CLAP / Whisper window). Encoders run only for the samples whose ids
     ask for them."""
 
     config_class = AVLLMConfig
@@ -195,16 +209,22 @@ class AVLLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.language_model = language_model if language_model is not None else LlamaForCausalLM(config.text_config)
         self.vision_tower = vision_tower if vision_tower is not None else CLIPVisionModelWithProjection(config.vision_config)
-        self.audio_tower = audio_tower if audio_tower is not None else ClapAudioModel(config.audio_config)
+        self.audio_tower = audio_tower if audio_tower is not None else _audio_tower_class(config)(config.audio_config)
         hidden = config.text_config.hidden_size
         vision_width = config.vision_config.hidden_size
         a = config.audio_config
-        audio_width = int(a.patch_embeds_hidden_size * 2 ** (len(a.depths) - 1))
+        if is_whisper(config):
+            from nemo_avllm.model.encoders.whisper import WhisperLogMel
+
+            audio_width = a.d_model
+            self.audio_frontend = WhisperLogMel(a.num_mel_bins)
+        else:
+            audio_width = int(a.patch_embeds_hidden_size * 2 ** (len(a.depths) - 1))
+            self.audio_frontend = LogMel(config.sample_rate, config.window_size, config.hop_size, config.mel_bins,
+                                         config.fmin, config.fmax)
         self.proj_temporal = nn.Linear(vision_width, hidden)
         self.proj_spatial = nn.Linear(vision_width, hidden)
         self.proj_audio = nn.Linear(audio_width, hidden)
-        self.audio_frontend = LogMel(config.sample_rate, config.window_size, config.hop_size, config.mel_bins,
-                                     config.fmin, config.fmax)
         self.post_init()
 
     def _init_weights(self, module):
@@ -237,11 +257,16 @@ class AVLLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return e_t, e_s
 
     def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
-        """[n, K, clip_samples] -> E_a [n, K, D]: HTSAT's pooled last hidden state per segment."""
+        """[n, K, clip_samples] -> E_a [n, K, D]: HTSAT's pooled last hidden state per segment, or
+        the mean of Whisper's last hidden state (`nemo_avllm.model.encoders.whisper`)."""
         n, k, s = audio.shape
         if s != self.config.clip_samples:
-            raise ValueError(f"audio segments have {s} samples; CLAP's window is {self.config.clip_samples}")
+            raise ValueError(f"audio segments have {s} samples; the audio encoder's window is {self.config.clip_samples}")
         mel = self.audio_frontend(audio.reshape(n * k, s)).to(self.audio_tower.dtype)
+        if is_whisper(self.config):
+            from nemo_avllm.model.encoders.whisper import whisper_pool
+
+            return whisper_pool(self.audio_tower(input_features=mel).last_hidden_state).reshape(n, k, -1)
         return self.audio_tower(input_features=mel).pooler_output.reshape(n, k, -1)
 
     def embed(self, input_ids: torch.Tensor, pixel_values_videos=None, audio_values=None,
@@ -326,7 +351,7 @@ class AVLLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         parts = {}
         for key, sub, klass in (("language_model", LLM_DIR, LlamaForCausalLM),
                                 ("vision_tower", VISION_DIR, CLIPVisionModelWithProjection),
-                                ("audio_tower", AUDIO_DIR, ClapAudioModel)):
+                                ("audio_tower", AUDIO_DIR, _audio_tower_class(config))):
             if not (folder / sub / "config.json").is_file():
                 raise FileNotFoundError(f"{folder / sub} is missing: an AVLLM folder holds llm/, vision/ and audio/")
             parts[key] = klass.from_pretrained(folder / sub, **load)

@@ -16,7 +16,7 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from nemo_avllm import modality
-from nemo_avllm.model.encoders import AudioEncoder, AudioEncoderConfig, VisionEncoder, VisionEncoderConfig
+from nemo_avllm.model.encoders import AudioEncoderConfig, VisionEncoder, VisionEncoderConfig, WhisperEncoderConfig, build_audio_encoder
 from nemo_avllm.model.llm import LLMConfig, build_gpt
 from nemo_avllm.model.projector import Projector
 
@@ -25,7 +25,7 @@ from nemo_avllm.model.projector import Projector
 class AVLLMConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
-    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    audio: AudioEncoderConfig | WhisperEncoderConfig = field(default_factory=AudioEncoderConfig)  # by model.audio.type
     num_frames: int = 32  # T
     num_audio_segments: int = 4  # K
     transformer_impl: str = "local"  # local | transformer_engine (resolved from `auto` by the provider)
@@ -63,7 +63,7 @@ class AVLLM(MegatronModule):
         self.layout = cfg.layout()
         if pre_process and cfg.build_encoders:
             self.vision = VisionEncoder(cfg.vision).set_dtype(cfg.encoder_dtype)
-            self.audio = AudioEncoder(cfg.audio).set_dtype(cfg.encoder_dtype)
+            self.audio = build_audio_encoder(cfg.audio).set_dtype(cfg.encoder_dtype)
         if pre_process:
             h = cfg.llm.hidden_size
             self.proj_temporal = Projector(vision_width, h, config)

@@ -10,7 +10,7 @@ import torch
 from nemo_avllm.config import to_dict
 from nemo_avllm.errors import UserError
 from nemo_avllm.model.avllm import AVLLM, AVLLMConfig
-from nemo_avllm.model.encoders import AudioEncoderConfig, VisionEncoderConfig
+from nemo_avllm.model.encoders import VisionEncoderConfig, audio_config_class
 from nemo_avllm.model.llm import LLMConfig, resolve_transformer_impl, transformer_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -18,7 +18,7 @@ ENCODERS = ("vision", "audio")
 # What each frozen encoder's weights are, for messages that name the key to set.
 ENCODER_WEIGHTS = {
     "vision": "open_clip ViT-L-14-quickgelu OpenAI weights (or an HF CLIP folder)",
-    "audio": "laion_clap 630k-audioset-best.pt (or an HF CLAP folder)",
+    "audio": "laion_clap 630k-audioset-best.pt (or an HF CLAP folder; with model.audio.type=whisper an HF Whisper folder)",
 }
 
 
@@ -52,7 +52,8 @@ def avllm_config(model_cfg) -> AVLLMConfig:
     return AVLLMConfig(
         llm=LLMConfig.from_dict(d["llm"]),
         vision=_section(VisionEncoderConfig, d["vision"], "model.vision"),
-        audio=_section(AudioEncoderConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in d["audio"].items()}, "model.audio"),
+        audio=_section(audio_config_class(d["audio"].get("type")),
+                       {k: tuple(v) if isinstance(v, list) else v for k, v in d["audio"].items()}, "model.audio"),
         num_frames=int(d["num_frames"]),
         num_audio_segments=int(d["num_audio_segments"]),
         transformer_impl=resolve_transformer_impl(d.get("transformer_impl", "auto")),

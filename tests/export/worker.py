@@ -60,7 +60,7 @@ def tiny_hf_llama(folder: Path, overrides=(), **save_kwargs):
     return model
 
 
-def av_batch(layout, vocab: int, seed: int = 3, image_size: int = 64) -> dict:
+def av_batch(layout, vocab: int, seed: int = 3, image_size: int = 64, audio_samples: int = 480000) -> dict:
     """Two samples: one with all three modality tokens (<AUD_VIS>, <VIS>, <AUD> in one
     conversation), one with <VIS> only (its audio is never encoded: selective activation)."""
     from nemo_avllm import modality
@@ -78,7 +78,7 @@ def av_batch(layout, vocab: int, seed: int = 3, image_size: int = 64) -> dict:
     width = max(map(len, rows))
     ids = torch.tensor([r + [2] * (width - len(r)) for r in rows])
     video = torch.randn(2, layout.num_frames, 3, image_size, image_size, generator=g)
-    audio = 0.1 * torch.randn(2, layout.num_audio_segments, 480000, generator=g)
+    audio = 0.1 * torch.randn(2, layout.num_audio_segments, audio_samples, generator=g)
     return {"input_ids": ids, "video": video, "audio": audio}
 
 

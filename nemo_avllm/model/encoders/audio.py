@@ -42,8 +42,19 @@ def _htsat_module():
     return importlib.import_module(f"{name}.htsat")
 
 
+def preset_arch(cfg, presets: dict) -> dict:
+    """The size preset `cfg.model_name` of an audio encoder config, with every key the config
+    sets (not null) in place of the preset's (tiny test models, custom sizes)."""
+    if cfg.model_name not in presets:
+        raise ValueError(f"model.audio.model_name={cfg.model_name!r} (type {cfg.type}); expected one of {sorted(presets)}")
+    arch = dict(presets[cfg.model_name])
+    arch.update({k: getattr(cfg, k) for k in arch if getattr(cfg, k) is not None})
+    return arch
+
+
 @dataclass
 class AudioEncoderConfig:
+    type: str = "htsat"  # model.audio.type: which audio encoder (htsat | whisper: encoders/whisper.py)
     model_name: str = "tiny"  # HTSAT size: tiny (laion_clap 630k-audioset checkpoints) | base | large
     # Overrides of the HTSAT size (tiny test models): embed_dim, depths, num_heads
     embed_dim: int | None = None
@@ -61,13 +72,7 @@ class AudioEncoderConfig:
 
     def arch(self) -> dict:
         """HTSAT size with overrides applied: embed_dim, depths, num_heads."""
-        if self.model_name not in HTSAT_ARCHS:
-            raise ValueError(f"model.audio.model_name={self.model_name!r}; expected one of {sorted(HTSAT_ARCHS)}")
-        arch = dict(HTSAT_ARCHS[self.model_name])
-        for k in ("embed_dim", "depths", "num_heads"):
-            if getattr(self, k) is not None:
-                arch[k] = getattr(self, k)
-        return arch
+        return preset_arch(self, HTSAT_ARCHS)
 
     @property
     def width(self) -> int:
@@ -144,6 +149,11 @@ class AudioEncoder(FrozenEncoder):
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}; "
                 f"laion_clap's 630k-audioset checkpoints are HTSAT-tiny (model/audio=htsat_tiny)"
             )
+
+    def public_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights in laion_clap's checkpoint layout (`module.audio_branch.*`), which
+        `load_checkpoint` reads."""
+        return {f"module.audio_branch.{k}": v for k, v in self.htsat.state_dict().items()}
 
     @torch.no_grad()
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
