@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dali_pipelines/ 
 import torch  # noqa: E402
 
 from nemo_avllm.data.media import dali_available, decode_clip  # noqa: E402
-from nemo_avllm.data.prepare import load_index, prepare  # noqa: E402
+from nemo_avllm.data.index import load_index  # noqa: E402
+from nemo_avllm.data.prepare import prepare  # noqa: E402
 
 CODECS = {
     "h264": (".mp4", ["-c:v", "libx264", "-preset", "medium", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k"]),

@@ -1,4 +1,4 @@
-"""Imported only by the DataLoader forkserver process (its preload list, `dataset.worker_context`);
+"""Imported only by the data workers' forkserver process (its preload list, `workers.worker_context`);
 never import it anywhere else: it makes the importing process ignore SIGTERM.
 
 SLURM (and `kill -TERM -<pgid>`) signals the whole process group. The forkserver is in that group;

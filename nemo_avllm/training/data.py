@@ -59,6 +59,13 @@ class TrainData:
     def num_samples(self) -> int:
         return len(self.samples)
 
+    def feature_cache(self):
+        """The cache of `model.data.feature_cache`, checked against the model config; None without one."""
+        from nemo_avllm.data.features import FeatureCache
+
+        path = self.cfg.model.data.get("feature_cache")
+        return FeatureCache(path, self.cfg.model) if path else None
+
     def loader(self, model, consumed_samples: int):
         """An endless iterable of this rank's micro-batches, starting after `consumed_samples`.
         Ranks that receive their data by broadcast (see `training.broadcast`) read nothing."""
@@ -85,7 +92,7 @@ class TrainData:
             seed=int(self.cfg.trainer.get("seed", 1234)),
             consumed_samples=consumed_samples,
             index=d.get("index"),
-            feature_cache=d.get("feature_cache"),
+            feature_cache=self.feature_cache(),
             num_workers=int(d.get("num_workers", 2)),
             backend=d.get("decode_backend", "auto"),
         )
@@ -107,7 +114,7 @@ class TrainData:
             dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),
             index=d.get("index"),
-            feature_cache=d.get("feature_cache"),
+            feature_cache=self.feature_cache(),
             num_workers=int(d.get("num_workers", 2)),
             backend=d.get("decode_backend", "auto"),
         )

@@ -9,7 +9,8 @@ import pytest
 from nemo_avllm import modality
 from nemo_avllm.data import manifest as mf
 from nemo_avllm.data.manifest import ManifestError, validate_manifest
-from nemo_avllm.data.prepare import prepare, stable_id
+from nemo_avllm.data.manifest import stable_id
+from nemo_avllm.data.prepare import prepare
 from tests.media_factory import conv, FFMPEG, color_frames, garbage_file, make_audio_file, make_clip, make_image, tone
 
 pytestmark = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg binary to make test media")

@@ -10,7 +10,10 @@ import pytest
 import soundfile as sf
 
 from nemo_avllm.data.media import decode_clip
-from nemo_avllm.data.prepare import load_index, main, prepare, read_inputs, stable_id
+from nemo_avllm.data.index import load_index
+from nemo_avllm.data.manifest import read_inputs, stable_id
+from nemo_avllm.data.prepare import prepare
+from nemo_avllm.data.prepare_cli import main
 from tests.media_factory import (
     FFMPEG,
     dominant_frequency,
@@ -147,8 +150,38 @@ def test_plain_list_of_paths_and_cli(tmp_path):
 
 def test_manifest_errors_name_the_line(tmp_path):
     bad = tmp_path / "m.jsonl"
-    bad.write_text('{"video": "a.mp4"}\n{"audio": "x.wav"}\n')
-    with pytest.raises(ValueError, match=r"m.jsonl:2: .*'video'"):
-        read_inputs(bad)
+    bad.write_text('{"video": "a.mp4"}\n{"audio": "x.wav"}\n{"video": 3}\n')
+    problems = []
+    assert [os.path.basename(i.video) for i in read_inputs(bad, problems)] == ["a.mp4"]
+    assert [(p.line, p.field, p.code) for p in problems] == [(2, "video", "missing_field"), (3, "video", "invalid_field")]
+    assert str(problems[0]).startswith(f"{bad}:2: field 'video'") and "Fix: add 'video'" in str(problems[0])
     with pytest.raises(FileNotFoundError):
         read_inputs(tmp_path / "nope.jsonl")
+
+
+def test_bad_manifest_lines_are_reported_and_the_run_goes_on(tmp_path, capsys, caplog):
+    """`avllm prepare` on a manifest with a broken JSON line, a line without video, a missing
+    file and good ffmpeg-made clips: exit 0, the good clips indexed, every drop counted."""
+    make_clip(tmp_path / "a.mp4", num_frames=4, audio=tone(0.5, 44100), audio_rate=44100)
+    make_clip(tmp_path / "b.mp4", num_frames=4)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        '{"id": "a", "video": "a.mp4"}\n'
+        '{"id": "broken", "video": "a.mp4"\n'  # line 2: not valid JSON
+        '{"id": "novideo", "audio": "a.mp4"}\n'  # line 3: no video
+        '{"id": "gone", "video": "missing.mp4"}\n'  # a file that is not there
+        '{"id": "b", "video": "b.mp4"}\n'
+    )
+    assert main([str(manifest), str(tmp_path / "prep"), "--workers", "1"]) == 0
+    summary = capsys.readouterr().out
+    assert "2 prepared" in summary and "1 bad" in summary and "2 manifest lines dropped" in summary
+    assert sorted(os.path.basename(r["path"]) for r in load_index(tmp_path / "prep")) == ["a.mp4", "b.mp4"]
+    bad = [json.loads(x) for x in (tmp_path / "prep" / "bad_files.jsonl").read_text().splitlines()]
+    lines = {b["line"]: b for b in bad if b["line"] is not None}
+    assert set(lines) == {2, 3} and all(b["path"] == str(manifest) for b in lines.values())
+    assert "not valid JSON" in lines[2]["reason"] and "Fix:" in lines[2]["reason"]
+    assert "'video' is missing" in lines[3]["reason"]
+    (gone,) = [b for b in bad if b["line"] is None]
+    assert gone["path"].endswith("missing.mp4") and gone["id"] and "not found" in gone["reason"]
+    logged = caplog.text
+    assert f"{manifest}:2:" in logged and f"{manifest}:3:" in logged  # FILE:LINE, what, fix on the console
