@@ -15,7 +15,9 @@ tokens when it derives visual-only / audio-only views of an audio-visual sample.
 `validate_manifest` never crashes on bad data: it returns the good samples and a report that
 counts every problem (with the first examples, each naming file, line, field and the fix), so a
 run over a million lines tells the user everything that is wrong at once. `strict=True` raises on
-the first problem instead (CI, small hand-written manifests).
+the first problem instead (CI, small hand-written manifests). `read_inputs` reads only the media
+of a manifest (what `prepare` and `features` work on, keyed by `stable_id`) and leaves out, with
+the same FILE:LINE report, a line it cannot use.
 """
 
 from __future__ import annotations
