@@ -148,17 +148,6 @@ def test_plain_list_of_paths_and_cli(tmp_path):
     assert len(load_index(tmp_path / "out2")) == 2
 
 
-def test_manifest_errors_name_the_line(tmp_path):
-    bad = tmp_path / "m.jsonl"
-    bad.write_text('{"video": "a.mp4"}\n{"audio": "x.wav"}\n{"video": 3}\n')
-    problems = []
-    assert [os.path.basename(i.video) for i in read_inputs(bad, problems)] == ["a.mp4"]
-    assert [(p.line, p.field, p.code) for p in problems] == [(2, "video", "missing_field"), (3, "video", "invalid_field")]
-    assert str(problems[0]).startswith(f"{bad}:2: field 'video'") and "Fix: add 'video'" in str(problems[0])
-    with pytest.raises(FileNotFoundError):
-        read_inputs(tmp_path / "nope.jsonl")
-
-
 def test_bad_manifest_lines_are_reported_and_the_run_goes_on(tmp_path, capsys, caplog):
     """`avllm prepare` on a manifest with a broken JSON line, a line without video, a missing
     file and good ffmpeg-made clips: exit 0, the good clips indexed, every drop counted."""
