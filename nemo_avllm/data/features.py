@@ -130,17 +130,17 @@ class FeatureCache:
 
     def __init__(self, path, model_cfg=None):
         self.path = Path(path)
-        meta_file, index_file = self.path / META_NAME, self.path / CLIPS_NAME
+        meta_file, clips_file = self.path / META_NAME, self.path / CLIPS_NAME
         if not meta_file.is_file():
             raise FeatureCacheError(
                 f"feature cache {self.path} has no {META_NAME}; build it with "
                 f"`avllm features data.feature_cache={self.path}` or set data.feature_cache=null")
         self.meta = json.loads(meta_file.read_text())
-        if not index_file.is_file():
+        if not clips_file.is_file():
             raise FeatureCacheError(
                 f"feature cache {self.path} is unfinished (no {CLIPS_NAME}); rerun `avllm features` with the "
                 f"same settings, it resumes where it stopped")
-        self.index: dict[str, str] = json.loads(index_file.read_text())
+        self.index: dict[str, str] = json.loads(clips_file.read_text())  # media id -> shard file
         if model_cfg is not None:
             self.check(cache_fields(model_cfg))
         self._handles: dict[str, object] = {}

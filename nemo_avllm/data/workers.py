@@ -35,8 +35,10 @@ def worker_context():
 
 def pool_worker_start() -> None:
     """A `prepare` pool worker answers SIGTERM again: it forks from the shared forkserver, which
-    ignores SIGTERM (`forkserver_init`), and `Pool.terminate` stops workers with it."""
+    blocks SIGTERM (`forkserver_init`), and `Pool.terminate` stops workers with it. One sent
+    while the worker was still starting is pending and ends it here."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def loader_worker_init(_worker_id: int, trainer_pid: int) -> None:
@@ -47,7 +49,7 @@ def loader_worker_init(_worker_id: int, trainer_pid: int) -> None:
     training process sends it (`Process.terminate()` when it shuts workers down or exits), which a
     plain SIG_IGN would also refuse, hanging the training process's exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # (inherited already) threads started later inherit it
     threading.Thread(target=_exit_on_sigterm_from, args=(trainer_pid,), daemon=True,
                      name="sigterm-from-trainer").start()
     torch.set_num_threads(1)  # decode/resize workers: one core each, no oversubscription
