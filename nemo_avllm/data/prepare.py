@@ -21,6 +21,7 @@ rewritten (temp file + rename) with one line per input video, in input order.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -72,20 +73,21 @@ class PrepareReport:
 
 
 def write_flac(path: Path, chunks: Iterable[np.ndarray], sample_rate: int = SAMPLE_RATE) -> int:
-    """Stream mono float chunks into a 16-bit FLAC, block by block (memory does not grow with the
-    track), under a temp name renamed at the end so a kill never leaves half a file. Returns the
-    samples written; with none, no file is left."""
+    """Stream mono float chunks into a 16-bit FLAC, FLAC_BLOCK samples at a time (memory does not
+    grow with the track), under a temp name renamed at the end so a kill never leaves half a file.
+    Returns the samples written; with none, no file is left."""
     tmp = path.with_name(path.name + ".tmp")
-    n, block, out = 0, [], None
+    written, block, pending, out = 0, [], 0, None
     try:
-        for chunk in chunks:
-            block.append(chunk)
-            if sum(map(len, block)) >= FLAC_BLOCK:
-                out = out or sf.SoundFile(tmp, "w", sample_rate, 1, subtype="PCM_16", format="FLAC")
-                n += _write_block(out, block)
-        if block and sum(map(len, block)):
-            out = out or sf.SoundFile(tmp, "w", sample_rate, 1, subtype="PCM_16", format="FLAC")
-            n += _write_block(out, block)
+        for chunk in itertools.chain(chunks, [None]):  # None: write the last, partial block
+            if chunk is not None:
+                block.append(chunk)
+                pending += len(chunk)
+            if pending and (pending >= FLAC_BLOCK or chunk is None):
+                if out is None:
+                    out = sf.SoundFile(tmp, "w", sample_rate, 1, subtype="PCM_16", format="FLAC")
+                out.write(np.clip(np.concatenate(block), -1.0, 1.0))
+                written, block, pending = written + pending, [], 0
     except BaseException:
         if out is not None:
             out.close()
@@ -95,14 +97,7 @@ def write_flac(path: Path, chunks: Iterable[np.ndarray], sample_rate: int = SAMP
         return 0
     out.close()
     os.replace(tmp, path)
-    return n
-
-
-def _write_block(out: sf.SoundFile, block: list[np.ndarray]) -> int:
-    wave = np.clip(np.concatenate(block), -1.0, 1.0)
-    block.clear()
-    out.write(wave)
-    return len(wave)
+    return written
 
 
 def prepare_one(item: MediaItem, audio_dir: str) -> dict:
