@@ -26,7 +26,7 @@ from nemo_avllm.errors import UserError
 # task -> (function "module:attr" called with the composed config, default config name)
 TASKS = {
     "train": ("nemo_avllm.training.train:main", "stage1_pretrain"),
-    "prepare": ("nemo_avllm.data.prepare:run", "prepare"),
+    "prepare": ("nemo_avllm.data.prepare_cli:run", "prepare"),
     "features": ("nemo_avllm.data.features:run", "features"),
     "demo": ("nemo_avllm.demo.run:main", "demo"),
     "import-hf": ("nemo_avllm.export.import_hf:run", "import_hf"),

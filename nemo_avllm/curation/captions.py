@@ -247,11 +247,11 @@ AUDIO_METHODS = {"clap_zero_shot": AudioTagger, "seq2seq": AudioCaptioner}
 
 def caption_key(cfg, item) -> str:
     """What a video's captions depend on: the files (size, mtime) and the captioning config."""
-    from nemo_avllm.data.prepare import _stamp
+    from nemo_avllm.data.index import file_stamp
 
     a = cfg.audio
     return digest({
-        "video": [item.video, _stamp(item.video)], "audio": [item.audio, _stamp(item.audio)],
+        "video": [item.video, file_stamp(item.video)], "audio": [item.audio, file_stamp(item.audio)],
         "T": int(cfg.num_frames), "K": int(cfg.num_segments),
         "frame": [str(cfg.frame.model), cfg.frame.get("prompt"), int(cfg.frame.max_new_tokens)],
         "audio_model": [a.method, str(a.model), str(a.labels), a.label_prompt, int(a.top_k), float(a.min_prob),
@@ -330,7 +330,7 @@ class Captioner:
 
 
 def caption_videos(items, cfg, cache_root, bad: list[dict], progress: bool = True, decode_workers: int = 2):
-    """-> {media id: VideoCaptions} for every readable video of `items` (PrepareItems); unreadable
+    """-> {media id: VideoCaptions} for every readable video of `items` (manifest.MediaItems); unreadable
     ones are appended to `bad` as {"path", "reason", "stage"}. Decoding of the next videos runs in
     threads while the models caption the current one."""
     from tqdm import tqdm

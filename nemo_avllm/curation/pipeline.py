@@ -171,7 +171,7 @@ def _write_jsonl(path: Path, rows) -> int:
 def curate(cfg) -> dict:
     """The whole pipeline; returns the report (also written to `out_dir/report.json`)."""
     from nemo_avllm.data.manifest import validate_manifest
-    from nemo_avllm.data.prepare import read_inputs
+    from nemo_avllm.data.manifest import read_inputs
 
     t0 = time.perf_counter()
     out = Path(str(cfg.out_dir))

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Sequence
@@ -28,10 +26,14 @@ from typing import Sequence
 import torch
 
 from nemo_avllm import modality
+from nemo_avllm.data import media
 from nemo_avllm.data.collate import collate_tokens
 from nemo_avllm.data.conversation import ConversationError, ConversationTemplate, tokenize_conversation
-from nemo_avllm.data.manifest import MediaIndex, Sample, as_index
+from nemo_avllm.data.index import MediaIndex, as_index
+from nemo_avllm.data.manifest import Sample
+from nemo_avllm.data.mat_sampler import MATBatchSampler
 from nemo_avllm.data.media import MediaError, MediaInfo
+from nemo_avllm.data.workers import worker_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,8 @@ class DecodeSettings:
     def from_model_config(cls, model_cfg, backend: str = "cpu") -> "DecodeSettings":
         from nemo_avllm.model.provider import avllm_config
 
-        from nemo_avllm.data.media import resolve_backend
-
         cfg = avllm_config(model_cfg)
-        backend = resolve_backend(backend)  # decided once per run, so every worker agrees
+        backend = media.resolve_backend(backend)  # decided once per run, so every worker agrees
         return cls(
             num_frames=cfg.num_frames,
             num_audio_segments=cfg.num_audio_segments,
@@ -109,8 +109,6 @@ class MediaSource:
 def load_media(src: MediaSource, s: DecodeSettings, video: bool, audio: bool):
     """(video [T,3,S,S] | None, audio [K,W] | None). Raises MediaError for undecodable files and
     when audio is asked for but the clip has none."""
-    from nemo_avllm.data import media
-
     v = a = None
     if video:
         if s.backend == "cpu":
@@ -135,8 +133,6 @@ def load_media_batch(sources: Sequence[MediaSource], s: DecodeSettings, audio: S
     In a DALI run the videos DALI reads go through one batched `VideoBatchDecoder` call (NVDEC on
     a GPU); still images and codecs it lacks take the per-clip path. Audio comes from
     `load_media` (the FLAC side-car)."""
-    from nemo_avllm.data import media
-
     out: list = [None] * len(sources)
     batched = []
     if s.backend != "cpu":
@@ -386,64 +382,6 @@ def collate_av(items: list[dict | None], seq_length: int | None = None, pad_id: 
 # --------------------------------------------------------------------------------------------
 
 
-def _worker_init(_worker_id: int, trainer_pid: int) -> None:
-    """Workers leave SIGTERM/SIGINT to the training process: a scheduler (or Ctrl-C) signals the
-    whole process group, the training process handles it (pre-emption checkpoint, then exit) and
-    shuts its workers down itself; a worker that died first would crash that with "DataLoader
-    worker exited unexpectedly". SIGINT is ignored; SIGTERM is ignored unless the training
-    process sends it (`Process.terminate()` when it shuts workers down or exits), which a plain
-    SIG_IGN would also refuse, hanging the training process's exit."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
-    threading.Thread(target=_exit_on_sigterm_from, args=(trainer_pid,), daemon=True,
-                     name="sigterm-from-trainer").start()
-    torch.set_num_threads(1)  # decode/resize workers: one core each, no oversubscription
-    if torch.cuda.is_available():  # DALI/NVDEC in this worker: this rank's GPU, not GPU 0
-        torch.cuda.set_device(worker_gpu())
-
-
-def worker_gpu(environ: dict | None = None) -> int:
-    """The GPU of this process's rank on its node (LOCAL_RANK / SLURM_LOCALID; workers inherit it)."""
-    from nemo_avllm.runtime.distributed import read_launch_env
-
-    return read_launch_env(environ).local_rank
-
-
-def _exit_on_sigterm_from(trainer_pid: int) -> None:
-    while True:
-        info = signal.sigwaitinfo({signal.SIGTERM})
-        if info.si_pid == trainer_pid:
-            os._exit(128 + signal.SIGTERM)
-
-
-def worker_context():
-    """DataLoader workers start from a forkserver, not a plain fork: a child forked from a process
-    that has already decoded video (PyAV/swscale threads) deadlocks in its first frame
-    conversion. The server imports this module once, so workers still start in about a second;
-    it also imports `forkserver_init`, which keeps the server alive through a process-group
-    SIGTERM (see there)."""
-    import multiprocessing as mp
-
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["nemo_avllm.data.forkserver_init", "nemo_avllm.data.dataset"])
-    return ctx
-
-
-def worker_kwargs(num_workers: int) -> dict:
-    """DataLoader arguments shared by every loader of the project: workers (see `_worker_init`,
-    `worker_context`) and a generator of the loader's own. Without one, each new iterator (every
-    epoch, every resume) draws its worker seed from the global torch RNG, which dropout also
-    draws from: a resumed run would then not repeat the uninterrupted one bit for bit."""
-    return {
-        "num_workers": num_workers,
-        "worker_init_fn": partial(_worker_init, trainer_pid=os.getpid()) if num_workers else None,
-        "multiprocessing_context": worker_context() if num_workers else None,
-        "generator": torch.Generator().manual_seed(0),
-    }
-
-
 def build_dataloader(
     samples: Sequence[Sample],
     tokenizer,
@@ -468,12 +406,11 @@ def build_dataloader(
     schedule_split: float = 0.5,
     max_steps: int | None = None,
 ) -> torch.utils.data.DataLoader:
-    """MAT sampler + AVDataset + collate for one data-parallel rank. `feature_cache`: a path or a
-    FeatureCache (checked against `model_cfg`). `loader.batch_sampler.state_dict(n)` goes in the
-    checkpoint; pass `consumed_samples` back to resume exactly. `schedule`, `schedule_split`,
-    `max_steps`: the modality schedule (`mat_sampler.ModalityPlan`)."""
-    from nemo_avllm.data.mat_sampler import MATBatchSampler
-
+    """MAT sampler + AVDataset + collate for one data-parallel rank. `feature_cache`: a
+    `features.FeatureCache` (built with `model_cfg`, so checked against it) or None.
+    `loader.batch_sampler.state_dict(n)` goes in the checkpoint; pass `consumed_samples` back to
+    resume exactly. `schedule`, `schedule_split`, `max_steps`: the modality schedule
+    (`mat_sampler.ModalityPlan`)."""
     dataset = _dataset(samples, tokenizer, model_cfg, backend=backend, index=index, feature_cache=feature_cache,
                        max_length=max_length or seq_length, derive_views=derive_views)
     sampler = MATBatchSampler(samples, ratios, global_batch_size, micro_batch_size, dp_rank, dp_size, seed,
@@ -535,13 +472,12 @@ def build_eval_dataloader(
 
 def _dataset(samples, tokenizer, model_cfg, *, backend: str, index, feature_cache, max_length: int,
              derive_views: bool = False) -> AVDataset:
-    """AVDataset with decode settings from the model config; `feature_cache` a path or a FeatureCache."""
+    """AVDataset with decode settings from the model config; `feature_cache` a FeatureCache or None."""
+    if feature_cache is not None and not hasattr(feature_cache, "get"):
+        raise TypeError(f"feature_cache={feature_cache!r}: pass a FeatureCache(path, model_cfg) "
+                        f"(nemo_avllm.data.features), which checks the cache against the model config")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked
     settings = DecodeSettings.from_model_config(model_cfg, backend=backend)
-    if feature_cache is not None and not hasattr(feature_cache, "get"):
-        from nemo_avllm.data.features import FeatureCache
-
-        feature_cache = FeatureCache(feature_cache, model_cfg)
     return AVDataset(samples, tokenizer, layout_of(model_cfg), settings, index=index, feature_cache=feature_cache,
                      max_length=max_length, derive_views=derive_views)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import av
 import numpy as np
@@ -270,27 +271,32 @@ def decode_video_frames(
 # --------------------------------------------------------------------------------------------
 
 
-def decode_audio(path, sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:
-    """Whole audio track → mono float32 at `sample_rate` (mean of the channels).
+def iter_audio(path, sample_rate: int = SAMPLE_RATE) -> Iterator[np.ndarray]:
+    """The audio track as mono float32 chunks at `sample_rate` (mean of the channels), frame by
+    frame, so a long track is never held whole (`prepare` streams it into the FLAC side-car).
 
-    None when the file has no audio stream or the stream holds no samples. Resampling keeps the
-    channels (libswresample, per channel) and averages afterwards, so the downmix is a plain mean
-    rather than ffmpeg's surround downmix matrix.
+    Nothing when the file has no audio stream. Resampling keeps the channels (libswresample, per
+    channel) and averages afterwards, so the downmix is a plain mean rather than ffmpeg's surround
+    downmix matrix.
     """
     p = os.fspath(path)
     with _open(p) as c:
         if not c.streams.audio:
-            return None
+            return
         stream = c.streams.audio[0]
         resampler = av.AudioResampler(format="fltp", layout=None, rate=sample_rate)
-        chunks: list[np.ndarray] = []
         try:
             for frame in c.decode(stream):
                 frame.pts = None  # resample by sample count, immune to timestamp gaps
-                chunks.extend(f.to_ndarray().mean(axis=0) for f in resampler.resample(frame))
-            chunks.extend(f.to_ndarray().mean(axis=0) for f in resampler.resample(None))
+                yield from (f.to_ndarray().mean(axis=0).astype(np.float32, copy=False)
+                            for f in resampler.resample(frame))
+            yield from (f.to_ndarray().mean(axis=0).astype(np.float32, copy=False) for f in resampler.resample(None))
         except av.FFmpegError as e:
             raise MediaError(p, f"audio decoding failed ({e})") from e
-    if not chunks:
-        return None
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def decode_audio(path, sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:
+    """Whole audio track → mono float32 at `sample_rate` (`iter_audio`, joined); None when the
+    file has no audio stream or the stream holds no samples."""
+    chunks = list(iter_audio(path, sample_rate))
+    return np.concatenate(chunks) if chunks else None

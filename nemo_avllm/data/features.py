@@ -8,12 +8,13 @@ clips with sound, audio [K, Da], in bf16 or fp16.
 
 Layout of a cache folder:
 - `shard-000000.safetensors`, ...: many clips per shard, tensors named `<media id>/<kind>`;
-- `index.json`: media id -> shard file;
+- `clips.json`: media id -> shard file;
 - `meta.json`: what the tokens depend on (encoder configs, which audio encoder: HTSAT or
   Whisper, T, K, image size, feature layer, sample rate, window) and their hash. `FeatureCache` refuses a cache whose meta differs from the
   model config, naming both values: stale features train silently wrong otherwise;
-- `journal.jsonl`, `bad_files.jsonl`: progress and failures, so a killed run resumes where it
-  stopped (finished shards are kept; clips that failed are reported and not retried).
+- `journal.jsonl`, `bad_files.jsonl`: progress and failures (failures in the prepare step's
+  format, `index.bad_record`), so a killed run resumes where it stopped (finished shards are
+  kept; clips that failed are reported and not retried).
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ import torch
 
 from nemo_avllm.config import to_dict
 from nemo_avllm.data.dataset import DecodeSettings, MediaSource, load_media, load_media_batch, stack_rows
+from nemo_avllm.data.index import BAD_FILES_NAME, INDEX_NAME, MediaIndex, as_index, bad_record, read_bad_files, read_jsonl
+from nemo_avllm.data.manifest import Sample, read_inputs
 from nemo_avllm.data.media import MediaError, backend_label, backend_mismatch
 from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)
 
 META_NAME = "meta.json"
-INDEX_NAME = "index.json"
+CLIPS_NAME = "clips.json"
 JOURNAL_NAME = "journal.jsonl"
-BAD_FILES_NAME = "bad_files.jsonl"
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMAT_VERSION = 1
 # Settings a reader compares one by one, so the error can name the one that differs.
@@ -137,17 +139,17 @@ class FeatureCache:
 
     def __init__(self, path, model_cfg=None):
         self.path = Path(path)
-        meta_file, index_file = self.path / META_NAME, self.path / INDEX_NAME
+        meta_file, clips_file = self.path / META_NAME, self.path / CLIPS_NAME
         if not meta_file.is_file():
             raise FeatureCacheError(
                 f"feature cache {self.path} has no {META_NAME}; build it with "
                 f"`avllm features data.feature_cache={self.path}` or set data.feature_cache=null")
         self.meta = json.loads(meta_file.read_text())
-        if not index_file.is_file():
+        if not clips_file.is_file():
             raise FeatureCacheError(
-                f"feature cache {self.path} is unfinished (no {INDEX_NAME}); rerun `avllm features` with the "
+                f"feature cache {self.path} is unfinished (no {CLIPS_NAME}); rerun `avllm features` with the "
                 f"same settings, it resumes where it stopped")
-        self.index: dict[str, str] = json.loads(index_file.read_text())
+        self.index: dict[str, str] = json.loads(clips_file.read_text())  # media id -> shard file
         if model_cfg is not None:
             self.check(cache_fields(model_cfg))
         self._handles: dict[str, object] = {}
@@ -228,16 +230,13 @@ class FeatureReport:
 def _sources(source, index) -> list[MediaSource]:
     """Distinct clips of: validated samples, manifest path(s), or a prepare folder / index.jsonl.
 
-    Manifests are read for their media only (`prepare.read_inputs`): the cache needs no valid
+    Manifests are read for their media only (`manifest.read_inputs`): the cache needs no valid
     conversation, so evaluation manifests (which end with a question) are cached too."""
-    from nemo_avllm.data.manifest import MediaIndex, Sample, as_index
-    from nemo_avllm.data.prepare import read_inputs
-
     index = as_index(index)
     if isinstance(source, MediaIndex):
         return [MediaSource.of_record(r) for r in source.records.values()]
     if isinstance(source, (str, os.PathLike)):
-        if Path(source).is_dir() or Path(source).name == "index.jsonl":
+        if Path(source).is_dir() or Path(source).name == INDEX_NAME:
             return [MediaSource.of_record(r) for r in MediaIndex.load(source).records.values()]
         source = [source]
     seen, out = set(), []
@@ -255,21 +254,9 @@ def _sources(source, index) -> list[MediaSource]:
 
 
 def _read_journal(path: Path) -> tuple[dict[str, str], dict[str, str]]:
-    done, bad = {}, {}
-    if (path / JOURNAL_NAME).is_file():
-        for line in (path / JOURNAL_NAME).read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # torn last line of a killed run
-                continue
-            done[rec["id"]] = rec["shard"]
-    if (path / BAD_FILES_NAME).is_file():
-        for line in (path / BAD_FILES_NAME).read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            bad[rec["id"]] = rec["reason"]
+    """(media id -> shard of the clips done, media id -> reason of the clips that failed)."""
+    done = {rec["id"]: rec["shard"] for rec in read_jsonl(path / JOURNAL_NAME)}
+    bad = {rec["id"]: rec["reason"] for rec in read_bad_files(path / BAD_FILES_NAME) if rec.get("id")}
     return done, bad
 
 
@@ -336,7 +323,7 @@ def build_feature_cache(
     if not resume:
         for f in out.glob("shard-*.safetensors"):
             f.unlink()
-        for name in (JOURNAL_NAME, BAD_FILES_NAME, INDEX_NAME):
+        for name in (JOURNAL_NAME, BAD_FILES_NAME, CLIPS_NAME):
             (out / name).unlink(missing_ok=True)
     _write_json(meta_file, meta)
 
@@ -389,7 +376,7 @@ def build_feature_cache(
                         got = load_media(src, settings, video=True, audio=False)  # no usable sound: visual only
                     clips.append((src, *got))
                 except MediaError as e:
-                    bad_f.write(json.dumps({"id": src.media_id, "path": src.video, "reason": str(e)}) + "\n")
+                    bad_f.write(json.dumps(bad_record(src.video, str(e), file=e.path, media_id=src.media_id)) + "\n")
                     bad_f.flush()
                     log.warning("features: skipping %s: %s", src.video, e)
                     failed += 1
@@ -406,7 +393,7 @@ def build_feature_cache(
         flush()
         bar.close()
 
-    _write_json(out / INDEX_NAME, done)  # everything cached so far, also by earlier runs on other sources
+    _write_json(out / CLIPS_NAME, done)  # everything cached so far, also by earlier runs on other sources
     _, bad = _read_journal(out)
     failed = len({s.media_id for s in sources} & set(bad))
     return FeatureReport(total=len(sources), written=written, skipped=skipped, failed=failed,

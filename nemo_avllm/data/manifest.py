@@ -17,12 +17,15 @@ an answer written for what the other modality shows or sounds like.
 `validate_manifest` never crashes on bad data: it returns the good samples and a report that
 counts every problem (with the first examples, each naming file, line, field and the fix), so a
 run over a million lines tells the user everything that is wrong at once. `strict=True` raises on
-the first problem instead (CI, small hand-written manifests).
+the first problem instead (CI, small hand-written manifests). `read_inputs` reads only the media
+of a manifest (what `prepare` and `features` work on, keyed by `stable_id`) and leaves out, with
+the same FILE:LINE report, a line it cannot use.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import os
@@ -33,8 +36,9 @@ from pathlib import Path
 from typing import Iterable
 
 from nemo_avllm import modality
-from nemo_avllm.data.prepare import resolve_media_path, stable_id  # noqa: F401 (re-exported)
 from nemo_avllm.data.conversation import ConversationError, ConversationTemplate, check_turns, tokenize_conversation
+from nemo_avllm.data.index import MediaIndex, as_index
+from nemo_avllm.data.media import MediaError, probe_audio
 from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -85,8 +89,13 @@ class ManifestProblem:
     message: str
     fix: str
 
+    @property
+    def what(self) -> str:
+        """What is wrong and the fix, without the place."""
+        return f"field '{self.field}': {self.message}. Fix: {self.fix}"
+
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: field '{self.field}': {self.message}. Fix: {self.fix}"
+        return f"{self.file}:{self.line}: {self.what}"
 
 
 class ManifestError(UserError):
@@ -194,53 +203,23 @@ def needs_audio(mod: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# The prepare index
+# Media of a manifest
 # --------------------------------------------------------------------------------------------
 
 
-def media_id(video: str, audio: str | None) -> str:
-    return stable_id(video, audio)
+def stable_id(video: str, audio: str | None = None) -> str:
+    """The media id: readable and collision-free, `<stem>-<sha1(abs paths)[:12]>`, the same on
+    every run; it keys the prepare index, samples and the feature cache."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(video).stem)[:48] or "video"
+    key = video if audio is None else f"{video}\n{audio}"
+    return f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
-@dataclass
-class MediaIndex:
-    """`prepare`'s output: index records by media id, and the reasons of the files it rejected."""
-
-    records: dict[str, dict]
-    bad: dict[str, str]  # path -> reason (bad_files.jsonl)
-    path: str
-
-    @classmethod
-    def load(cls, path) -> "MediaIndex":
-        from nemo_avllm.data.prepare import BAD_FILES_NAME, INDEX_NAME, load_index
-
-        path = Path(path)
-        index_file = path / INDEX_NAME if path.is_dir() else path
-        if not index_file.is_file():
-            raise FileNotFoundError(
-                f"prepare index {index_file} not found; run `avllm prepare` on the manifest first "
-                f"(it writes {INDEX_NAME}) or set data.index=null to probe media while validating"
-            )
-        records = {r["id"]: r for r in load_index(index_file)}
-        bad = {}
-        bad_file = index_file.parent / BAD_FILES_NAME
-        if bad_file.is_file():
-            for line in bad_file.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                bad[rec.get("path", "")] = rec.get("reason", "unreadable")
-        return cls(records, bad, str(index_file))
-
-    def get(self, mid: str) -> dict | None:
-        return self.records.get(mid)
-
-
-def as_index(index) -> MediaIndex | None:
-    if index is None or isinstance(index, MediaIndex):
-        return index
-    return MediaIndex.load(index)
+def resolve_media_path(p, base: Path) -> str:
+    """A manifest path -> absolute, resolved path; media ids (`stable_id`) are computed on it,
+    so the prepare index, manifests and the feature cache agree on them."""
+    path = Path(os.path.expanduser(str(p)))
+    return str((path if path.is_absolute() else base / path).resolve())
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,31 +271,12 @@ class _Validator:
 
     # -- the line ----------------------------------------------------------------------------
     def sample(self, text: str, line: int) -> Sample:
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise self.drop(INVALID_JSON, line, "<line>", f"not valid JSON ({e.msg} at column {e.colno})",
-                            "write one JSON object per line (JSON Lines); check quotes, commas and brackets")
-        if not isinstance(rec, dict):
-            raise self.drop(INVALID_JSON, line, "<line>", f"a JSON {type(rec).__name__}, not an object",
-                            'write one object per line: {"id": ..., "video": ..., "conversations": [...]}')
-        for name in ("id", "video", "conversations"):
-            if name not in rec:
-                raise self.drop(MISSING_FIELD, line, name, f"required field '{name}' is missing",
-                                f"add '{name}' ({_FIELD_HELP[name]})")
-        for name, kind in (("id", (str, int)), ("video", str), ("conversations", list)):
-            if not isinstance(rec[name], kind) or (kind is str and not rec[name].strip()):
-                raise self.drop(INVALID_FIELD, line, name, f"'{name}' is {type(rec[name]).__name__} {rec[name]!r:.60}",
-                                f"give '{name}' as {_FIELD_HELP[name]}")
-        if rec.get("audio") is not None and not (isinstance(rec["audio"], str) and rec["audio"].strip()):
-            raise self.drop(INVALID_FIELD, line, "audio", f"'audio' is {rec['audio']!r:.60}",
-                            "give 'audio' as a path to an audio file, or leave the field out")
-
+        rec = _parse_line(text, self.file, line)
         video = resolve_media_path(rec["video"], self.base)
         audio = resolve_media_path(rec["audio"], self.base) if rec.get("audio") else None
         turns = rec["conversations"]
         mod = self.conversation(turns, line, "conversations")
-        mid = media_id(video, audio)
+        mid = stable_id(video, audio)
         if self.check_files:
             for name, path in (("video", video), ("audio", audio)):
                 if path is not None and not os.access(path, os.R_OK):
@@ -381,8 +341,6 @@ class _Validator:
             return bool(rec.get("has_audio"))
         if not probe:
             return None
-        from nemo_avllm.data.media import MediaError, probe_audio
-
         try:
             return probe_audio(audio or video) is not None
         except MediaError as e:
@@ -459,6 +417,93 @@ def iter_lines(path: Path):
             text = text.strip()
             if text and not text.startswith("#"):
                 yield lineno, text
+
+
+_FIELD_KINDS = {"id": (str, int), "video": str, "conversations": list}
+
+
+def _parse_line(text: str, file: str, line: int, required: tuple[str, ...] = ("id", "video", "conversations")) -> dict:
+    """One manifest line -> its JSON object with the `required` fields (and a valid `audio`, if
+    any); raises `_Drop` with what is wrong and the fix otherwise."""
+
+    def drop(code, fld, message, fix):
+        return _Drop(ManifestProblem(code, file, line, fld, message, fix))
+
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise drop(INVALID_JSON, "<line>", f"not valid JSON ({e.msg} at column {e.colno})",
+                   "write one JSON object per line (JSON Lines); check quotes, commas and brackets") from None
+    if not isinstance(rec, dict):
+        raise drop(INVALID_JSON, "<line>", f"a JSON {type(rec).__name__}, not an object",
+                   'write one object per line: {"id": ..., "video": ..., "conversations": [...]}')
+    for name in required:
+        if name not in rec:
+            raise drop(MISSING_FIELD, name, f"required field '{name}' is missing", f"add '{name}' ({_FIELD_HELP[name]})")
+    for name in required:
+        kind = _FIELD_KINDS[name]
+        if not isinstance(rec[name], kind) or (kind is str and not rec[name].strip()):
+            raise drop(INVALID_FIELD, name, f"'{name}' is {type(rec[name]).__name__} {rec[name]!r:.60}",
+                       f"give '{name}' as {_FIELD_HELP[name]}")
+    if rec.get("audio") is not None and not (isinstance(rec["audio"], str) and rec["audio"].strip()):
+        raise drop(INVALID_FIELD, "audio", f"'audio' is {rec['audio']!r:.60}",
+                   "give 'audio' as a path to an audio file, or leave the field out")
+    return rec
+
+
+@dataclass(frozen=True)
+class MediaItem:
+    """The media of one manifest line: what `prepare` and `features` work on."""
+
+    video: str  # absolute path
+    audio: str | None  # absolute path of a separate audio file, if the manifest gives one
+    id: str  # stable_id(video, audio)
+
+
+MANIFEST_SUFFIXES = (".jsonl", ".json", ".txt")
+
+
+def read_inputs(source, problems: list[ManifestProblem] | None = None) -> list[MediaItem]:
+    """The distinct media of: a manifest (JSON Lines with `video` and optional `audio`, paths
+    relative to its folder or absolute; a line may also be a bare path), a list of manifests
+    (.jsonl/.json/.txt), or a list of video paths. Only the media are read (no conversation
+    checks), so evaluation manifests work too. A line that cannot be used (invalid JSON, no
+    `video`, ...) is left out and reported: appended to `problems` when given, else logged."""
+    if not isinstance(source, (str, os.PathLike)) and source and all(
+        Path(str(p)).suffix in MANIFEST_SUFFIXES for p in source
+    ):
+        merged: dict[str, MediaItem] = {}
+        for m in source:
+            for it in read_inputs(m, problems):
+                merged.setdefault(it.id, it)
+        return list(merged.values())
+    rows: list[tuple[str, str | None]] = []
+    if isinstance(source, (str, os.PathLike)):
+        manifest = Path(source)
+        if not manifest.is_file():
+            raise FileNotFoundError(f"manifest {manifest} not found")
+        base = manifest.resolve().parent
+        for lineno, line in iter_lines(manifest):
+            if not line.startswith("{"):
+                rows.append((resolve_media_path(line, base), None))
+                continue
+            try:
+                rec = _parse_line(line, str(manifest), lineno, required=("video",))
+            except _Drop as d:
+                if problems is None:
+                    log.warning("%s; line left out", d.problem)
+                else:
+                    problems.append(d.problem)
+                continue
+            audio = rec.get("audio")
+            rows.append((resolve_media_path(rec["video"], base), resolve_media_path(audio, base) if audio else None))
+    else:
+        cwd = Path.cwd()
+        rows = [(resolve_media_path(p, cwd), None) for p in source]
+    items = {}
+    for video, audio in rows:
+        items.setdefault((video, audio), MediaItem(video, audio, stable_id(video, audio)))
+    return list(items.values())
 
 
 def validate_manifest(

@@ -261,7 +261,7 @@ FRAME_DECODERS = ("torchcodec", "decord", "pyav")
 AUDIO_DECODERS = ("torchcodec", "pyav")
 
 # PyAV names that other files import from here (kept for them; defined in decode_pyav.py).
-_PYAV_NAMES = frozenset({"probe", "probe_audio", "decode_audio", "decode_video_frames"})
+_PYAV_NAMES = frozenset({"probe", "probe_audio", "decode_audio", "iter_audio", "decode_video_frames"})
 
 
 def backend_module(name: str):

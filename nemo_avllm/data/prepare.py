@@ -1,15 +1,17 @@
 """The `prepare` step: probe every video once, write a 48 kHz mono FLAC side-car of its audio,
 and an index that training, `features` and the DALI pipelines read instead of re-probing.
 
-Outputs in `out_dir`:
+Outputs in `out_dir` (formats and the one reader: `index`):
 - `index.jsonl`: one JSON line per good video: `path`, `id`, the probe fields of
   `media.MediaInfo` (num_frames, fps, duration, width, height, rotation, video_codec, container,
   is_image, audio_channels/audio_sample_rate/audio_codec of the audio source), `audio_path` (the
   manifest's separate audio file or null), `flac` (absolute side-car path or null), `has_audio`
   (a side-car exists), `audio_seconds`, and `stamp`/`audio_stamp` ([size, mtime_ns], for resume);
-- `audio/<id>.flac`: 48 kHz mono 16-bit FLAC (DALI's audio decoder reads FLAC, not AAC);
-- `bad_files.jsonl`: `{"path", "reason"}` for every file that failed, so one bad file never
-  stops a run.
+- `audio/<id>.flac`: 48 kHz mono 16-bit FLAC (DALI's audio decoder reads FLAC, not AAC),
+  streamed: decoded, resampled and written chunk by chunk, so memory does not grow with the
+  track's length;
+- `bad_files.jsonl`: an `index.bad_record` for every file that failed and every manifest line
+  that could not be used (FILE:LINE, what is wrong, the fix), so one bad input never stops a run.
 
 Runs on a process pool over all cores, with a progress bar. Index lines are appended and flushed
 one by one, so a killed run leaves a valid index (a torn last line is ignored on reading) and the
@@ -19,28 +21,29 @@ rewritten (temp file + rename) with one line per input video, in input order.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
+import itertools
 import json
-import multiprocessing as mp
+import logging
 import os
-import re
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from nemo_avllm.data.media import SAMPLE_RATE, MediaError, decode_audio, probe, probe_audio
+from nemo_avllm.data.index import BAD_FILES_NAME, INDEX_NAME, MediaIndex, bad_record, file_stamp
+from nemo_avllm.data.manifest import ManifestProblem, MediaItem, read_inputs
+from nemo_avllm.data.media import SAMPLE_RATE, MediaError, iter_audio, probe, probe_audio
+from nemo_avllm.data.workers import pool_worker_start, worker_context
 
-INDEX_NAME = "index.jsonl"
-BAD_FILES_NAME = "bad_files.jsonl"
+log = logging.getLogger(__name__)
+
 AUDIO_DIR = "audio"
+SHOWN_PROBLEMS = 20  # bad manifest lines logged one by one; all of them go to bad_files.jsonl
+FLAC_BLOCK = 1 << 16  # samples buffered per FLAC write
 
 
 @dataclass
@@ -50,11 +53,12 @@ class PrepareReport:
     total: int  # distinct videos in the input
     prepared: int  # probed (and side-car written) in this run
     skipped: int  # already in the index and unchanged (resume)
-    failed: int  # listed in bad_files.jsonl
+    failed: int  # files listed in bad_files.jsonl
     with_audio: int  # index entries that have a FLAC side-car
     index_path: str
     bad_files_path: str
     elapsed_s: float
+    dropped_lines: int = 0  # manifest lines left out (invalid JSON, no video, ...), in bad_files.jsonl
 
     @property
     def indexed(self) -> int:
@@ -63,104 +67,43 @@ class PrepareReport:
     def __str__(self) -> str:
         return (
             f"prepare: {self.total} videos, {self.prepared} prepared, {self.skipped} unchanged (skipped), "
-            f"{self.failed} bad (see {self.bad_files_path}), {self.with_audio} with audio; "
-            f"index {self.index_path}; {self.elapsed_s:.1f} s"
+            f"{self.failed} bad, {self.dropped_lines} manifest lines dropped (see {self.bad_files_path}), "
+            f"{self.with_audio} with audio; index {self.index_path}; {self.elapsed_s:.1f} s"
         )
 
 
-@dataclass(frozen=True)
-class PrepareItem:
-    video: str  # absolute path
-    audio: str | None  # absolute path of a separate audio file, if the manifest gives one
-    id: str
-
-
-def stable_id(video: str, audio: str | None = None) -> str:
-    """Readable and collision-free: `<stem>-<sha1(abs paths)[:12]>`, the same on every run."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(video).stem)[:48] or "video"
-    key = video if audio is None else f"{video}\n{audio}"
-    return f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-
-
-MANIFEST_SUFFIXES = (".jsonl", ".json", ".txt")
-
-
-def resolve_media_path(p, base: Path) -> str:
-    """A manifest path -> absolute, resolved path; media ids (`stable_id`) are computed on it,
-    so the prepare index, manifests and the feature cache agree on them."""
-    path = Path(os.path.expanduser(str(p)))
-    return str((path if path.is_absolute() else base / path).resolve())
-
-
-def read_inputs(source) -> list[PrepareItem]:
-    """A manifest (JSON Lines with `video` and optional `audio`, paths relative to its folder or
-    absolute; a line may also be a bare path), a list of manifests (.jsonl/.json/.txt), or a list
-    of video paths → distinct items."""
-    if not isinstance(source, (str, os.PathLike)) and source and all(
-        Path(str(p)).suffix in MANIFEST_SUFFIXES for p in source
-    ):
-        rows_all = [it for m in source for it in read_inputs(m)]
-        seen_ids, merged = set(), []
-        for it in rows_all:
-            if it.id not in seen_ids:
-                seen_ids.add(it.id)
-                merged.append(it)
-        return merged
-    rows: list[tuple[str, str | None]] = []
-    if isinstance(source, (str, os.PathLike)):
-        manifest = Path(source)
-        if not manifest.is_file():
-            raise FileNotFoundError(f"manifest {manifest} not found")
-        base = manifest.resolve().parent
-        for lineno, line in enumerate(manifest.read_text().splitlines(), 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if line.startswith("{"):
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{manifest}:{lineno}: not valid JSON ({e})") from e
-                if "video" not in rec:
-                    raise ValueError(f"{manifest}:{lineno}: a manifest line needs a 'video' field")
-                audio = rec.get("audio")
-                rows.append((resolve_media_path(rec["video"], base), resolve_media_path(audio, base) if audio else None))
-            else:
-                rows.append((resolve_media_path(line, base), None))
-    else:
-        cwd = Path.cwd()
-        rows = [(resolve_media_path(p, cwd), None) for p in source]
-    seen, items = set(), []
-    for video, audio in rows:
-        if (video, audio) not in seen:
-            seen.add((video, audio))
-            items.append(PrepareItem(video, audio, stable_id(video, audio)))
-    return items
-
-
-def _stamp(path: str | None) -> list[int] | None:
-    """(size, mtime_ns): what resume compares to decide a file is unchanged."""
-    if path is None:
-        return None
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
-
-
-def _key(video: str, audio: str | None) -> str:
-    return video if audio is None else f"{video}|{audio}"
-
-
-def write_flac(path: Path, wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    """16-bit mono FLAC, written to a temp name and renamed so a kill never leaves half a file."""
+def write_flac(path: Path, chunks: Iterable[np.ndarray], sample_rate: int = SAMPLE_RATE) -> int:
+    """Stream mono float chunks into a 16-bit FLAC, FLAC_BLOCK samples at a time (memory does not
+    grow with the track), under a temp name renamed at the end so a kill never leaves half a file.
+    Returns the samples written; with none, no file is left."""
     tmp = path.with_name(path.name + ".tmp")
-    sf.write(tmp, np.clip(wave, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16")
+    written, block, pending, out = 0, [], 0, None
+    try:
+        for chunk in itertools.chain(chunks, [None]):  # None: write the last, partial block
+            if chunk is not None:
+                block.append(chunk)
+                pending += len(chunk)
+            if pending and (pending >= FLAC_BLOCK or chunk is None):
+                if out is None:
+                    out = sf.SoundFile(tmp, "w", sample_rate, 1, subtype="PCM_16", format="FLAC")
+                out.write(np.clip(np.concatenate(block), -1.0, 1.0))
+                written, block, pending = written + pending, [], 0
+    except BaseException:
+        if out is not None:
+            out.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    if out is None:
+        return 0
+    out.close()
     os.replace(tmp, path)
+    return written
 
 
-def prepare_one(item: PrepareItem, audio_dir: str) -> dict:
+def prepare_one(item: MediaItem, audio_dir: str) -> dict:
     """Probe one video and write its side-car. Never raises: returns {"ok": bool, ...}."""
     try:
-        stamp = _stamp(item.video) if os.path.isfile(item.video) else None
+        stamp = file_stamp(item.video) if os.path.isfile(item.video) else None
         info = probe(item.video)
         if item.audio is not None:
             audio_info = probe_audio(item.audio)
@@ -173,11 +116,10 @@ def prepare_one(item: PrepareItem, audio_dir: str) -> dict:
             src = item.video if info.has_audio else None
         flac, seconds = None, 0.0
         if src is not None:
-            wave = decode_audio(src, SAMPLE_RATE)
-            if wave is not None and wave.size:
-                flac_path = Path(audio_dir) / f"{item.id}.flac"
-                write_flac(flac_path, wave)
-                flac, seconds = str(flac_path), round(wave.size / SAMPLE_RATE, 6)
+            flac_path = Path(audio_dir) / f"{item.id}.flac"
+            samples = write_flac(flac_path, iter_audio(src, SAMPLE_RATE))
+            if samples:
+                flac, seconds = str(flac_path), round(samples / SAMPLE_RATE, 6)
         record = info.to_dict()
         record.update(audio_info)
         record.update(
@@ -188,58 +130,22 @@ def prepare_one(item: PrepareItem, audio_dir: str) -> dict:
             flac=flac,
             audio_seconds=seconds,
             stamp=stamp,
-            audio_stamp=_stamp(item.audio),
+            audio_stamp=file_stamp(item.audio),
         )
         return {"ok": True, "record": record}
     except MediaError as e:
-        return {"ok": False, "path": e.path, "video": item.video, "reason": e.reason}
+        return {"ok": False, "path": e.path, "item": item, "reason": e.reason}
     except Exception as e:  # a crash on one file must not stop the run
-        return {"ok": False, "path": item.video, "video": item.video, "reason": f"{type(e).__name__}: {e}"}
-
-
-def _pool_context():
-    """forkserver: workers fork from a clean server (no inherited DALI/torch threads, which make
-    plain fork unsafe) that has this module imported once, so they start in milliseconds."""
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["nemo_avllm.data.prepare"])
-        return ctx
-    return mp.get_context("spawn")
-
-
-def _worker_start() -> None:
-    """A pool worker answers SIGTERM again: it may fork from the DataLoader forkserver (one per
-    process), which ignores SIGTERM (`forkserver_init`), and `Pool.terminate` stops workers with it."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return {"ok": False, "path": item.video, "item": item, "reason": f"{type(e).__name__}: {e}"}
 
 
 def _work(args):
     return prepare_one(*args)
 
 
-def load_index(path) -> list[dict]:
-    """Records of an index (or of `out_dir/index.jsonl`); later lines for the same video win and a
-    torn last line from a killed run is ignored."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / INDEX_NAME
-    if not path.is_file():
-        return []
-    by_key: dict[str, dict] = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "path" in rec:
-                by_key[_key(rec["path"], rec.get("audio_path"))] = rec
-    return list(by_key.values())
-
-
-def _unchanged(rec: dict, item: PrepareItem) -> bool:
+def _unchanged(rec: dict, item: MediaItem) -> bool:
     try:
-        if rec.get("stamp") != _stamp(item.video) or rec.get("audio_stamp") != _stamp(item.audio):
+        if rec.get("stamp") != file_stamp(item.video) or rec.get("audio_stamp") != file_stamp(item.audio):
             return False
     except OSError:
         return False
@@ -251,6 +157,16 @@ def _append(f, obj: dict) -> None:
     f.flush()
 
 
+def _report_lines(problems: list[ManifestProblem], bad_f) -> None:
+    """Bad manifest lines: logged (the first SHOWN_PROBLEMS) and written to bad_files.jsonl."""
+    for k, p in enumerate(problems):
+        if k < SHOWN_PROBLEMS:
+            log.warning("prepare: %s; line left out", p)
+        _append(bad_f, bad_record(p.file, p.what, line=p.line))
+    if len(problems) > SHOWN_PROBLEMS:
+        log.warning("prepare: %d more bad manifest lines in %s", len(problems) - SHOWN_PROBLEMS, bad_f.name)
+
+
 def prepare(
     source,
     out_dir,
@@ -258,25 +174,27 @@ def prepare(
     resume: bool = True,
     progress: bool = True,
 ) -> PrepareReport:
-    """Probe + FLAC side-car + index for every video of `source` (manifest path or list of paths).
+    """Probe + FLAC side-car + index for every video of `source` (manifest path(s) or list of paths).
 
-    Bad files go to `out_dir/bad_files.jsonl` and are left out of the index; the run goes on.
-    With `resume`, videos already indexed with unchanged size+mtime are skipped.
+    Bad files and unusable manifest lines go to `out_dir/bad_files.jsonl` and are left out of the
+    index; the run goes on. With `resume`, videos already indexed with unchanged size+mtime are
+    skipped.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
     audio_dir = out / AUDIO_DIR
     audio_dir.mkdir(parents=True, exist_ok=True)
     index_path, bad_path = out / INDEX_NAME, out / BAD_FILES_NAME
-    items = read_inputs(source)
+    problems: list[ManifestProblem] = []
+    items = read_inputs(source, problems)
 
-    previous = {_key(r["path"], r.get("audio_path")): r for r in load_index(index_path)} if resume else {}
+    previous = MediaIndex.load(index_path, missing_ok=True).records if resume else {}
     records: dict[str, dict] = {}
-    todo: list[PrepareItem] = []
+    todo: list[MediaItem] = []
     for item in items:
-        rec = previous.get(_key(item.video, item.audio))
+        rec = previous.get(item.id)
         if rec is not None and _unchanged(rec, item):
-            records[_key(item.video, item.audio)] = rec
+            records[item.id] = rec
         else:
             todo.append(item)
     skipped = len(records)
@@ -285,22 +203,24 @@ def prepare(
     workers = max(1, min(num_workers or 1, len(todo)))
     jobs = [(item, str(audio_dir)) for item in todo]
     with open(index_path, "a" if resume else "w") as index_f, open(bad_path, "w") as bad_f:
+        _report_lines(problems, bad_f)
         bar = tqdm(total=len(todo), desc="prepare", unit="video", disable=not progress)
         pool = None
         try:
             if workers > 1:
-                pool = _pool_context().Pool(workers, initializer=_worker_start)
+                pool = worker_context().Pool(workers, initializer=pool_worker_start)
                 results: Iterable[dict] = pool.imap_unordered(_work, jobs, chunksize=1)
             else:
                 results = map(_work, jobs)
             for res in results:
                 if res["ok"]:
                     rec = res["record"]
-                    records[_key(rec["path"], rec.get("audio_path"))] = rec
+                    records[rec["id"]] = rec
                     _append(index_f, rec)
                     prepared += 1
                 else:
-                    _append(bad_f, {"path": res["video"], "file": res["path"], "reason": res["reason"]})
+                    item = res["item"]
+                    _append(bad_f, bad_record(item.video, res["reason"], file=res["path"], media_id=item.id))
                     failed += 1
                 bar.update(1)
                 bar.set_postfix(bad=failed, refresh=False)
@@ -311,7 +231,7 @@ def prepare(
                 pool.join()
 
     # Compact: one line per input video, input order; temp + rename keeps it valid throughout.
-    ordered = [records[k] for k in (_key(i.video, i.audio) for i in items) if k in records]
+    ordered = [records[i.id] for i in items if i.id in records]
     tmp = index_path.with_name(index_path.name + ".tmp")
     with open(tmp, "w") as f:
         for rec in ordered:
@@ -327,37 +247,5 @@ def prepare(
         index_path=str(index_path),
         bad_files_path=str(bad_path),
         elapsed_s=time.perf_counter() - t0,
+        dropped_lines=len(problems),
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m nemo_avllm.data.prepare MANIFEST OUT_DIR [--workers N] [--no-resume]`."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("manifest", help="JSON Lines manifest ('video', optional 'audio') or a text file of paths")
-    ap.add_argument("out_dir")
-    ap.add_argument("--workers", type=int, default=os.cpu_count())
-    ap.add_argument("--no-resume", action="store_true", help="re-probe everything")
-    args = ap.parse_args(argv)
-    from types import SimpleNamespace
-
-    return run(SimpleNamespace(input=args.manifest, out_dir=args.out_dir, num_workers=args.workers, resume=not args.no_resume))
-
-
-def run(cfg) -> int:
-    """`avllm prepare` / `scripts/prepare.py` with a composed `conf/prepare.yaml`."""
-    report = prepare(cfg.input, cfg.out_dir, num_workers=cfg.num_workers or os.cpu_count(), resume=bool(cfg.resume))
-    print(report)
-    shards = getattr(cfg, "shards", None)
-    if shards is not None and shards.get("out_dir"):
-        from nemo_avllm.data.manifest import validate_manifest
-        from nemo_avllm.data.shards import write_shards
-
-        samples, vreport = validate_manifest(cfg.input, index=cfg.out_dir)
-        print(vreport)
-        print(write_shards(samples, shards.out_dir, index=cfg.out_dir, feature_cache=shards.get("feature_cache"),
-                           samples_per_shard=int(shards.samples_per_shard)))
-    return 0 if report.indexed or not report.total else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

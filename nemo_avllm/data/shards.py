@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -40,10 +41,13 @@ import torch
 
 from nemo_avllm import modality
 from nemo_avllm.data.conversation import ConversationError, ConversationTemplate
-from nemo_avllm.data.dataset import DecodeSettings, MediaSource, build_item
-from nemo_avllm.data.manifest import MODALITIES, Sample, as_index
+from nemo_avllm.data.dataset import DecodeSettings, MediaSource, build_item, collate_av, layout_of, pad_id_of
+from nemo_avllm.data.features import cache_fields, check_meta
+from nemo_avllm.data.index import as_index
+from nemo_avllm.data.manifest import MODALITIES, Sample
 from nemo_avllm.data.mat_sampler import ALL, ModalityPlan, rank_labels, rank_slice
 from nemo_avllm.data.media import MediaError, MediaInfo
+from nemo_avllm.data.workers import worker_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -320,8 +324,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.base, self.meta = open_shards(path)
         self.features = self.meta["content"] == "features"
         if self.features and model_cfg is not None:
-            from nemo_avllm.data.features import cache_fields, check_meta
-
             check_meta(self.meta["feature_meta"], cache_fields(model_cfg), f"shards {self.base}")
         self.tokenizer, self.layout, self.settings = tokenizer, layout, settings
         self.G, self.mbs = int(global_batch_size), int(micro_batch_size)
@@ -442,10 +444,6 @@ def build_shard_loader(
     """ShardStream + collate for one data-parallel rank (`stream_kw`: ratios, derive_views,
     dp_rank, dp_size, seed, consumed_samples, shuffle_buffer, max_epochs, schedule,
     schedule_split, max_steps)."""
-    from functools import partial
-
-    from nemo_avllm.data.dataset import collate_av, layout_of, pad_id_of, worker_kwargs
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     stream = ShardStream(path, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg, backend),
                          global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,

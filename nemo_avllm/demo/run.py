@@ -100,7 +100,7 @@ def evaluate(model_cfg, checkpoint_dir: Path, eval_manifest: Path, tokenizer_dir
     """Greedy answers to held-out questions -> accuracy per (family, token)."""
     from nemo_avllm.data.dataset import stack_rows
     from nemo_avllm.data.features import FeatureCache
-    from nemo_avllm.data.manifest import media_id, resolve_media_path
+    from nemo_avllm.data.manifest import resolve_media_path, stable_id
     from nemo_avllm.data.tokenizer import load_tokenizer
     from nemo_avllm.inference.generate import greedy_generate, normalize_answer, prompt_ids
     from nemo_avllm.model.avllm import EncoderFeatures
@@ -118,7 +118,7 @@ def evaluate(model_cfg, checkpoint_dir: Path, eval_manifest: Path, tokenizer_dir
     rows = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        feats = [cache.get(media_id(resolve_media_path(it["video"], base), None)) for it in chunk]
+        feats = [cache.get(stable_id(resolve_media_path(it["video"], base), None)) for it in chunk]
         keep = [(it, f) for it, f in zip(chunk, feats) if f is not None]
         if not keep:
             continue

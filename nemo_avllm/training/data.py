@@ -78,6 +78,13 @@ class TrainData:
         """The shards hold cached encoder tokens (no encoders needed)."""
         return self.shards is not None and self.shards.get("content") == "features"
 
+    def feature_cache(self):
+        """The cache of `model.data.feature_cache`, checked against the model config; None without one."""
+        from nemo_avllm.data.features import FeatureCache
+
+        path = self.cfg.model.data.get("feature_cache")
+        return FeatureCache(path, self.cfg.model) if path else None
+
     def loader(self, model, consumed_samples: int):
         """An endless iterable of this rank's micro-batches, starting after `consumed_samples`.
         Ranks that receive their data by broadcast (see `training.broadcast`) read nothing."""
@@ -114,7 +121,7 @@ class TrainData:
             plan = dl.dataset.plan
         else:
             dl = build_dataloader(self.samples, self.tokenizer, m, index=d.get("index"),
-                                  feature_cache=d.get("feature_cache"), **kw)
+                                  feature_cache=self.feature_cache(), **kw)
             plan = dl.batch_sampler.plan
         log.info("%s", plan.describe())
         return _Epochs(dl)
@@ -135,7 +142,7 @@ class TrainData:
             dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),
             index=d.get("index"),
-            feature_cache=d.get("feature_cache"),
+            feature_cache=self.feature_cache(),
             num_workers=int(d.get("num_workers", 2)),
             backend=d.get("decode_backend", "auto"),
         )

@@ -126,7 +126,7 @@ class AVLLMModel(ModelPT):
         model = build_model(self._cfg)
         if self._cfg.get("projector_init", "xavier") == "feature_stats" and model.pre_process:
             from nemo_avllm.data.features import FeatureCache
-            from nemo_avllm.data.prepare import read_inputs
+            from nemo_avllm.data.manifest import read_inputs
 
             train_ids = [it.id for it in read_inputs(self._cfg.data.train_manifest)]  # not held-out clips
             done = model.standardize_projector_inputs(feature_stats(FeatureCache(self._cfg.data.feature_cache), train_ids))

@@ -177,7 +177,7 @@ def test_audio_captioning_model_instead_of_tags(tmp_path, clips, models):
     """`captions.audio.method=seq2seq`: a speech-to-text model captions each segment, fed at its
     own sampling rate (16 kHz here, not CLAP's 48 kHz)."""
     from nemo_avllm.curation.captions import Captioner, caption_videos
-    from nemo_avllm.data.prepare import read_inputs
+    from nemo_avllm.data.manifest import read_inputs
 
     cfg = _cfg(tmp_path, clips, models, "http://127.0.0.1:9/v1", tmp_path / "cache", **{
         "captions.audio.method": "seq2seq", "captions.audio.model": tiny_whisper(tmp_path / "whisper"),

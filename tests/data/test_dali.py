@@ -33,7 +33,8 @@ from nemo_avllm.data.media import (  # noqa: E402
     probe,
     sample_frame_indices,
 )
-from nemo_avllm.data.prepare import load_index, prepare  # noqa: E402
+from nemo_avllm.data.index import load_index  # noqa: E402
+from nemo_avllm.data.prepare import prepare  # noqa: E402
 from tests.media_factory import (  # noqa: E402
     FFMPEG,
     color_frames,

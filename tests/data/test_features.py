@@ -123,7 +123,7 @@ def test_resume_skips_done_clips_and_does_not_retry_bad_ones(data, cfg, encoders
     first = build_feature_cache(samples[:3], out, cfg, encoders=encoders, clips_per_shard=1, progress=False)
     assert (first.total, first.written, first.shards) == (2, 2, 2)
     with pytest.raises(FeatureCacheError, match="unfinished"):  # as if killed before the index was written
-        (out / "index.json").unlink()
+        (out / "clips.json").unlink()
         FeatureCache(out, cfg)
     second = build_feature_cache(path, out, cfg, encoders=encoders, clips_per_shard=1, progress=False)
     assert (second.total, second.written, second.skipped, second.failed, second.shards) == (5, 2, 2, 1, 4)
@@ -136,9 +136,9 @@ def test_resume_skips_done_clips_and_does_not_retry_bad_ones(data, cfg, encoders
         {"from": "human", "value": "<VIS> What colour?"}]}) + "\n" for i, v in enumerate(["mute.mp4", "held_out.mp4"])))
     fourth = build_feature_cache([path, d / "eval.jsonl"], out, cfg, encoders=encoders, progress=False)
     assert (fourth.total, fourth.written, fourth.skipped) == (6, 1, 5)
-    from nemo_avllm.data.manifest import media_id
+    from nemo_avllm.data.manifest import stable_id
 
-    assert media_id(str(d / "held_out.mp4"), None) in FeatureCache(out, cfg)
+    assert stable_id(str(d / "held_out.mp4"), None) in FeatureCache(out, cfg)
     # a prepare index is a source too: its clips, with the FLAC side-car as audio
     prepare(path, tmp_path / "prep", num_workers=1, progress=False)
     from_index = build_feature_cache(tmp_path / "prep", tmp_path / "cache2", cfg, index=tmp_path / "prep",

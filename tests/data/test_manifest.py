@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from nemo_avllm import modality
-from nemo_avllm.data import manifest as mf
-from nemo_avllm.data.manifest import ManifestError, validate_manifest
-from nemo_avllm.data.prepare import prepare, stable_id
+from nemo_avllm.data.manifest import ManifestError, read_inputs, stable_id, validate_manifest
+from nemo_avllm.data.prepare import prepare
 from tests.media_factory import conv, FFMPEG, color_frames, garbage_file, make_audio_file, make_clip, make_image, tone
 
 pytestmark = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg binary to make test media")
@@ -203,3 +203,14 @@ def test_views_are_validated_and_used_for_derived_views(tmp_path, media):
         s2.conversation("V")
     with pytest.raises(ManifestError, match="views.AV"):
         validate_manifest(path, strict=True)
+
+
+def test_read_inputs_leaves_out_and_reports_bad_lines(tmp_path):
+    bad = tmp_path / "m.jsonl"
+    bad.write_text('{"video": "a.mp4"}\n{"audio": "x.wav"}\n{"video": 3}\n')
+    problems = []
+    assert [os.path.basename(i.video) for i in read_inputs(bad, problems)] == ["a.mp4"]
+    assert [(p.line, p.field, p.code) for p in problems] == [(2, "video", "missing_field"), (3, "video", "invalid_field")]
+    assert str(problems[0]).startswith(f"{bad}:2: field 'video'") and "Fix: add 'video'" in str(problems[0])
+    with pytest.raises(FileNotFoundError):
+        read_inputs(tmp_path / "nope.jsonl")

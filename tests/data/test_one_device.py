@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from nemo_avllm.data import media
-from nemo_avllm.data.dataset import DecodeSettings, MediaSource, collate_av, load_media_batch, stack_rows, worker_gpu
+from nemo_avllm.data.dataset import DecodeSettings, MediaSource, collate_av, load_media_batch, stack_rows
+from nemo_avllm.data.workers import worker_gpu
 from nemo_avllm.data.conversation import TokenizedSample
 
 
