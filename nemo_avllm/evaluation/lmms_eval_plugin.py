@@ -11,8 +11,8 @@ lmms_eval_plugin:manifest`, so installing nemo_avllm (with the `lmms-eval` extra
   (`modality=auto`, or forced, e.g. `modality=<VIS>` for the visual-only run of Fig. 5);
   `gen_kwargs` give `until`, `max_new_tokens`, `temperature`, `top_p`, `do_sample`.
 - `loglikelihood`: the log-probability of the continuation as the assistant's answer.
-Model args: `pretrained` (required), `dtype` (bf16|fp16|fp32), `device`, `batch_size`,
-`modality`, `max_new_tokens` (default when a task gives none).
+Model args: `pretrained` (required), `dtype` (bf16|fp16|fp32), `modality`, `max_new_tokens`
+(default when a task gives none); `--batch_size` and `--device` come from lmms-eval's own flags.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ class AVLLM(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str, dtype: str | None = None, device: str | None = None, batch_size: int | str = 1,
-                 modality: str = "auto", max_new_tokens: int | str = 128, **kwargs):
+                 modality: str = "auto", max_new_tokens: int | str = 128, max_batch_size: int | None = None, **kwargs):
+        """`batch_size`: questions per forward pass (lmms-eval's `--batch_size`; "auto" = 1, and
+        `max_batch_size`, which only bounds "auto", is not used)."""
         super().__init__()
         from nemo_avllm.inference.backends import HFBackend
         from nemo_avllm.inference.run import MODALITY_CHOICES
@@ -51,7 +53,7 @@ class AVLLM(lmms):
             raise FileNotFoundError(f"--model_args pretrained={pretrained} is not an `avllm export-hf` folder "
                                     f"(no config.json); export a checkpoint with `avllm export-hf checkpoint=... out=DIR`")
         self.backend = HFBackend(pretrained, dtype, device)
-        self.batch_size_per_gpu = int(batch_size)
+        self.batch_size_per_gpu = 1 if str(batch_size).startswith("auto") else int(batch_size)
         self.modality = modality
         self.max_new_tokens = int(max_new_tokens)
         self._tmp = tempfile.TemporaryDirectory(prefix="avllm-lmms-")

@@ -134,3 +134,69 @@ def test_generate_until_and_loglikelihood(registry, export, backend, media, tmp_
     with pytest.raises(ValueError, match="unknown \\['pretrain'\\]"):
         cls.create_from_arg_string(f"pretrained={export},pretrain=x")
 
+
+
+TASK_UTILS = '''
+def doc_to_visual(doc):
+    return [doc["video"]]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    return {"exact_match": float(results[0].strip() == doc["answer"])}
+'''
+
+
+def test_lmms_eval_cli(plugin_path, export, backend, media, tmp_path):  # noqa: F811
+    """`lmms-eval --model avllm --model_args pretrained=EXPORT_DIR` on a task defined in a local
+    folder (`--include_path`, a JSON dataset: nothing downloaded); the task's answers are what the
+    training checkpoint says, so exact match is 1.0 only when every visual reached the model."""
+    import shutil
+
+    from nemo_avllm.inference.engine import SamplingConfig
+    from nemo_avllm.inference.run import Question, answer_batch, question_turn
+
+    exe = shutil.which("lmms-eval", path=os.path.dirname(sys.executable))
+    assert exe, "the lmms-eval command is missing next to python; run scripts/setup.sh"
+    keys = [("av", "<AUD_VIS>"), ("silent", "<VIS>")]
+    want = [g.text for g in answer_batch(backend, [Question(k, str(media[k]), None, [question_turn(QUESTION, t)], t)
+                                                   for k, t in keys], SamplingConfig(max_new_tokens=8))]
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "qa.json").write_text(json.dumps([{"video": str(media[k]), "question": QUESTION, "answer": a}
+                                              for (k, _), a in zip(keys, want)]))
+    (task / "utils.py").write_text(TASK_UTILS)
+    (task / "avllm_local_qa.yaml").write_text(f"""task: avllm_local_qa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {task / 'qa.json'}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+process_results: !function utils.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+generation_kwargs:
+  max_new_tokens: 8
+  temperature: 0
+  do_sample: false
+""")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(plugin_path)]), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    proc = subprocess.run([exe, "--model", "avllm", "--model_args", f"pretrained={export}", "--batch_size", "2",
+                           "--tasks", "avllm_local_qa", "--include_path", str(task), "--output_path", str(tmp_path / "out"),
+                           "--log_samples"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    log = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0 and "Error during evaluation" not in log, log  # lmms-eval exits 0 on errors
+    results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())["results"]["avllm_local_qa"]
+    samples = [json.loads(x) for x in next((tmp_path / "out").rglob("*_samples_*.jsonl")).read_text().splitlines()]
+    assert [s["filtered_resps"] for s in sorted(samples, key=lambda s: s["doc_id"])] == want
+    assert results["exact_match,none"] == 1.0
