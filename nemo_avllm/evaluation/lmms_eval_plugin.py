@@ -13,10 +13,12 @@ lmms_eval_plugin:manifest`, so installing nemo_avllm (with the `lmms-eval` extra
 - `loglikelihood`: the log-probability of the continuation as the assistant's answer.
 Model args: `pretrained` (required), `dtype` (bf16|fp16|fp32), `modality`, `max_new_tokens`
 (default when a task gives none); `--batch_size` and `--device` come from lmms-eval's own flags.
+One process on one device (a 7B or 13B export in bf16 fits one 80 GB GPU).
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -47,6 +49,9 @@ class AVLLM(lmms):
         if kwargs:
             raise ValueError(f"--model_args for avllm: unknown {sorted(kwargs)}; known: pretrained, dtype, device, "
                              f"batch_size, modality, max_new_tokens")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise NotImplementedError("avllm in lmms-eval runs in one process (lmms-eval's multi-process sharding is "
+                                      "not wired); launch `lmms-eval` without accelerate/torchrun")
         if modality not in MODALITY_CHOICES:
             raise ValueError(f"--model_args modality={modality!r}; expected one of {MODALITY_CHOICES}")
         if not (Path(pretrained) / "config.json").is_file():

@@ -142,6 +142,12 @@ def test_consistency_pairs_two_phrasings(server, tmp_path, monkeypatch):
     items = B.read("videochatgpt", annotations=ann)
     assert [it.qid for it in items[:2]] == ["0_q1", "0_q2"] and items[1].question == "Which colour does the car have?"
     assert items[0].video == "v_abc.mp4" and items[0].meta == {"pair": "0", "phrasing": 1}
+    generic = tmp_path / "generic_qa.json"
+    generic.write_text(json.dumps([{"video_name": "v_abc", "Q": "What happens?", "A": "A car drives by."}]))
+    assert [(it.qid, it.question, it.meta) for it in B.read("videochatgpt", annotations=generic)] == [("0", "What happens?", {})]
+    generic.write_text(json.dumps([{"video_name": "v_abc", "Q": "What happens?"}]))
+    with pytest.raises(B.AnnotationError, match=r"generic_qa.json\[0\]: missing field 'A'"):
+        B.read("videochatgpt", annotations=generic)
     preds = {"0_q1": "cat", "0_q2": "cat", "1_q1": "cat", "1_q2": "dog", "2_q1": "what?", "2_q2": "cat", "3_q1": "cat"}
     monkeypatch.setenv("JUDGE_KEY", "sk-test")
     cfg = JudgeConfig(base_url=server.url, model="m", api_key_env="JUDGE_KEY", cache_dir=str(tmp_path / "c"))
