@@ -46,7 +46,10 @@ stamp=$(sha256sum pyproject.toml | cut -c1-16)
 if [ "$(cat .venv/.setup-stamp 2>/dev/null || true)" != "$stamp" ]; then
   echo "[setup] installing nemo_avllm and its dependencies into .venv (first time: several GB, a few minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test]'
+  .venv/bin/python -m pip install -q -e '.[test,decoders]'
+  # lmms-eval (the `avllm` model plugin's harness) without its own requirements: they would upgrade
+  # numpy to 2.x; what it needs to run is in the `lmms` extra above
+  .venv/bin/python -m pip install -q --no-deps 'lmms-eval==0.7.3'
   echo "$stamp" > .venv/.setup-stamp
 fi
 echo "[setup] ready: $(.venv/bin/python --version), torch $(.venv/bin/python -c 'import torch; print(torch.__version__)')"

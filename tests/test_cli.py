@@ -222,10 +222,17 @@ def test_prepare_then_features_from_the_command_line(tmp_path):
     assert meta  # hash of the encoder config, T, K, ...
 
 
-def test_demo_runs_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
     """The README's main job, at toy size: data -> stage 1 -> stage 2 -> evaluation table."""
+    tmp_path = tmp_path_factory.mktemp("demo")
     out = _run(["demo", f"out_dir={tmp_path}", "num_train=40", "num_eval=4", "progress_bar=false",
                 "stage1.trainer.max_steps=1", "stage2.trainer.max_steps=3"])  # 1 step: warm-up clamps
+    return tmp_path, out
+
+
+def test_demo_runs_end_to_end(demo):
+    tmp_path, out = demo
     assert "| question family | chance |" in out
     assert "[demo] avllm generate checkpoint=" in out and "[generate] clip" in out  # raw-clip generate at the end
     results = json.loads((tmp_path / "results.json").read_text())
@@ -255,3 +262,38 @@ def test_demo_is_deterministic_for_a_seed(tmp_path):
     assert first[0] == again[0]  # losses of stage 1 and stage 2, bit for bit
     assert first[1] == again[1]
     assert first[2] == again[2]  # the seeded random encoder weights
+
+
+def test_evaluate_the_demo_checkpoint_v_vs_av(demo):
+    """The demo checkpoint on its held-out clips written as a MUSIC-AVQA benchmark, evaluated as
+    the README says: with each clip's own token, then visual-only (<VIS>), then side by side."""
+    from nemo_avllm.demo.benchmark import evaluate_commands
+
+    tmp_path, _ = demo
+    proc = subprocess.run([sys.executable, "-m", "nemo_avllm.demo.benchmark", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    ann = tmp_path / "benchmark" / "avqa-test.json"
+    rows = json.loads(ann.read_text())
+    held = [json.loads(x) for x in (tmp_path / "data" / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) == len({(h["id"], h["family"]) for h in held}) and "avllm evaluate benchmark=music_avqa" in out
+    assert all("<" not in r["question_content"] for r in rows)
+    ckpt = next((tmp_path / "runs" / "demo_stage2" / "checkpoints").glob("*-last"))
+    av, v, cmp = evaluate_commands(tmp_path, ckpt, ann, max_new_tokens=6)
+    _run(["evaluate", *av])
+    _run(["evaluate", *v])
+    runs = {name: tmp_path / "eval" / name for name in ("demo_heldout", "demo_heldout_vis")}
+    res = {k: json.loads((d / "results.json").read_text()) for k, d in runs.items()}
+    preds = {k: [json.loads(x) for x in (d / "predictions.rank0.jsonl").read_text().splitlines()] for k, d in runs.items()}
+    for k in runs:
+        assert res[k]["missing_videos"] == 0 and res[k]["scores"]["exact"]["n"] == len(rows)
+        assert res[k]["checkpoint"] == str(ckpt) and (runs[k] / "results.md").read_text().startswith("| benchmark |")
+        assert {g.split("/")[1] for g in res[k]["scores"]["exact"]["by_type"]} == {h["family"] for h in held}
+    with_sound = {h["video"][:-4] for h in held if h["token"] == "<AUD>"}  # audio questions: clips with sound
+    video = {str(r["question_id"]): r["video_id"] for r in rows}
+    assert {p["modality"] for p in preds["demo_heldout_vis"]} == {"<VIS>"} and res["demo_heldout_vis"]["visual_only"]
+    assert all(p["modality"] == ("<AUD_VIS>" if video[p["qid"]] in with_sound else "<VIS>") for p in preds["demo_heldout"])
+    assert len(preds["demo_heldout"]) == len(preds["demo_heldout_vis"]) == len(rows)
+    table = _run(["evaluate", *cmp])
+    assert "| demo_heldout | - |" in table and "demo_heldout_vis" in table

@@ -28,7 +28,7 @@ from pathlib import Path
 from nemo_avllm.curation.cache import VideoCache
 from nemo_avllm.curation.captions import VideoCaptions, caption_lines, caption_videos
 from nemo_avllm.curation.instructions import STAGE1_TYPES, Item, Request, check_reply, plan, targets, to_manifest_line
-from nemo_avllm.curation.llm import ChatClient, LLMError, Usage
+from nemo_avllm.runtime.openai_client import ChatClient, LLMError, Usage
 from nemo_avllm.curation.prompts import PromptSet
 from nemo_avllm.curation import verify
 

@@ -21,6 +21,7 @@ the benchmark's video root, the question, and the reference(s). Field names foll
 | valor_cap      | desc_test.json                           | <video_id>.mp4                    | CIDEr, BLEU |
 | avsd_cap       | lbl_test_set4DSTC7-AVSD.json             | <image_id>.mp4                    | CIDEr, BLEU |
 | favdbench      | test.caption_coco_format.json (COCO)     | <image_id>.mp4                    | BLEU-1 (headline), CIDEr |
+| videochatgpt   | generic_qa / temporal_qa / consistency_qa.json | <video_name>.mp4            | judge, Table 9 dimensions |
 
 Bad annotation files raise `AnnotationError` naming the file, the entry and the field.
 """
@@ -120,6 +121,24 @@ def read_msvd_qa(annotations: str, mapping: str, video_ext: str = "avi", **_) ->
             raise AnnotationError(f"{w}: video_id {vid} is not in the mapping {mapping}; use the youtube_mapping.txt of the same release")
         items.append(EvalItem(str(_field(e, "id", w, int)), f"{names[vid]}.{video_ext}", _field(e, "question", w, str),
                               _field(e, "answer", w, str), meta={"video_id": vid}))
+    return items
+
+
+def read_videochatgpt(annotations: str, video_ext: str = "mp4", **_) -> list[EvalItem]:
+    """Video-ChatGPT's benchmark (Table 9): `generic_qa.json` / `temporal_qa.json` entries
+    `{video_name, Q, A}`, or `consistency_qa.json` entries `{video_name, Q1, Q2, A}`: one question
+    asked two ways, two items with `meta["pair"]` (the judge's consistency dimension pairs them)."""
+    items = []
+    for i, e in enumerate(_list(_load_json(annotations), annotations)):
+        w = f"{annotations}[{i}]"
+        video = f"{_field(e, 'video_name', w, str)}.{video_ext}"
+        answer = _field(e, "A", w, str)
+        if isinstance(e, dict) and "Q1" in e:
+            for k in (1, 2):
+                items.append(EvalItem(f"{i}_q{k}", video, _field(e, f"Q{k}", w, str), answer,
+                                      meta={"pair": str(i), "phrasing": k}))
+        else:
+            items.append(EvalItem(str(i), video, _field(e, "Q", w, str), answer))
     return items
 
 
@@ -390,6 +409,7 @@ READERS: dict[str, Reader] = {
     "valor_cap": Reader(read_valor_caption, "caption", ("annotations",)),
     "avsd_cap": Reader(read_avsd_caption, "caption", ("annotations",)),
     "favdbench": Reader(read_coco_caption, "caption", ("annotations",)),
+    "videochatgpt": Reader(read_videochatgpt, "open", ("annotations",)),
 }
 
 

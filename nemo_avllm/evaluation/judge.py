@@ -2,30 +2,31 @@
 
 QA accuracy/score (Tables 2): the judge reads question, reference and prediction and answers a
 Python dict `{'pred': 'yes'|'no', 'score': 0..5}`; accuracy is the share of "yes", score the mean.
-The Table 9 dimensions (correctness, detail, context, temporal) ask for `{'score': 1..5}`.
+The Table 9 dimensions (correctness, detail, context, temporal) ask for `{'score': 1..5}` per
+answer; consistency reads the answers to two phrasings of one question (Video-ChatGPT's
+`consistency_qa.json`: items paired by `meta["pair"]`) and asks for `{'score': 0..5}`.
 
-Pinned and recorded with every result: base URL, model, temperature, prompt version. The API key
-is read from the environment variable named in the config, never from a file. Every judgment is
-cached on disk under `sha256(model, temperature, messages)`: reruns and resumed runs never pay
-twice. 429s, 5xx and timeouts are retried with exponential back-off; a reply that cannot be
-parsed is counted as `unparseable` and reported, never dropped or guessed.
+Pinned and recorded with every result: base URL, model, temperature, prompt version. The calls go
+through the shared `nemo_avllm.runtime.openai_client.ChatClient` (the curation's client too): the
+API key from the environment variable named in the config only, every judgment cached on disk by
+model + prompt version + messages, retries with back-off on 429/5xx/timeouts, tokens and cost
+counted. A reply that cannot be parsed is counted as `unparseable` and reported, never dropped or
+guessed.
 """
 
 from __future__ import annotations
 
 import ast
-import hashlib
-import json
 import logging
-import os
 import re
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
+
+from nemo_avllm.runtime.disk_cache import JsonDir
+from nemo_avllm.runtime.openai_client import ChatClient
 
 log = logging.getLogger(__name__)
 
-PROMPT_VERSION = "video-chatgpt-qa-v1"
+PROMPT_VERSION = "video-chatgpt-qa-v2"
 
 QA_SYSTEM = (
     "You are an intelligent chatbot designed for evaluating the correctness of generative outputs for "
@@ -57,10 +58,32 @@ DIM_USER = (
 )
 DIM_SYSTEM = ("You are an intelligent chatbot designed for evaluating generative outputs for video-based "
               "question-answer pairs. Score strictly by the requested criterion.")
+# consistency: the same question asked two ways, one reference answer (Video-ChatGPT's benchmark 5)
+CONSISTENCY = "consistency"
+CONS_SYSTEM = (
+    "You are an intelligent chatbot designed for evaluating the consistency of generative outputs for two very "
+    "similar video-based questions. You are given both questions, one correct answer common to both, and the "
+    "predicted answer to each question. Decide whether the two predicted answers are consistent.------"
+    "##INSTRUCTIONS: - Both predicted answers should agree with the correct answer and with each other, with no "
+    "contradictions or significant differences in the information they convey about the video.\n- Consider "
+    "synonyms or paraphrases as matches only when the conveyed information stays the same.\n- Evaluate the "
+    "consistency of the two predicted answers against the correct answer."
+)
+CONS_USER = (
+    "Please evaluate the following video-based question-answer pair:\n\nQuestion 1: {question1}\nQuestion 2: "
+    "{question2}\nCorrect Answer: {answer}\nPredicted Answer to Question 1: {prediction1}\nPredicted Answer to "
+    "Question 2: {prediction2}\n\nProvide your evaluation only as a consistency score, an integer value between "
+    "0 and 5, with 5 indicating the highest level of consistency. Please generate the response in the form of a "
+    "Python dictionary string with key 'score', where its value is the consistency score in INTEGER, not STRING. "
+    "DO NOT PROVIDE ANY OTHER OUTPUT TEXT OR EXPLANATION. Only provide the Python dictionary string. For example, "
+    "your response should look like this: {{'score': 4}}."
+)
 
 
 @dataclass
 class JudgeConfig:
+    """conf/evaluate.yaml `judge.client` (the `ChatClient` settings, plus where the cache lives)."""
+
     base_url: str = "https://api.openai.com/v1"
     model: str = "gpt-3.5-turbo-0613"  # Video-ChatGPT's judge; pin a dated model
     temperature: float = 0.0
@@ -68,9 +91,12 @@ class JudgeConfig:
     cache_dir: str = "checkpoints/judge_cache"
     timeout_s: float = 60.0
     max_retries: int = 6
-    backoff_s: float = 2.0  # first retry delay; doubles each time
-    usd_per_1k_prompt_tokens: float = 0.0
-    usd_per_1k_completion_tokens: float = 0.0
+    backoff_s: float = 2.0  # first retry delay; doubles each time (with jitter, or the server's Retry-After)
+    backoff_max_s: float = 60.0
+    max_tokens: int | None = None  # null: the server's default, as the Video-ChatGPT protocol
+    requests_per_minute: float = 0.0  # 0: no rate limit
+    price_per_1m_input: float = 0.0  # USD, for the cost in the results
+    price_per_1m_output: float = 0.0
 
     def record(self) -> dict:
         """What a results file records about the judge (no key)."""
@@ -85,7 +111,6 @@ class Verdict:
     yes: bool | None  # QA: the judge's yes/no (None: unparseable)
     score: float | None
     raw: str
-    cached: bool = False
 
 
 def parse_reply(text: str, want_pred: bool = True) -> tuple[bool | None, float | None]:
@@ -119,94 +144,62 @@ def parse_reply(text: str, want_pred: bool = True) -> tuple[bool | None, float |
     return yes, score
 
 
-@dataclass
-class Usage:
-    calls: int = 0
-    cached: int = 0
-    retries: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    failures: list = field(default_factory=list)
-
-
 class Judge:
     def __init__(self, cfg: JudgeConfig):
-        from openai import OpenAI
-
-        key = os.environ.get(cfg.api_key_env)
-        if not key:
-            raise ValueError(f"the judge's API key is read from the environment: set {cfg.api_key_env} "
-                             f"(or judge.api_key_env=<another variable>)")
         self.cfg = cfg
-        self.client = OpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s, max_retries=0)
-        self.cache = Path(cfg.cache_dir)
-        self.cache.mkdir(parents=True, exist_ok=True)
-        self.usage = Usage()
+        self.client = ChatClient(cfg, PROMPT_VERSION)
+        self.cache = JsonDir(cfg.cache_dir)
+        self.cache.dir.mkdir(parents=True, exist_ok=True)
 
-    def _key(self, messages: list[dict]) -> str:
-        blob = json.dumps({"model": self.cfg.model, "temperature": self.cfg.temperature, "messages": messages},
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+    @property
+    def usage(self):
+        return self.client.usage
 
-    def complete(self, messages: list[dict]) -> tuple[str, bool]:
-        """The judge's reply text (from the cache when asked before) and whether it was cached."""
-        import openai
-
-        path = self.cache / f"{self._key(messages)}.json"
-        if path.is_file():
-            self.usage.cached += 1
-            return json.loads(path.read_text())["reply"], True
-        delay = self.cfg.backoff_s
-        for attempt in range(self.cfg.max_retries + 1):
-            try:
-                r = self.client.chat.completions.create(model=self.cfg.model, messages=messages,
-                                                        temperature=self.cfg.temperature)
-                break
-            except (openai.RateLimitError, openai.APITimeoutError, openai.APIConnectionError,
-                    openai.InternalServerError) as e:
-                if attempt == self.cfg.max_retries:
-                    raise RuntimeError(f"judge {self.cfg.base_url} ({self.cfg.model}) failed after "
-                                       f"{attempt + 1} attempts: {e}") from e
-                self.usage.retries += 1
-                log.warning("judge: %s; retrying in %.1f s", type(e).__name__, delay)
-                time.sleep(delay)
-                delay *= 2
-        reply = r.choices[0].message.content or ""
-        self.usage.calls += 1
-        if r.usage is not None:
-            self.usage.prompt_tokens += int(r.usage.prompt_tokens or 0)
-            self.usage.completion_tokens += int(r.usage.completion_tokens or 0)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"model": self.cfg.model, "messages": messages, "reply": reply}))
-        os.replace(tmp, path)
-        return reply, False
+    def _ask(self, stage: str, system: str, user: str) -> str:
+        return self.client.chat(stage, [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                self.cache)
 
     def qa(self, question: str, answer: str, prediction: str) -> Verdict:
-        msgs = [{"role": "system", "content": QA_SYSTEM},
-                {"role": "user", "content": QA_USER.format(question=question, answer=answer, prediction=prediction)}]
-        reply, cached = self.complete(msgs)
+        reply = self._ask("judge_qa", QA_SYSTEM, QA_USER.format(question=question, answer=answer, prediction=prediction))
         yes, score = parse_reply(reply)
-        return Verdict(yes, score, reply, cached)
+        return Verdict(yes, score, reply)
 
     def dimension(self, dim: str, question: str, answer: str, prediction: str) -> Verdict:
         if dim not in DIMENSIONS:
-            raise ValueError(f"judge dimension {dim!r}; known: {sorted(DIMENSIONS)}")
-        msgs = [{"role": "system", "content": DIM_SYSTEM},
-                {"role": "user", "content": DIM_USER.format(criterion=DIMENSIONS[dim], question=question,
-                                                            answer=answer, prediction=prediction)}]
-        reply, cached = self.complete(msgs)
-        _, score = parse_reply(reply, want_pred=False)
-        return Verdict(None, score, reply, cached)
+            raise ValueError(f"judge dimension {dim!r}; known: {sorted(DIMENSIONS) + [CONSISTENCY]}")
+        reply = self._ask(f"judge_{dim}", DIM_SYSTEM, DIM_USER.format(criterion=DIMENSIONS[dim], question=question,
+                                                                      answer=answer, prediction=prediction))
+        return Verdict(None, parse_reply(reply, want_pred=False)[1], reply)
+
+    def consistency(self, questions: tuple[str, str], answer: str, predictions: tuple[str, str]) -> Verdict:
+        """One score for the answers to two phrasings of the same question."""
+        reply = self._ask("judge_consistency", CONS_SYSTEM, CONS_USER.format(
+            question1=questions[0], question2=questions[1], answer=answer, prediction1=predictions[0],
+            prediction2=predictions[1]))
+        return Verdict(None, parse_reply(reply, want_pred=False)[1], reply)
 
     def cost_usd(self) -> float:
-        u = self.usage
-        return (u.prompt_tokens * self.cfg.usd_per_1k_prompt_tokens + u.completion_tokens
-                * self.cfg.usd_per_1k_completion_tokens) / 1000.0
+        return self.usage.cost(self.cfg.price_per_1m_input, self.cfg.price_per_1m_output)
+
+
+def _pairs(items, preds: dict[str, str]) -> tuple[list[tuple], int]:
+    """(pair id, (item1, item2)) for the consistency pairs whose two questions were both answered,
+    and how many pairs lack an answer."""
+    groups: dict[str, list] = {}
+    for it in items:
+        if it.meta.get("pair") is not None:
+            groups.setdefault(str(it.meta["pair"]), []).append(it)
+    done = [(k, tuple(sorted(v, key=lambda it: it.meta.get("phrasing", 0)))) for k, v in groups.items()
+            if len(v) == 2 and all(it.qid in preds for it in v)]
+    return done, len(groups) - len(done)
 
 
 def judge_qa(judge: Judge, preds: dict[str, str], items, dimensions: list[str] = ()) -> dict:
     """Accuracy (share of "yes") and mean score over the answered items; unparseable replies are
     counted (and excluded from both), with their ids."""
+    unknown = [d for d in dimensions if d not in DIMENSIONS and d != CONSISTENCY]
+    if unknown:
+        raise ValueError(f"judge.dimensions: unknown {unknown}; known: {sorted(DIMENSIONS) + [CONSISTENCY]}")
     yes, scores, unparseable = {}, [], []
     dims: dict[str, list[float]] = {d: [] for d in dimensions}
     for it in items:
@@ -219,18 +212,35 @@ def judge_qa(judge: Judge, preds: dict[str, str], items, dimensions: list[str] =
             yes[it.qid] = v.yes
             scores.append(v.score)
         for d in dimensions:
+            if d == CONSISTENCY:
+                continue
             s = judge.dimension(d, it.question, str(it.answer), preds[it.qid]).score
             if s is None:
                 unparseable.append(f"{it.qid}:{d}")
             else:
                 dims[d].append(s)
+    extra = {}
+    if CONSISTENCY in dimensions:
+        pairs, unanswered = _pairs(items, preds)
+        for key, (a, b) in pairs:
+            s = judge.consistency((a.question, b.question), str(a.answer), (preds[a.qid], preds[b.qid])).score
+            if s is None:
+                unparseable.append(f"pair {key}:{CONSISTENCY}")
+            else:
+                dims[CONSISTENCY].append(s)
+        extra = {"consistency_pairs": len(dims[CONSISTENCY]), "consistency_pairs_unanswered": unanswered}
+        if not pairs and not unanswered:
+            extra["consistency_note"] = ("no paired questions: consistency needs a benchmark whose items come in "
+                                         "pairs, e.g. reader videochatgpt on consistency_qa.json")
     u = judge.usage
     out = {"accuracy": sum(yes.values()) / max(len(yes), 1), "score": sum(scores) / max(len(scores), 1),
            "n": len(yes), "unparseable": len(unparseable), "unparseable_ids": unparseable,
            "judge": judge.cfg.record(),
-           "judge_usage": {"calls": u.calls, "cached": u.cached, "retries": u.retries, "prompt_tokens": u.prompt_tokens,
-                           "completion_tokens": u.completion_tokens, "cost_usd": round(judge.cost_usd(), 6)},
-           "correct": yes}
+           "judge_usage": {"calls": u.calls, "cached": u.cached_calls, "retries": u.retries,
+                           "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                           "cost_usd": round(judge.cost_usd(), 6)},
+           "correct": yes, **extra}
     for d, v in dims.items():
-        out[f"dim_{d}"] = sum(v) / max(len(v), 1)
+        if v or d != CONSISTENCY:
+            out[f"dim_{d}"] = sum(v) / max(len(v), 1)
     return out

@@ -9,7 +9,7 @@
 3. rank 0 merges the predictions and scores them (`metrics.py`, `judge.py`), writing one
    `results.json` and one `results.md` (benchmark, metric, N, judge, checkpoint, date).
 
-`avllm evaluate compare=RUN_DIR1,RUN_DIR2` sets finished runs side by side with the paper's numbers.
+`avllm evaluate compare=[RUN_DIR1,RUN_DIR2]` sets finished runs side by side with the paper's numbers.
 """
 
 from __future__ import annotations
@@ -215,8 +215,9 @@ def compare(runs: list[str]) -> str:
 
 
 def main(cfg) -> int:
-    if cfg.get("compare"):
-        print(compare(str(cfg.compare).split(",")))
+    if cfg.get("compare"):  # compare=[RUN1,RUN2] (Hydra reads an unquoted a,b as a sweep)
+        runs = cfg.compare if OmegaConf.is_list(cfg.compare) else str(cfg.compare).split(",")
+        print(compare([str(r) for r in runs]))
         return 0
     from nemo_avllm.inference.backends import load_backend
 

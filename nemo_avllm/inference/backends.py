@@ -187,6 +187,27 @@ class HFBackend:
         return results
 
 
+    @torch.no_grad()
+    def loglikelihood(self, prompts: list[list[int]], continuations: list[list[int]], features) -> list[tuple[float, bool]]:
+        """(sum of log-probabilities of each continuation after its prompt, whether greedy decoding
+        would have produced it): what likelihood-scored benchmarks (lmms-eval's `loglikelihood`) ask."""
+        full = [p + c for p, c in zip(prompts, continuations)]
+        ids, mask = self._ids(full)
+        logits = self.model.language_model(inputs_embeds=self.model.embed(ids, features=features),
+                                           attention_mask=mask).logits.float()
+        out = []
+        width = ids.shape[1]
+        for i, (p, c) in enumerate(zip(prompts, continuations)):
+            if not c:
+                out.append((0.0, True))
+                continue
+            start = width - len(c)  # left padding: the continuation ends the row
+            rows = torch.log_softmax(logits[i, start - 1: width - 1], dim=-1)  # position t predicts token t+1
+            target = torch.tensor(c, device=rows.device)
+            out.append((float(rows.gather(1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all())))
+        return out
+
+
 def load_backend(cfg) -> MegatronBackend | HFBackend:
     """`checkpoint=` (dist checkpoint) or `hf=` (export folder) from conf/generate.yaml."""
     if bool(cfg.get("checkpoint")) == bool(cfg.get("hf")):

@@ -95,12 +95,12 @@ class Question:
 
 
 def read_manifest(path: Path, forced: str | None) -> list[Question]:
-    """Questions of a JSONL file (see module docstring); problems name the line and field."""
+    """Questions of a JSONL file (see module docstring), read with the data layer's line reader
+    and path rule (`nemo_avllm.data.manifest`); problems name the line and field."""
+    from nemo_avllm.data.manifest import iter_lines, resolve_media_path
+
     out = []
-    base = path.parent
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in iter_lines(path):
         where = f"{path}:{n}"
         try:
             rec = json.loads(line)
@@ -108,8 +108,8 @@ def read_manifest(path: Path, forced: str | None) -> list[Question]:
             raise ValueError(f"{where}: not JSON ({e})") from e
         if "video" not in rec:
             raise ValueError(f"{where}: field 'video' is missing (the media file, relative to the manifest)")
-        video = str((base / rec["video"]) if not Path(rec["video"]).is_absolute() else Path(rec["video"]))
-        audio = str(base / rec["audio"]) if rec.get("audio") else None
+        video = resolve_media_path(rec["video"], path.parent)
+        audio = resolve_media_path(rec["audio"], path.parent) if rec.get("audio") else None
         token = choose_modality(video, forced) if not rec.get("conversations") else ""
         if rec.get("conversations"):
             turns = rec["conversations"]

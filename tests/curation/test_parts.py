@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from nemo_avllm import config
 from nemo_avllm.curation import instructions as ins
 from nemo_avllm.curation.cache import VideoCache
-from nemo_avllm.curation.llm import ChatClient, LLMError, Usage, api_key, parse_json_reply
+from nemo_avllm.runtime.openai_client import ChatClient, LLMError, Usage, api_key, parse_json_reply
 from nemo_avllm.curation.prompts import PromptSet
 from tests.curation.helpers import ChatServer
 

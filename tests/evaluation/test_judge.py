@@ -1,6 +1,7 @@
 """The GPT judge against a real HTTP server on 127.0.0.1 speaking the chat-completions protocol
 (`http.server`, started by the test): normal, fenced and malformed replies, 429s, 500s, a
-timeout, the on-disk cache and the usage record."""
+timeout, the on-disk cache and the usage record; the consistency dimension on paired questions
+read from Video-ChatGPT's consistency_qa.json format."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from nemo_avllm.evaluation.benchmarks import EvalItem
 from nemo_avllm.evaluation.judge import Judge, JudgeConfig, judge_qa, parse_reply
+from nemo_avllm.runtime.openai_client import LLMError
 
 
 class Server:
@@ -21,6 +23,7 @@ class Server:
     def __init__(self):
         self.hits: dict[str, int] = {}
         self.models: list[str] = []
+        self.pairs: list[tuple[str, str]] = []
         srv = self
 
         class H(BaseHTTPRequestHandler):
@@ -31,7 +34,15 @@ class Server:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 assert self.path.endswith("/chat/completions") and self.headers["Authorization"] == "Bearer sk-test"
                 srv.models.append(body["model"])
-                pred = body["messages"][-1]["content"].split("Predicted Answer: ")[1].split("\n")[0]
+                user = body["messages"][-1]["content"]
+                if "Predicted Answer to Question 1: " in user:  # consistency: 5 when both answers agree
+                    p1, p2 = (user.split(f"Predicted Answer to Question {k}: ")[1].split("\n")[0] for k in (1, 2))
+                    srv.pairs.append((p1, p2))
+                    text = "no idea" if "?" in p1 else "{''score': 4.8}" if p1 == p2 else "{'score': 1}"
+                    return self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                                         "finish_reason": "stop"}]})
+                pred = user.split("Predicted Answer: ")[1].split("\n")[0]
                 n = srv.hits[pred] = srv.hits.get(pred, 0) + 1
                 if pred == "busy" and n <= 2:
                     return self._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}})
@@ -79,7 +90,7 @@ def test_judge_over_http(server, tmp_path, monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", "sk-test")
     cfg = JudgeConfig(base_url=server.url, model="judge-pinned-0613", api_key_env="JUDGE_KEY",
                       cache_dir=str(tmp_path / "cache"), timeout_s=1.0, max_retries=3, backoff_s=0.05,
-                      usd_per_1k_prompt_tokens=1.0, usd_per_1k_completion_tokens=2.0)
+                      price_per_1m_input=1000.0, price_per_1m_output=2000.0)
     items = [EvalItem(q, "v", f"question {q}?", "ref") for q in ("a", "b", "c", "d", "e", "f")]
     preds = dict(zip("abcdef", ["cat", "dog", "busy", "flaky", "slow", "gibberish"]))
     r = judge_qa(Judge(cfg), preds, items)
@@ -104,7 +115,7 @@ def test_judge_over_http(server, tmp_path, monkeypatch):
 
 def test_key_only_from_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
-    with pytest.raises(ValueError, match="set NO_SUCH_KEY"):
+    with pytest.raises(LLMError, match="NO_SUCH_KEY is not set"):
         Judge(JudgeConfig(api_key_env="NO_SUCH_KEY", cache_dir=str(tmp_path)))
 
 
@@ -114,6 +125,42 @@ def test_gives_up_after_retries(server, tmp_path, monkeypatch):
                       max_retries=1, backoff_s=0.01)
     with pytest.raises(RuntimeError, match="failed after 2 attempts"):
         Judge(cfg).qa("q", "a", "busy")
+
+
+def test_consistency_pairs_two_phrasings(server, tmp_path, monkeypatch):
+    """Video-ChatGPT's consistency_qa.json: each entry is one question asked two ways; the judge
+    scores the two answers together, once per pair; a pair with an unanswered phrasing is counted."""
+    from nemo_avllm.evaluation import benchmarks as B
+
+    ann = tmp_path / "consistency_qa.json"
+    ann.write_text(json.dumps([
+        {"video_name": "v_abc", "Q1": "What colour is the car?", "Q2": "Which colour does the car have?", "A": "red"},
+        {"video_name": "v_abc", "Q1": "Who is driving?", "Q2": "Who drives the car?", "A": "a woman"},
+        {"video_name": "v_def", "Q1": "Is it raining?", "Q2": "Does it rain in the video?", "A": "no"},
+        {"video_name": "v_ghi", "Q1": "How many dogs?", "Q2": "Count the dogs.", "A": "two"},
+    ]))
+    items = B.read("videochatgpt", annotations=ann)
+    assert [it.qid for it in items[:2]] == ["0_q1", "0_q2"] and items[1].question == "Which colour does the car have?"
+    assert items[0].video == "v_abc.mp4" and items[0].meta == {"pair": "0", "phrasing": 1}
+    generic = tmp_path / "generic_qa.json"
+    generic.write_text(json.dumps([{"video_name": "v_abc", "Q": "What happens?", "A": "A car drives by."}]))
+    assert [(it.qid, it.question, it.meta) for it in B.read("videochatgpt", annotations=generic)] == [("0", "What happens?", {})]
+    generic.write_text(json.dumps([{"video_name": "v_abc", "Q": "What happens?"}]))
+    with pytest.raises(B.AnnotationError, match=r"generic_qa.json\[0\]: missing field 'A'"):
+        B.read("videochatgpt", annotations=generic)
+    preds = {"0_q1": "cat", "0_q2": "cat", "1_q1": "cat", "1_q2": "dog", "2_q1": "what?", "2_q2": "cat", "3_q1": "cat"}
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    cfg = JudgeConfig(base_url=server.url, model="m", api_key_env="JUDGE_KEY", cache_dir=str(tmp_path / "c"))
+    r = judge_qa(Judge(cfg), preds, items, ["consistency"])
+    assert sorted(server.pairs) == [("cat", "cat"), ("cat", "dog"), ("what?", "cat")]
+    assert r["dim_consistency"] == pytest.approx((4.8 + 1) / 2)
+    assert r["consistency_pairs"] == 2 and r["consistency_pairs_unanswered"] == 1
+    assert "pair 2:consistency" in r["unparseable_ids"]
+    with pytest.raises(ValueError, match="unknown \\['consistancy'\\]"):
+        judge_qa(Judge(cfg), preds, items, ["consistancy"])
+    # no pairs in a benchmark without them: said, not a silent 0
+    r = judge_qa(Judge(cfg), {"a": "cat"}, [EvalItem("a", "v", "q?", "ref")], ["consistency"])
+    assert "dim_consistency" not in r and "no paired questions" in r["consistency_note"]
 
 
 def test_evaluate_scores_with_the_judge_from_config(server, tmp_path, monkeypatch):

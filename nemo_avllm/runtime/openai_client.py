@@ -1,8 +1,9 @@
-"""The LLM behind any OpenAI-compatible endpoint: caching, rate limit, retries, JSON replies, cost.
+"""An LLM behind any OpenAI-compatible endpoint: caching, rate limit, retries, JSON replies, cost.
 
-One `ChatClient` serves every stage (fusion, instruction generation, judging). Each call:
-1. looks up the reply in the per-video cache (key: model + prompt version + the exact messages and
-   sampling settings), so a rerun pays only for what is new;
+One `ChatClient` serves every caller: the curation's stages (fusion, instruction generation,
+verification) and the evaluation judge. Each call:
+1. looks up the reply in the given cache folder (`disk_cache.JsonDir`; key: model + prompt version
+   + the exact messages and sampling settings), so a rerun pays only for what is new;
 2. waits for the rate limiter, then sends the request (the `openai` client, its own retries off);
 3. retries 429, 5xx, timeouts and connection errors with exponential back-off and jitter,
    honouring a `Retry-After` header;
@@ -23,9 +24,9 @@ import random
 import re
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
-from nemo_avllm.curation.cache import VideoCache, digest
+from nemo_avllm.runtime.disk_cache import JsonDir, digest
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,14 @@ class ChatClient:
     """Chat completions with cache, rate limit, concurrency cap, retries and usage (see module doc)."""
 
     def __init__(self, cfg, prompt_version: str, usage: Usage | None = None):
+        """`cfg`: a config node or dataclass with base_url, model, api_key_env, temperature and the
+        optional max_tokens, timeout_s, max_concurrency, requests_per_minute, max_retries,
+        backoff_s, backoff_max_s, json_retries (conf/curate.yaml `llm`, conf/evaluate.yaml `judge.client`)."""
         import openai
+        from omegaconf import DictConfig, OmegaConf
 
+        if not isinstance(cfg, DictConfig):
+            cfg = OmegaConf.create(asdict(cfg) if is_dataclass(cfg) else dict(cfg))
         self.cfg = cfg
         self.prompt_version = prompt_version
         self.usage = usage or Usage()
@@ -211,6 +218,11 @@ class ChatClient:
         wait = retry_after if retry_after is not None else base
         return min(wait, float(self.cfg.get("backoff_max_s", 60.0)))
 
+    def _max_tokens(self) -> dict:
+        """`max_tokens` when configured (the judge protocol leaves it to the server)."""
+        n = self.cfg.get("max_tokens")
+        return {"max_tokens": int(n)} if n else {}
+
     def _send(self, messages: list[dict]) -> tuple[str, int, int]:
         """One completion with retries -> (text, prompt tokens, completion tokens)."""
         max_retries = int(self.cfg.get("max_retries", 5))
@@ -220,10 +232,11 @@ class ChatClient:
                 with self._slots:
                     r = self.client.chat.completions.create(
                         model=str(self.cfg.model), messages=messages, temperature=float(self.cfg.temperature),
-                        max_tokens=int(self.cfg.max_tokens))
+                        **self._max_tokens())
             except Exception as e:  # noqa: BLE001 (classified below)
                 if not self._retryable(e) or attempt == max_retries:
-                    raise LLMError(f"{self.cfg.base_url} ({self.cfg.model}): {type(e).__name__}: {e}") from e
+                    raise LLMError(f"{self.cfg.base_url} ({self.cfg.model}) failed after {attempt + 1} attempts: "
+                                   f"{type(e).__name__}: {e}") from e
                 wait = self._backoff(attempt, e)
                 log.warning("LLM call failed (%s); retry %d/%d in %.1f s", type(e).__name__, attempt + 1, max_retries, wait)
                 self.usage.count("retries")
@@ -236,20 +249,20 @@ class ChatClient:
             return text, int(getattr(u, "prompt_tokens", 0) or 0), int(getattr(u, "completion_tokens", 0) or 0)
         raise AssertionError("unreachable")
 
-    def chat(self, stage: str, messages: list[dict], cache: VideoCache | None = None, expect_json: bool = False,
+    def chat(self, stage: str, messages: list[dict], cache: JsonDir | None = None, expect_json: bool = False,
              validate=None, variant: int = 0):
         """The reply text (or parsed JSON with `expect_json`), from the cache when it has it.
 
         `validate(parsed)` may raise ValueError for JSON of the wrong shape: that re-asks too.
         `variant` > 0 asks the same messages again for another sample (its own cache entry)."""
         key = digest({"model": str(self.cfg.model), "prompt_version": self.prompt_version, "messages": messages,
-                      "temperature": float(self.cfg.temperature), "max_tokens": int(self.cfg.max_tokens),
+                      "temperature": float(self.cfg.temperature), "max_tokens": self._max_tokens().get("max_tokens"),
                       "json": expect_json, "variant": variant})
         name = f"llm-{stage}-{key}"
         hit = cache.get(name) if cache is not None else None
         if hit is not None:
             self.usage.add(stage, hit["prompt_tokens"], hit["completion_tokens"], cached=True)
-            return hit["parsed"] if expect_json else hit["text"]
+            return hit["parsed"] if expect_json else hit["text"].strip()
         tries = int(self.cfg.get("json_retries", 2)) + 1 if expect_json else 1
         ask = list(messages)
         p_all = c_all = 0  # tokens of every attempt: what a rerun would have paid (cost per video)
