@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 
 from nemo_avllm.evaluation import benchmarks as B
 from tests.evaluation.test_readers_metrics import FIXTURES
