@@ -19,6 +19,11 @@ from tests.conftest import REPO
 AVLLM = [sys.executable, "-m", "nemo_avllm.cli"]
 
 
+# The toy demos' small pools: MAT never repeats an item within a global batch, so the batch must
+# fit the fewest clips of a modality (the demo's default of 32 needs more clips than these).
+TOY_BATCH = [f"stage{s}.model.{k}={v}" for s in (1, 2) for k, v in (("global_batch_size", 4), ("micro_batch_size", 2))]
+
+
 def _run(args, timeout=900):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(AVLLM + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -227,7 +232,7 @@ def demo(tmp_path_factory):
     """The README's main job, at toy size: data -> stage 1 -> stage 2 -> evaluation table."""
     tmp_path = tmp_path_factory.mktemp("demo")
     out = _run(["demo", f"out_dir={tmp_path}", "num_train=40", "num_eval=4", "progress_bar=false",
-                "stage1.trainer.max_steps=1", "stage2.trainer.max_steps=3"])  # 1 step: warm-up clamps
+                "stage1.trainer.max_steps=1", "stage2.trainer.max_steps=3", *TOY_BATCH])  # 1 step: warm-up clamps
     return tmp_path, out
 
 
@@ -249,8 +254,8 @@ def test_demo_is_deterministic_for_a_seed(tmp_path):
     global RNG held, so every run cached other features.)"""
     def run(name):
         out = tmp_path / name
-        _run(["demo", f"out_dir={out}", "num_train=24", "num_eval=3", "progress_bar=false", "seed=3",
-              "stage1.trainer.max_steps=2", "stage2.trainer.max_steps=3"])
+        _run(["demo", f"out_dir={out}", "num_train=40", "num_eval=3", "progress_bar=false", "seed=0",
+              "stage1.trainer.max_steps=2", "stage2.trainer.max_steps=3", *TOY_BATCH])
         losses = [[json.loads(line)["reduced_train_loss"] for line in
                    (out / "runs" / f"demo_stage{s}" / "train_metrics.jsonl").read_text().splitlines()]
                   for s in (1, 2)]
