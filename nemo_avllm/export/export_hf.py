@@ -20,7 +20,6 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from nemo_avllm.config import to_dict
 from nemo_avllm.errors import UserError
@@ -147,12 +146,7 @@ def export_hf(
     from nemo_avllm.training import checkpoint as dist_ckpt
 
     ckpt = Path(checkpoint)
-    if not dist_ckpt.is_checkpoint(ckpt):
-        raise FileNotFoundError(f"{ckpt} is not a dist checkpoint folder (no metadata.json)")
-    cfg_dict = dist_ckpt.load_common(ckpt).get("cfg")
-    if not cfg_dict:
-        raise ValueError(f"{ckpt} has no model config in its common state; it was not written by nemo_avllm")
-    cfg = OmegaConf.create(to_dict(cfg_dict) if not isinstance(cfg_dict, dict) else cfg_dict)
+    cfg = dist_ckpt.model_config(ckpt)
     cfg.tensor_model_parallel_size = cfg.pipeline_model_parallel_size = 1
     cfg.transformer_impl = "local"  # checkpoint keys are the same for both layer specs
     cfg.build_encoders = False

@@ -30,9 +30,7 @@ class MegatronBackend:
 
     def __init__(self, checkpoint: str | Path, tokenizer: str | None = None, tensor_model_parallel_size: int = 1,
                  pipeline_model_parallel_size: int = 1, model_overrides: dict | None = None):
-        from omegaconf import OmegaConf
 
-        from nemo_avllm.config import to_dict
         from nemo_avllm.data.tokenizer import load_tokenizer
         from nemo_avllm.model.provider import build_model
         from nemo_avllm.runtime import distributed
@@ -46,12 +44,7 @@ class MegatronBackend:
                 f"generate with hf=DIR"
             )
         ckpt = Path(checkpoint)
-        if not dist_ckpt.is_checkpoint(ckpt):
-            raise FileNotFoundError(f"checkpoint={ckpt} is not a dist checkpoint folder (no metadata.json)")
-        cfg_dict = dist_ckpt.load_common(ckpt).get("cfg")
-        if not cfg_dict:
-            raise ValueError(f"{ckpt} has no model config in its common state; it was not written by nemo_avllm")
-        cfg = OmegaConf.create(to_dict(cfg_dict))
+        cfg = dist_ckpt.model_config(ckpt)
         cfg.merge_with(model_overrides or {})
         cfg.tensor_model_parallel_size = int(tensor_model_parallel_size)
         cfg.pipeline_model_parallel_size = 1

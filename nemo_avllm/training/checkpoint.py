@@ -292,3 +292,19 @@ def load_common(path: str | Path) -> dict:
     from megatron.core import dist_checkpointing
 
     return dist_checkpointing.load_common_state_dict(str(path)).get(COMMON_KEY, {})
+
+
+def model_config(path: str | Path):
+    """The model config saved in a checkpoint's common state (an OmegaConf DictConfig), for
+    loading it outside training (generation, export)."""
+    from omegaconf import OmegaConf
+
+    from nemo_avllm.config import to_dict
+
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a dist checkpoint folder (no metadata.json)")
+    cfg = load_common(path).get("cfg")
+    if not cfg:
+        raise ValueError(f"{path} has no model config in its common state; it was not written by nemo_avllm")
+    return OmegaConf.create(to_dict(cfg))
