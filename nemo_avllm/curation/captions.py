@@ -1,10 +1,10 @@
 """Step 1 of the curation (paper §3.2): time-stamped frame captions and audio-segment captions.
 
 - Frames: T frames sampled uniformly and decoded by the project's CPU back-end
-  (`media.decode_video_frames`, the same sampling and orientation as training), captioned by any
+  (`media.read_frames_and_audio`, the same decoders, sampling and orientation as training), captioned by any
   Hugging Face image-to-text model (`AutoModelForImageTextToText` + `AutoProcessor`; BLIP by
   default), batched, on the GPU when there is one.
-- Audio: the track decoded and cut into K equal segments by `media.decode_audio` /
+- Audio: the track decoded (same call) and cut into K equal segments by
   `media.segment_audio` (CLAP's window, as in training). Each segment is tagged zero-shot against
   the AudioSet label set (laion_clap's 527 classes) with CLAP: the audio embedding comes from the
   project's HTSAT encoder (`model.encoders.audio.AudioEncoder`, loaded from the HF `ClapModel`
@@ -276,12 +276,10 @@ def decode_for_captions(item, num_frames: int, num_segments: int, sample_rate: i
     Never raises: a bad file comes back with `error`."""
     try:
         info = media.probe(item.video)
-        frames, indices, n = media.decode_video_frames(item.video, num_frames)
+        frames, indices, n, wave = media.read_frames_and_audio(item.video, item.audio, num_frames, sample_rate, info)
         step = info.duration / n if info.duration > 0 else 0.0
         spans = [(round(i * step, 3), round((i + 1) * step, 3)) for i in indices]
         d = _Decoded(item, frames=frames, spans=spans, duration=info.duration)
-        src = item.audio or (item.video if info.has_audio else None)
-        wave = media.decode_audio(src, sample_rate) if src else None
         if wave is not None and wave.size:
             seconds = wave.size / sample_rate
             d.wave = wave

@@ -110,18 +110,17 @@ def load_media(src: MediaSource, s: DecodeSettings, video: bool, audio: bool):
     """(video [T,3,S,S] | None, audio [K,W] | None). Raises MediaError for undecodable files and
     when audio is asked for but the clip has none."""
     v = a = None
-    if video:
-        if s.backend == "cpu":
-            v, _, _ = media.decode_video(src.video, s.num_frames, s.image_size, info=src.info)
-        else:  # DALI when it reads the codec; its audio path reads the side-car FLAC
-            clip = media.decode_clip(src.video, src.audio, s.num_frames, s.num_audio_segments, s.image_size,
-                                     s.sample_rate, s.window, backend=s.backend, info=src.info)
-            v, a = clip.video, (clip.audio if audio else None)
-    if audio and a is None:
+    if video and (audio or s.backend != "cpu"):  # a DALI run decodes the pair in one pipeline
+        clip = media.decode_clip(src.video, src.audio, s.num_frames, s.num_audio_segments, s.image_size,
+                                 s.sample_rate, s.window, backend=s.backend, info=src.info)
+        v, a = clip.video, clip.audio
+    elif video:
+        v, _, _ = media.decode_video(src.video, s.num_frames, s.image_size, info=src.info)
+    elif audio:
         a = media.load_audio_segments(src.audio, s.num_audio_segments, s.sample_rate, s.window)
-        if a is None:
-            raise MediaError(src.audio, "no audio track, but the sample's tokens ask for audio")
-    return v, a
+    if audio and a is None:
+        raise MediaError(src.audio, "no audio track, but the sample's tokens ask for audio")
+    return v, a if audio else None
 
 
 _BATCH_DECODERS: dict = {}

@@ -76,13 +76,17 @@ def _video_stream(container, path):
     return container.streams.video[0]
 
 
-def _scan_video(container, stream, path) -> _FrameIndex:
-    """Demux (don't decode) the video stream: one packet per frame → exact count and pts index."""
+def _scan_video(container, stream, path, audio=None, on_audio=None) -> _FrameIndex:
+    """Demux (don't decode) the video stream: one packet per frame → exact count and pts index.
+    With `audio` (a stream), its packets go to `on_audio` in the same pass (one read of the file)."""
     rows: list[tuple[int | None, bool]] = []
     end_pts = None
     packets = 0
     try:
-        for pkt in container.demux(stream):
+        for pkt in container.demux(*([stream] if audio is None else [stream, audio])):
+            if audio is not None and pkt.stream.index == audio.index:
+                on_audio(pkt)  # flush packet included: it drains the audio decoder
+                continue
             if pkt.size == 0:  # the flush packet at EOF
                 continue
             packets += 1
@@ -170,14 +174,28 @@ def probe_audio(path) -> dict | None:
 # --------------------------------------------------------------------------------------------
 
 
+def _decode_skipping(container, stream, keep: set) -> Iterator["av.VideoFrame"]:
+    """Frames of `stream` from the demuxer's position, in presentation order. A packet whose pts
+    is not in `keep` goes to the decoder with `skip_frame=NONREF`: a frame no other frame refers
+    to is then dropped undecoded (in H.264 with B-frames about half of them, bench/RESULTS.md),
+    while every reference frame is decoded as usual, so the kept frames are bit-identical."""
+    cc = stream.codec_context
+    for pkt in container.demux(stream):
+        # set per packet: libavcodec copies skip_frame to the (frame-threaded) decoder on submit
+        cc.skip_frame = "DEFAULT" if pkt.size == 0 or pkt.pts is None or pkt.pts in keep else "NONREF"
+        yield from cc.decode(pkt)
+
+
 def _decode_seek(container, stream, index: _FrameIndex, wanted: list[int]) -> dict[int, "av.VideoFrame"] | None:
     """Decode the `wanted` presentation indices, seeking to the keyframe before a wanted frame
-    whenever a keyframe lies between the decoder's position and that frame. Returns None when
-    the stream doesn't behave (frame missing or without pts): the caller decodes sequentially."""
+    whenever a keyframe lies between the decoder's position and that frame, and skipping the
+    frames between that nothing refers to (:func:`_decode_skipping`). Returns None when the
+    stream doesn't behave (frame missing or without pts): the caller decodes sequentially."""
     key_before, last_key = [], 0
     for i, k in enumerate(index.keyframe):
         last_key = i if k else last_key
         key_before.append(last_key)
+    keep = {index.pts[t] for t in wanted}
     got: dict[int, av.VideoFrame] = {}
     frames_iter, last_pts = None, None
     for t in wanted:
@@ -188,7 +206,7 @@ def _decode_seek(container, stream, index: _FrameIndex, wanted: list[int]) -> di
                 container.seek(index.pts[key], stream=stream, backward=True, any_frame=False)
             else:
                 container.seek(0)  # the index scan left the demuxer at EOF
-            frames_iter = container.decode(stream)
+            frames_iter = _decode_skipping(container, stream, keep)
             last_pts = None
         for frame in frames_iter:
             if frame.pts is None:
@@ -206,6 +224,7 @@ def _decode_seek(container, stream, index: _FrameIndex, wanted: list[int]) -> di
 
 def _decode_sequential(container, stream, wanted: set[int]) -> tuple[dict[int, "av.VideoFrame"], int]:
     """Decode every frame from the start, keep the wanted ones; also returns the decoded count."""
+    stream.codec_context.skip_frame = "DEFAULT"  # after a failed _decode_seek: count every frame
     container.seek(0)
     got, n = {}, 0
     for frame in container.decode(stream):
@@ -239,12 +258,39 @@ def decode_video_frames(
 
     Returns (frames, frame indices, number of frames in the video).
     """
+    frames, indices, n, _ = read_clip(path, num_frames, None, pixels)
+    return frames, indices, n
+
+
+def read_clip(
+    path, num_frames: int = DEFAULT_NUM_FRAMES, sample_rate: int | None = SAMPLE_RATE, pixels: str = "swscale"
+) -> tuple[np.ndarray, list[int], int, np.ndarray | None]:
+    """T sampled frames (as :func:`decode_video_frames`) and the container's whole audio track
+    (as :func:`decode_audio`; None without audio or when `sample_rate` is None) from one open and
+    one demuxing pass: the audio is decoded while the video packets are indexed.
+
+    Returns (frames, frame indices, number of frames in the video, mono wave or None).
+    """
     p = os.fspath(path)
     with _open(p) as c:
         vs = _video_stream(c, p)
         vs.thread_type = "AUTO"
+        astream = c.streams.audio[0] if sample_rate is not None and c.streams.audio else None
+        chunks: list[np.ndarray] = []
+        on_audio = None
+        if astream is not None:
+            mono = _Mono(sample_rate)
+
+            def on_audio(pkt):
+                try:
+                    for frame in pkt.decode():
+                        chunks.extend(mono.push(frame))
+                except av.FFmpegError as e:
+                    raise MediaError(p, f"audio decoding failed ({e})") from e
         try:
-            index = _scan_video(c, vs, p)
+            index = _scan_video(c, vs, p, astream, on_audio)
+            if astream is not None:
+                chunks.extend(mono.flush())
             n = index.num_frames
             indices = sample_frame_indices(n, num_frames)
             wanted = sorted(set(indices))
@@ -257,13 +303,15 @@ def decode_video_frames(
                     n = decoded
                     indices = sample_frame_indices(n, num_frames)
                     got, _ = _decode_sequential(c, vs, set(indices))
-            order = sorted(got)
-            rgb = dict(zip(order, frames_to_rgb([got[i] for i in order], pixels)))
             rotation = int(got[indices[0]].rotation or 0)  # display matrix / JPEG EXIF orientation
+            order = sorted(got)  # == indices unless fewer frames than T repeat some
+            frames = frames_to_rgb([got[i] for i in order], pixels)
+            if order != indices:
+                frames = frames[np.searchsorted(order, indices)]
         except av.FFmpegError as e:
             raise MediaError(p, f"video decoding failed ({e})") from e
-    frames = np.stack([rgb[i] for i in indices])
-    return rotate_upright(frames, rotation), indices, n
+    wave = np.concatenate(chunks) if chunks else None
+    return rotate_upright(frames, rotation), indices, n, wave
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,27 +320,69 @@ def decode_video_frames(
 
 
 def iter_audio(path, sample_rate: int = SAMPLE_RATE) -> Iterator[np.ndarray]:
-    """The audio track as mono float32 chunks at `sample_rate` (mean of the channels), frame by
-    frame, so a long track is never held whole (`prepare` streams it into the FLAC side-car).
-
-    Nothing when the file has no audio stream. Resampling keeps the channels (libswresample, per
-    channel) and averages afterwards, so the downmix is a plain mean rather than ffmpeg's surround
-    downmix matrix.
-    """
+    """The audio track as mono float32 chunks at `sample_rate` (mean of the channels, see
+    :class:`_Mono`), about a second at a time, so a long track is never held whole (`prepare`
+    streams it into the FLAC side-car). Nothing when the file has no audio stream."""
     p = os.fspath(path)
     with _open(p) as c:
         if not c.streams.audio:
             return
         stream = c.streams.audio[0]
-        resampler = av.AudioResampler(format="fltp", layout=None, rate=sample_rate)
+        mono = _Mono(sample_rate)
         try:
             for frame in c.decode(stream):
-                frame.pts = None  # resample by sample count, immune to timestamp gaps
-                yield from (f.to_ndarray().mean(axis=0).astype(np.float32, copy=False)
-                            for f in resampler.resample(frame))
-            yield from (f.to_ndarray().mean(axis=0).astype(np.float32, copy=False) for f in resampler.resample(None))
+                yield from mono.push(frame)
+            yield from mono.flush()
         except av.FFmpegError as e:
             raise MediaError(p, f"audio decoding failed ({e})") from e
+
+
+class _Mono:
+    """Decoded audio frames → mono float32 chunks at `rate`. Frames are resampled in batches of
+    about `batch` input samples: libswresample's output does not depend on how its input is cut
+    (bit-identical, tests/data/test_media.py), and one call per 1024-sample AAC frame cost a
+    quarter of the audio time (bench/RESULTS.md). Channels go through the resampler and are
+    averaged after it, so the downmix is a plain mean."""
+
+    def __init__(self, rate: int, batch: int = SAMPLE_RATE):
+        self.resampler = av.AudioResampler(format="fltp", layout=None, rate=rate)
+        self.batch = batch
+        self.pending: list = []
+        self.samples = 0
+
+    def push(self, frame) -> list[np.ndarray]:
+        """Take one decoded frame; returns the chunks that are ready."""
+        out = self._drain() if self.pending and not _same_format(frame, self.pending[0]) else []
+        self.pending.append(frame)
+        self.samples += frame.samples
+        return out + (self._drain() if self.samples >= self.batch else [])
+
+    def flush(self) -> list[np.ndarray]:
+        """The rest, at the end of the track."""
+        return self._drain() + self._resample(None)
+
+    def _drain(self) -> list[np.ndarray]:
+        frames, self.pending, self.samples = self.pending, [], 0
+        if not frames:
+            return []
+        first = frames[0]
+        try:  # one frame holding the batch (a layout numpy cannot carry: frame by frame)
+            batch = av.AudioFrame.from_ndarray(np.concatenate([f.to_ndarray() for f in frames], axis=1),
+                                               format=first.format.name, layout=first.layout.name)
+            batch.sample_rate = first.sample_rate
+            frames = [batch]
+        except (ValueError, TypeError, av.FFmpegError):
+            pass
+        return [chunk for f in frames for chunk in self._resample(f)]
+
+    def _resample(self, frame) -> list[np.ndarray]:
+        if frame is not None:
+            frame.pts = None  # resample by sample count, immune to timestamp gaps
+        return [f.to_ndarray().mean(axis=0).astype(np.float32, copy=False) for f in self.resampler.resample(frame)]
+
+
+def _same_format(a, b) -> bool:
+    return (a.format.name, a.layout.name, a.sample_rate) == (b.format.name, b.layout.name, b.sample_rate)
 
 
 def decode_audio(path, sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:

@@ -1,8 +1,9 @@
 """torchcodec back-end of the decoding contract (`media.py`): frames and audio, where installed.
 
-torchcodec (pip `torchcodec`, extra `decoders`) wraps the system FFmpeg: on this machine it
-decodes H.264 frames about twice as fast as PyAV and audio faster still (bench/RESULTS.md), and
-its RGB frames are libswscale's, byte for byte what PyAV returns. Frames are sampled over the
+torchcodec (pip `torchcodec`, extra `decoders`) wraps the system FFmpeg. Its RGB frames are
+libswscale's, byte for byte what PyAV returns, but it decodes every frame, so PyAV (which skips
+the frames nothing refers to) reads frames faster here; it reads FLAC side-cars faster than PyAV,
+and a cpu run takes their audio from it (bench/RESULTS.md). Frames are sampled over the
 probe's frame count (`MediaInfo`); a file whose count torchcodec sees differently (edit lists,
 broken timestamps) is refused, so `media.read_video_frames` falls back to PyAV. torchcodec turns
 frames upright itself (display matrix), as the contract asks.

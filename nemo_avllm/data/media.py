@@ -21,7 +21,8 @@ read the file) and `dali_pipelines/` (DALI, GPU nodes). Contract (DESIGN.md §3)
 One back-end per run: :func:`resolve_backend` decides `cpu` or `dali` once, before workers
 start; :func:`backend_label` is recorded in the feature cache, which refuses a second label.
 In a `cpu` run each step uses the fastest installed decoder that reads the file
-(:data:`FRAME_DECODERS`, :data:`AUDIO_DECODERS`, measured in bench/RESULTS.md), PyAV last.
+(:data:`FRAME_DECODERS`, :data:`AUDIO_DECODERS`, measured in bench/RESULTS.md), PyAV last, and
+a clip's frames and own audio track come from one pass over the file.
 """
 
 from __future__ import annotations
@@ -256,8 +257,11 @@ BACKEND_MODULES = {
     "decord": "nemo_avllm.data.decode_decord",
     "dali": "dali_pipelines",
 }
-# Fastest first (bench/RESULTS.md, "decode steps"); PyAV reads what the others cannot.
-FRAME_DECODERS = ("torchcodec", "decord", "pyav")
+# Fastest first, as measured (bench/RESULTS.md, "Decode back-ends"); PyAV reads what the others
+# cannot, so a list ends with it. Frames: PyAV, which skips the frames nothing refers to
+# (decode_pyav._decode_skipping); torchcodec and decord return the same bytes but decode every
+# frame, slower here (pass `decoders=` to use them). Audio: torchcodec on FLAC/WAV side-cars.
+FRAME_DECODERS = ("pyav",)
 AUDIO_DECODERS = ("torchcodec", "pyav")
 
 # PyAV names that other files import from here (kept for them; defined in decode_pyav.py).
@@ -315,6 +319,17 @@ def read_audio(path, sample_rate: int = SAMPLE_RATE, decoders: tuple[str, ...] =
         except Exception:  # noqa: BLE001 - e.g. no audio stream: PyAV answers
             continue
     raise ValueError(f"no audio decoder among {decoders} read {path}; add 'pyav' (reads every codec)")
+
+
+def read_frames_and_audio(video_path, audio_path, num_frames: int, sample_rate: int, info: MediaInfo | None = None):
+    """A cpu run's frames (:func:`read_video_frames`) and audio (:func:`read_audio`) of one clip:
+    (frames, indices, frames in the video, wave or None). When the audio is the video's own track
+    and PyAV reads the frames, both come from one open and one demuxing pass (`read_clip`)."""
+    same_file = audio_path is None or os.fspath(audio_path) == os.fspath(video_path)
+    if same_file and FRAME_DECODERS[0] == "pyav":
+        return backend_module("pyav").read_clip(video_path, num_frames, sample_rate)
+    frames, indices, n = read_video_frames(video_path, num_frames, info)
+    return frames, indices, n, read_audio(video_path if audio_path is None else audio_path, sample_rate)
 
 
 def decode_video(
@@ -422,9 +437,8 @@ def decode_clip(
         wave = dali.decode_audio_dali(audio_src, sample_rate) if dali_reads_audio(audio_src) else read_audio(
             audio_src, sample_rate)
     else:
-        frames, indices, n = read_video_frames(video_path, num_frames, info)
+        frames, indices, n, wave = read_frames_and_audio(video_path, audio_path, num_frames, sample_rate, info)
         video = normalize_frames(frames, image_size)
-        wave = read_audio(audio_src, sample_rate)
     audio = None
     if wave is not None and wave.size > 0:
         audio = torch.from_numpy(segment_audio(wave, num_segments, window))

@@ -25,6 +25,7 @@ from nemo_avllm.data.media import (
 )
 from tests.media_factory import (
     FFMPEG,
+    VIDEO_CODECS,
     color_frames,
     dominant_frequency,
     frame_color,
@@ -34,6 +35,7 @@ from tests.media_factory import (
     make_clip,
     make_image,
     mean_rgb,
+    run_ffmpeg,
     split_frames,
     tone,
     trim_copy,
@@ -164,6 +166,68 @@ def test_edit_list_trimmed_mp4_counts_shown_frames(tmp_path):
     frames, indices, n = decode_video_frames(trimmed, 8)
     assert n == 25 and indices == sample_frame_indices(25, 8)
     assert [round((f[..., 0].mean() - 16) / 7) for f in frames] == [i + 5 for i in indices]
+
+
+def _every_frame(path) -> np.ndarray:
+    """Reference: every frame decoded in order, plain PyAV, libswscale RGB."""
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
+
+
+@pytest.mark.parametrize("vcodec,suffix", [("h264", ".mp4"), ("h264", ".mkv"), ("mpeg4", ".avi"), ("vp9", ".webm")])
+def test_unreferenced_frames_are_skipped_and_wanted_frames_unchanged(tmp_path, vcodec, suffix):
+    # x264 and mpeg4 write B-frames that no frame refers to: the decoder drops the unwanted ones
+    # undecoded (skip_frame=NONREF); every frame returned is still the full decode's, byte for byte.
+    path = tmp_path / f"b{suffix}"  # moving content: the encoders choose B-frames for it
+    run_ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=96x64:rate=10:duration=3.2", *VIDEO_CODECS[vcodec],
+                "-g", "32", *(["-bf", "2"] if vcodec == "mpeg4" else []), str(path)])
+    every = _every_frame(path)
+    assert len(every) == 32
+    for T in (1, 5, 13, 32, 45):
+        frames, indices, n = decode_video_frames(path, T)
+        assert n == 32 and indices == sample_frame_indices(32, T)
+        np.testing.assert_array_equal(frames, every[indices], err_msg=f"T={T}")
+    if vcodec != "vp9":  # VP9 has no B-frames: nothing to skip
+        with av.open(str(path)) as c:
+            decoded = sum(1 for _ in decode_pyav._decode_skipping(c, c.streams.video[0], keep=set()))
+        assert decoded < 32, "no frame was skipped"
+
+
+def test_one_pass_clip_equals_separate_reads(tmp_path):
+    """`read_clip` (frames and the container's audio from one open) gives what the two separate
+    readers give; without an audio stream the wave is None."""
+    av_clip = make_clip(tmp_path / "av.mp4", num_frames=20, gop=6, audio=tone(2.0, 44100, 700, (0.6, 0.2)),
+                        audio_rate=44100)
+    mute = make_clip(tmp_path / "mute.mp4", num_frames=12)
+    frames, indices, n, wave = decode_pyav.read_clip(av_clip, 7)
+    ref_frames, ref_indices, ref_n = decode_video_frames(av_clip, 7)
+    np.testing.assert_array_equal(frames, ref_frames)
+    assert (indices, n) == (ref_indices, ref_n)
+    np.testing.assert_array_equal(wave, decode_audio(av_clip))
+    assert decode_pyav.read_clip(mute, 4)[3] is None and decode_pyav.read_clip(av_clip, 4, None)[3] is None
+    one = decode_clip(av_clip, num_frames=7, num_segments=2, image_size=32, backend="cpu")
+    np.testing.assert_array_equal(one.audio.numpy(), segment_audio(decode_audio(av_clip), 2))
+    np.testing.assert_array_equal(one.video.numpy(), media.normalize_frames(ref_frames, 32).numpy())
+
+
+@pytest.mark.parametrize(
+    "suffix,acodec,rate,gains",
+    [(".m4a", "aac", 44100, (0.6, 0.2)), (".flac", "flac", 22050, (0.5,)), (".wav", "pcm", 48000, (0.4, 0.1)),
+     (".ogg", "vorbis", 44100, (0.5, 0.3)), (".opus", "opus", 48000, (0.3, 0.3, 0.2, 0.1, 0.3, 0.2))],
+)
+def test_batched_resampling_equals_frame_by_frame(tmp_path, suffix, acodec, rate, gains):
+    """`decode_audio` resamples ~1 s batches of decoded frames; libswresample then gives the
+    same samples, bit for bit, as resampling each decoded frame on its own (the old way)."""
+    path = make_audio_file(tmp_path / f"a{suffix}", tone(2.5, rate, 900, gains), rate, acodec=acodec)
+    resampler, chunks = av.AudioResampler(format="fltp", layout=None, rate=48000), []
+    with av.open(str(path)) as c:
+        for frame in c.decode(c.streams.audio[0]):
+            frame.pts = None
+            chunks += [f.to_ndarray() for f in resampler.resample(frame)]
+    chunks += [f.to_ndarray() for f in resampler.resample(None)]
+    ref = np.concatenate(chunks, axis=1).mean(axis=0).astype(np.float32)
+    np.testing.assert_array_equal(decode_audio(path), ref)
+    np.testing.assert_array_equal(np.concatenate(list(media.iter_audio(path))), ref)
 
 
 @pytest.mark.parametrize("rotate", [90, 180, 270])
