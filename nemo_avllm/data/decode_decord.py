@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from nemo_avllm.data.media import MediaInfo, sample_frame_indices
+from nemo_avllm.data.media import MediaInfo, decode_threads, sample_frame_indices
 
 NAME = "decord"
 
@@ -27,7 +27,7 @@ def read_frames(path, num_frames: int, info: MediaInfo) -> tuple[np.ndarray, lis
     """T frames sampled over `info.num_frames`, upright uint8 `[T, H, W, 3]`, indices, count."""
     import decord
 
-    reader = decord.VideoReader(os.fspath(path), num_threads=0)
+    reader = decord.VideoReader(os.fspath(path), num_threads=decode_threads())
     n = len(reader)
     if n != info.num_frames:
         raise ValueError(f"decord counts {n} frames in {path}, the probe {info.num_frames}")

@@ -28,6 +28,7 @@ from nemo_avllm.data.media import (
     SAMPLE_RATE,
     MediaError,
     MediaInfo,
+    decode_threads,
     rotate_upright,
     sample_frame_indices,
     yuv420_to_rgb,
@@ -275,6 +276,7 @@ def read_clip(
     with _open(p) as c:
         vs = _video_stream(c, p)
         vs.thread_type = "AUTO"
+        vs.codec_context.thread_count = decode_threads()
         astream = c.streams.audio[0] if sample_rate is not None and c.streams.audio else None
         chunks: list[np.ndarray] = []
         on_audio = None

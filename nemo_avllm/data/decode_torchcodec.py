@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nemo_avllm.data.media import MediaInfo, sample_frame_indices
+from nemo_avllm.data.media import MediaInfo, decode_threads, sample_frame_indices
 
 NAME = "torchcodec"
 # Lossless files only: on AAC torchcodec keeps the encoder's end padding (a 3 s track comes back
@@ -35,7 +35,7 @@ def read_frames(path, num_frames: int, info: MediaInfo) -> tuple[np.ndarray, lis
     """T frames sampled over `info.num_frames`, upright uint8 `[T, H, W, 3]`, indices, count."""
     from torchcodec.decoders import VideoDecoder
 
-    dec = VideoDecoder(os.fspath(path), dimension_order="NHWC", seek_mode="exact", num_ffmpeg_threads=0)
+    dec = VideoDecoder(os.fspath(path), dimension_order="NHWC", seek_mode="exact", num_ffmpeg_threads=decode_threads())
     n = dec.metadata.num_frames
     if n != info.num_frames:
         raise ValueError(f"torchcodec counts {n} frames in {path}, the probe {info.num_frames}")

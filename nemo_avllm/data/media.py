@@ -182,6 +182,13 @@ def segment_audio(
     return out
 
 
+def decode_threads() -> int:
+    """Threads a CPU decoder may use: as many as torch computes with, so one in a DataLoader
+    worker (`workers.loader_worker_init`), where W workers then use W cores. On 360p clips one
+    thread is also the fastest per clip; frame threading pays off from 1080p (bench/RESULTS.md)."""
+    return max(1, torch.get_num_threads())
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
