@@ -154,9 +154,17 @@ class AVLLM(MegatronModule):
             (modality.AUDIO_ID, feats.audio, self.proj_audio, self.layout.num_audio_segments),
         )
         projected = {}
+        unused = None
         for pid, feat, proj, length in kinds:
             mask = input_ids == pid
             if not mask.any():
+                # Applied all the same, contributing exactly zero: every trainable parameter takes
+                # part in every micro-batch's backward (a zero gradient). megatron's DDP with
+                # overlapped grad reduce launches a bucket's reduce when the parameters that got
+                # gradients in the first step's last micro-batch are ready again, and asserts when
+                # a modality missing from a micro-batch left its projector without one.
+                zero = proj(emb.new_zeros(1, 1, proj.in_features)).sum() * 0
+                unused = zero if unused is None else unused + zero
                 continue
             if feat is None:
                 raise ValueError(f"batch has placeholder id {pid} but no features for it")
@@ -171,6 +179,8 @@ class AVLLM(MegatronModule):
                 raise ValueError(f"features for placeholder {pid} have {feat.shape[1]} rows; the model expects {length}")
             projected[pid] = proj(feat)  # [b, length, hidden]
         emb = modality.splice(emb, input_ids, projected)
+        if unused is not None:
+            emb = emb + unused.to(emb.dtype)
         emb = emb.transpose(0, 1).contiguous()
         if self.config.sequence_parallel:
             from megatron.core import tensor_parallel

@@ -40,6 +40,10 @@ class Projector(MegatronModule):
             skip_bias_add=False,
         )
 
+    @property
+    def in_features(self) -> int:
+        return self.linear.input_size
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.linear(x.to(self.linear.weight.dtype))
         return out

@@ -33,6 +33,10 @@ RNG_KEY = "rng_state"
 RNG_LAYOUT_KEY = "rng_layout"  # in the common state: the (TP, PP) the RNG states were saved at
 # What an LLM-only checkpoint (`avllm import-hf`) lacks of an AVLLM: `load(..., allow_missing=)`.
 NOT_IN_LLM_CHECKPOINT = ("proj_", "vision.", "audio.")
+# The distributed optimizer's state as each data-parallel rank's own bucket shards (Megatron-LM's
+# default): written and read in parallel, nothing gathered on one rank; it reshards over DP sizes.
+# megatron-core 0.19's own default (`fully_sharded_model_space`) cannot be saved at all.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _sync_writer_queue() -> None:
@@ -134,7 +138,7 @@ def save(path: str | Path, module, optimizer=None, common: dict | None = None, r
     _barrier()
     state = {"model": model_sharded_state_dict(module)}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIMIZER_METADATA)
     state[COMMON_KEY] = dict(common or {})
     if rng:
         state[RNG_KEY] = _rng_sharded(get_rng_state())
@@ -216,6 +220,15 @@ def load(path: str | Path, module, optimizer=None, allow_missing: tuple[str, ...
     current values. Tensors the checkpoint has and `module` lacks are not read (a model built
     without encoders restores from a run that had them). `optimizer=None` restores weights only:
     the checkpoint's optimizer state is not read."""
+    if optimizer is None:
+        return _load(path, module, None, allow_missing, rng)
+    from nemo_avllm.training.optim import loading_state
+
+    with loading_state(optimizer):
+        return _load(path, module, optimizer, allow_missing, rng)
+
+
+def _load(path, module, optimizer, allow_missing, rng) -> dict:
     from megatron.core import dist_checkpointing
 
     path = resolve(path)
@@ -237,7 +250,7 @@ def load(path: str | Path, module, optimizer=None, allow_missing: tuple[str, ...
         )
     state["model"] = {k: v for k, v in state["model"].items() if _key_of(v) in saved}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True)
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True, metadata=OPTIMIZER_METADATA)
     state[COMMON_KEY] = {}
     if rng:
         saved_at = load_common(path).get(RNG_LAYOUT_KEY)
@@ -252,7 +265,10 @@ def load(path: str | Path, module, optimizer=None, allow_missing: tuple[str, ...
     if unexpected:
         raise CheckpointMismatchError(f"checkpoint {path}: unexpected tensors {unexpected[:5]}")
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # no_grad: with fp32 params the distributed optimizer's main params are views of the
+        # model's leaf parameters, which megatron copies into in place
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
     if rng:
         set_rng_state(loaded[RNG_KEY])
     return loaded.get(COMMON_KEY, {})

@@ -99,15 +99,7 @@ class AVLLMModel(ModelPT):
         }
 
     def use_distributed_optimizer(self) -> bool:
-        value = self._cfg.get("use_distributed_optimizer", "auto")
-        if value == "auto":
-            return distributed.has_gpu()
-        if value and not distributed.has_gpu():
-            raise ValueError(
-                "model.use_distributed_optimizer=true needs GPUs (megatron cannot save its state on CPU); "
-                "use auto or false on CPU"
-            )
-        return bool(value)
+        return optim.distributed_optimizer_setting(self._cfg, distributed.has_gpu())
 
     def configure_model(self) -> None:
         """Build this rank's model, restore its weights, then wrap it in megatron DDP and build the

@@ -31,25 +31,38 @@ def freeze_for_stage(model, trainable: list[str]) -> dict[str, int]:
     return counts
 
 
+def _setting(model_cfg, key: str, default: bool) -> bool:
+    value = model_cfg.get(key, "auto")
+    if value == "auto":
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"model.{key}={value!r}; expected auto, true or false")
+    return value
+
+
+def distributed_optimizer_setting(model_cfg, gpu: bool) -> bool:
+    """`model.use_distributed_optimizer`: `auto` (default) = on with GPUs (optimizer state
+    sharded over data-parallel ranks). It also runs, saves and loads on CPU when forced."""
+    return _setting(model_cfg, "use_distributed_optimizer", gpu)
+
+
 def overlap_settings(model_cfg, use_distributed_optimizer: bool, gpu: bool) -> dict[str, bool]:
     """`model.overlap_grad_reduce` / `model.overlap_param_gather`: `auto` (default) = on with GPUs
     (param-gather overlap only with the distributed optimizer, which is what gathers params)."""
-
-    def pick(key: str, default: bool) -> bool:
-        value = model_cfg.get(key, "auto")
-        if value == "auto":
-            return default
-        if not isinstance(value, bool):
-            raise ValueError(f"model.{key}={value!r}; expected auto, true or false")
-        return value
-
     out = {
-        "overlap_grad_reduce": pick("overlap_grad_reduce", gpu),
-        "overlap_param_gather": pick("overlap_param_gather", gpu and use_distributed_optimizer),
+        "overlap_grad_reduce": _setting(model_cfg, "overlap_grad_reduce", gpu),
+        "overlap_param_gather": _setting(model_cfg, "overlap_param_gather", gpu and use_distributed_optimizer),
     }
     if out["overlap_param_gather"] and not use_distributed_optimizer:
         raise ValueError("model.overlap_param_gather=true needs the distributed optimizer (model.use_distributed_optimizer)")
     return out
+
+
+def gpu_defaults(model_cfg) -> dict[str, bool]:
+    """What the `auto` keys resolve to on a GPU node for `model_cfg`: the settings the CPU tests
+    force on to run the GPU configuration's code over gloo."""
+    dist_opt = distributed_optimizer_setting(model_cfg, True)
+    return {"use_distributed_optimizer": dist_opt, **overlap_settings(model_cfg, dist_opt, True)}
 
 
 @contextlib.contextmanager
@@ -129,6 +142,49 @@ def build_optimizer(ddp_model, optim_cfg, params_dtype: torch.dtype, use_distrib
         use_distributed_optimizer=use_distributed_optimizer,
     )
     return get_megatron_optimizer(config, [ddp_model])
+
+
+def _torch_adam_dist_optimizers(optimizer) -> list:
+    """The distributed optimizers of `optimizer` that run torch's own Adam (no Transformer Engine
+    or Apex fused Adam: CPU, a bare CUDA machine)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return []
+    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(o, distrib_optimizer.DistributedOptimizer)]
+
+
+@contextlib.contextmanager
+def loading_state(optimizer):
+    """Around loading a checkpoint into `optimizer`: megatron's distributed optimizer over torch's
+    Adam (a) asserts when the Adam state does not exist yet (it reads the step count from it),
+    and (b) restores the step count, then overwrites it with the unstepped template's while
+    copying the parameter state. (a) one step with zero gradients, learning rate and weight
+    decay creates the state and changes no weight; (b) the step count is put back from the
+    loaded param groups, where megatron stores it."""
+    opts = _torch_adam_dist_optimizers(optimizer)
+    for opt in opts:
+        inner = opt.optimizer
+        if inner.state:
+            continue
+        saved = [(g["lr"], g["weight_decay"]) for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        for g, (lr, wd) in zip(inner.param_groups, saved):
+            g["lr"], g["weight_decay"] = lr, wd
+    yield
+    for opt in opts:
+        for g in opt.optimizer.param_groups:
+            if g.get("step") is None:
+                continue
+            for p in g["params"]:
+                if "step" in opt.optimizer.state.get(p, {}):
+                    opt.optimizer.state[p]["step"] = torch.tensor(float(g["step"]))
 
 
 def warmup_steps(max_steps: int, warmup_ratio: float) -> int:

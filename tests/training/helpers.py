@@ -37,12 +37,14 @@ def overrides(exp_dir: Path, steps: int, every: int = 2, name: str = "run", **ex
 
 
 def start(args: list[str], nproc: int = 1, nan_at: int | None = None, real_data: bool = False,
-          nan_grad_at: tuple[int, ...] = ()) -> subprocess.Popen:
+          nan_grad_at: tuple[int, ...] = (), mat: bool = False) -> subprocess.Popen:
     """A training run in its own process group (as SLURM starts one). `real_data`: `avllm train`
-    on the manifest in `args` (the real media loader), else run_train.py on SyntheticData."""
+    on the manifest in `args` (the real media loader), else run_train.py on SyntheticData
+    (`mat`: its micro-batches from the real MAT sampler)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     pre = ["--nan-at", str(nan_at)] if nan_at is not None else []
     pre += ["--nan-grad-at", ",".join(map(str, nan_grad_at))] if nan_grad_at else []
+    pre += ["--mat"] if mat else []
     if real_data:
         cmd = [sys.executable, "-m", "nemo_avllm.cli", "train", "model=tiny", *args]
     elif nproc == 1:
@@ -54,8 +56,8 @@ def start(args: list[str], nproc: int = 1, nan_at: int | None = None, real_data:
 
 
 def run(args: list[str], nproc: int = 1, nan_at: int | None = None, timeout: int = 600, check: bool = True,
-        real_data: bool = False, nan_grad_at: tuple[int, ...] = ()):
-    proc = start(args, nproc, nan_at, real_data, nan_grad_at)
+        real_data: bool = False, nan_grad_at: tuple[int, ...] = (), mat: bool = False):
+    proc = start(args, nproc, nan_at, real_data, nan_grad_at, mat)
     out, _ = proc.communicate(timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training run failed ({proc.returncode}):\n{out[-8000:]}")

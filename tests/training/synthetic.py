@@ -12,12 +12,25 @@ from nemo_avllm.data.collate import collate_tokens
 from nemo_avllm.data.conversation import TokenizedSample
 
 
+class _Pseudo:
+    """What the MAT sampler needs of a manifest sample: sample i is V, A, AV by i % 3."""
+
+    def __init__(self, i: int):
+        self.modality = ("V", "A", "AV")[i % 3]
+
+    def available_views(self, derive: bool) -> list[str]:
+        return [self.modality]
+
+
 class SyntheticData:
     def __init__(self, num_samples: int = 64, seq_length: int = 64, vocab: int = 512, image_size: int = 64,
-                 nan_at_sample: int | None = None, nan_grad_at_samples: tuple[int, ...] = ()):
+                 nan_at_sample: int | None = None, nan_grad_at_samples: tuple[int, ...] = (), mat: bool = False):
         """`nan_at_sample`: that sample's video is NaN (NaN loss). `nan_grad_at_samples`: the
         backward of a micro-batch holding one of them makes one LLM gradient NaN while the loss
-        stays finite (a fault injected through a real autograd hook)."""
+        stays finite (a fault injected through a real autograd hook). `mat`: micro-batches come
+        from the real MAT sampler (`model.data.mat_ratios`, `modality_schedule`), so a
+        micro-batch may lack a modality; otherwise sample i of a rank's share follows i % 3."""
+        self.mat = mat
         self.num_samples = num_samples
         self.seq_length = seq_length
         self.vocab = vocab
@@ -27,7 +40,7 @@ class SyntheticData:
 
     def sample(self, i: int, layout: modality.TokenLayout) -> dict:
         g = torch.Generator().manual_seed(1000 + i)
-        tok = modality.MODALITY_TOKENS[i % 3]
+        tok = modality.MODALITY_TOKENS[i % 3]  # _Pseudo(i).modality
         q = torch.randint(3, 60, (3,), generator=g).tolist()
         # answers follow a learnable rule: tokens determined by the question
         a = [(x * 7) % (self.vocab - 3) + 3 for x in q]
@@ -52,15 +65,35 @@ class SyntheticData:
             weight = model.avllm.llm.embedding.word_embeddings.weight
             weight.register_hook(lambda g: g * float("nan") if poison["on"] else g)
 
+        def collate(idx):
+            items = [self.sample(i, layout) for i in idx]
+            batch = collate_tokens([it["tokens"] for it in items], seq_length=self.seq_length)
+            batch["video"] = torch.stack([it["video"] for it in items])
+            batch["audio"] = torch.stack([it["audio"] for it in items])
+            return batch
+
+        if self.mat:
+            from nemo_avllm.data.mat_sampler import MATBatchSampler
+
+            d = model._cfg.data
+            sampler = MATBatchSampler(
+                [_Pseudo(i) for i in range(self.num_samples)], dict(d.mat_ratios), gbs, mbs, rank, dp,
+                seed=int(model._cfg.get("seed", 0)), consumed_samples=consumed, schedule=str(d.modality_schedule),
+                split=float(d.modality_schedule_split), max_steps=model.max_steps_for_schedule)
+
+            def gen_mat():
+                while True:
+                    for mb in sampler:
+                        yield collate([i for i, _ in mb])
+
+            return _Loader(gen_mat)
+
         def gen():
             start = consumed
             while True:
                 for m in range(0, per_rank, mbs):
                     idx = [(start + rank * per_rank + m + j) % self.num_samples for j in range(mbs)]
-                    items = [self.sample(i, layout) for i in idx]
-                    batch = collate_tokens([it["tokens"] for it in items], seq_length=self.seq_length)
-                    batch["video"] = torch.stack([it["video"] for it in items])
-                    batch["audio"] = torch.stack([it["audio"] for it in items])
+                    batch = collate(idx)
                     if self.nan_at_sample is not None and self.nan_at_sample in idx:
                         batch["video"] = batch["video"] * float("nan")
                     # PP=1 runs each micro-batch's backward before fetching the next one
