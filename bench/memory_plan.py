@@ -43,7 +43,7 @@ def plan_of(cfg, dp: int, **changes):
 def gib(x: float) -> str:
     from nemo_avllm.training.memory_plan import GIB
 
-    return f"{x / GIB:.1f}"
+    return f"{x / GIB:.2f}"
 
 
 def print_lines(args, p) -> int:

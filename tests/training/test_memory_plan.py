@@ -157,6 +157,7 @@ def test_table_has_both_stages_and_layouts():
         ("stage1_pretrain", "1 x 1 x 8"), ("stage1_pretrain", "2 x 1 x 4"),
         ("stage2_finetune", "1 x 1 x 8"), ("stage2_finetune", "2 x 1 x 4")]
     assert body[2][-2].strip() == "no"  # stage 2 at TP1 does not fit 40 GiB either way
+    assert "\n".join(rows) in (REPO / "README.md").read_text()  # the README's table is this tool's output
 
 
 def test_capacity_override_is_checked_before_any_task():
@@ -165,3 +166,15 @@ def test_capacity_override_is_checked_before_any_task():
     with pytest.raises(UserError, match="trainer.gpu_memory_gib=0 is not valid"):
         config.check_values(config.load("stage2_finetune", ["+trainer.gpu_memory_gib=0"]), paths=False)
     config.check_values(config.load("stage2_finetune", ["+trainer.gpu_memory_gib=79.3"]), paths=False)
+
+
+def test_meta_builds_stay_off_the_gpu(monkeypatch):
+    """On a GPU node megatron would allocate a 'meta' build's weights on the GPU (13 GB for 7B,
+    inside the pre-flight check): meta builds must take megatron's CPU-initialisation path."""
+    from nemo_avllm.model.provider import megatron_config
+    from nemo_avllm.runtime import distributed
+
+    monkeypatch.setattr(distributed, "has_gpu", lambda: True)
+    cfg = config.load_model("vicuna7b", ["transformer_impl=local"])
+    assert megatron_config(cfg, init_model_with_meta_device=True).use_cpu_initialization is True
+    assert megatron_config(cfg).use_cpu_initialization is False  # real GPU builds keep GPU init
