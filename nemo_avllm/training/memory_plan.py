@@ -274,29 +274,24 @@ def plan(model_cfg, layout: Layout) -> MemoryPlan:
     return max((_stage(inv, llm, layout, k) for k in range(layout.pp)), key=lambda p: p.total)
 
 
-def _flag(value, gpu_default: bool) -> bool:
-    return gpu_default if value == "auto" else bool(value)
-
-
 def layout_of(cfg, dp: int, **changes) -> Layout:
     """The layout a training config (`stage1_pretrain`, `stage2_finetune`) runs on a GPU node
     with `dp` data-parallel ranks; `changes` override fields (the CLI's flags)."""
     m = cfg.model
     data = m.get("data") or {}
-    mbs = int(m.micro_batch_size)
     first = m.get("num_layers_in_first_pipeline_stage")
     fields = dict(
-        tp=int(m.tensor_model_parallel_size), pp=int(m.pipeline_model_parallel_size), dp=dp, micro_batch=mbs,
-        seq_length=int(m.seq_length), micro_batches=max(1, int(m.global_batch_size) // (mbs * dp)),
+        tp=int(m.tensor_model_parallel_size), pp=int(m.pipeline_model_parallel_size), dp=dp,
+        micro_batch=int(m.micro_batch_size), seq_length=int(m.seq_length),
         recompute=bool(m.get("activations_checkpoint", False)), trains_llm="llm" in list(m.trainable),
-        distributed_optimizer=_flag(m.get("use_distributed_optimizer", "auto"), True),
+        # auto = on with GPUs, and the plan is for a GPU node
+        distributed_optimizer=m.get("use_distributed_optimizer", "auto") in ("auto", True),
         sequence_parallel=bool(m.get("sequence_parallel", False)) and int(m.tensor_model_parallel_size) > 1,
         encoders=bool(m.get("build_encoders", True)) and not data.get("feature_cache"),
         first_stage_layers=int(first) if first is not None else None,
     )
     fields.update(changes)
-    if "micro_batch" in changes and "micro_batches" not in changes:
-        fields["micro_batches"] = max(1, int(m.global_batch_size) // (fields["micro_batch"] * dp))
+    fields.setdefault("micro_batches", max(1, int(m.global_batch_size) // (fields["micro_batch"] * dp)))
     return Layout(**fields)
 
 
