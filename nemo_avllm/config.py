@@ -103,6 +103,8 @@ VALUE_RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "trainer.max_epochs": ("a whole number >= 1", _whole(1), "3"),
     "trainer.log_every_n_steps": ("a whole number >= 1", _whole(1), "10"),
     "trainer.seed": ("a whole number >= 0", _whole(0), "1234"),
+    "trainer.gpu_memory_gib": ("a number > 0, or null (the GPU's own memory)",
+                               lambda v: v is None or _number(0, lo_open=True)(v), "80"),
     "exp_manager.checkpoint_callback_params.save_top_k": ("a whole number >= -1 (-1: keep all)", _whole(-1), "2"),
     "exp_manager.checkpoint_callback_params.every_n_train_steps": ("a whole number >= 0 or null", _whole(0, nullable=True), "200"),
     "features:batch_size": ("a whole number >= 1", _whole(1), "8"),

@@ -92,6 +92,9 @@ def megatron_config(model_cfg, init_model_with_meta_device: bool = False):
         recompute=bool(model_cfg.get("activations_checkpoint", False)),
         sequence_parallel=bool(model_cfg.get("sequence_parallel", False)),
         init_model_with_meta_device=init_model_with_meta_device,
+        # megatron's GPU init path allocates on `torch.cuda.current_device()` explicitly, past a
+        # meta-device context: a meta build takes the CPU path, whose allocations follow the context
+        use_cpu_initialization=True if init_model_with_meta_device else None,
         impl=resolve_transformer_impl(model_cfg.get("transformer_impl", "auto")),
         fp8=model_cfg.get("fp8"),
         fp8_recipe=model_cfg.get("fp8_recipe", "delayed"),
