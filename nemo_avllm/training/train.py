@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 # trainer.* keys that belong to us, not to lightning.Trainer (validation runs inside the training
 # step, so the checkpoint of a step is ranked by that step's validation loss)
-_OWN_TRAINER_KEYS = ("seed", "val_check_interval", "dist_timeout_minutes")
+_OWN_TRAINER_KEYS = ("seed", "val_check_interval", "dist_timeout_minutes", "gpu_memory_gib")
 
 
 def validate(cfg: DictConfig, world_size: int | None = None, paths: bool = True) -> None:
@@ -50,6 +50,12 @@ def validate(cfg: DictConfig, world_size: int | None = None, paths: bool = True)
                 f"size ({dp} = {world_size} processes / (TP {tp} x PP {pp})); choose e.g. global_batch_size="
                 f"{mbs * dp * max(1, gbs // (mbs * dp))}"
             )
+    from nemo_avllm.training import memory_plan
+
+    try:
+        memory_plan.preflight(cfg, world_size)  # on a CUDA node only; trainer.gpu_memory_gib overrides capacity
+    except ValueError as e:
+        raise UserError(str(e)) from e
     if int(m.seq_length) > int(m.llm.max_position_embeddings):
         raise UserError(f"model.seq_length={m.seq_length} exceeds model.llm.max_position_embeddings={m.llm.max_position_embeddings}")
     if float(m.optim.get("min_lr", 0.0)) > float(m.optim.lr):

@@ -126,6 +126,7 @@ def test_a_one_step_run_has_a_schedule(dist1):
         (["model.max_consecutive_skipped_steps=-1"], "max_consecutive_skipped_steps"),
         (["model.data.validation_manifest=/v.jsonl", "trainer.val_check_interval=0.5"], "val_check_interval"),
         (["model.data.validation_manifest=/v.jsonl", "trainer.val_check_interval=3"], "not a multiple of trainer.val_check_interval"),
+        (["trainer.gpu_memory_gib=24"], r"predicted .* GiB per GPU .* exceeds the GPU's 24.0+ GiB"),
     ],
 )
 def test_config_is_validated_before_any_work(overrides, message):
