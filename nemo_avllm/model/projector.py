@@ -34,11 +34,29 @@ class Projector(MegatronModule):
             in_features,
             out_features,
             config=config,
-            init_method=nn.init.xavier_uniform_,
+            init_method=_leave_as_is,  # initialised below, the same way on every path
             bias=True,
             gather_output=True,
             skip_bias_add=False,
         )
+        if config.perform_initialization:
+            self._init_weight()
+
+    @torch.no_grad()
+    def _init_weight(self) -> None:
+        """Xavier-uniform over the whole [out, in] matrix from the default generator, then this TP
+        rank's rows. megatron's GPU initialisation would run xavier on each TP shard, whose fan
+        sizes depend on TP (at TP=2 a ~1.29x wider distribution); this gives the same weights at
+        any TP size and with CPU or GPU initialisation (megatron's CPU path draws the same
+        master matrix from the same generator, so CPU runs keep their weights)."""
+        from megatron.core import parallel_state as ps
+
+        w = self.linear.weight
+        master = torch.empty(self.linear.output_size, self.linear.input_size, dtype=torch.float)
+        nn.init.xavier_uniform_(master)
+        tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+        rank = ps.get_tensor_model_parallel_rank() if tp > 1 else 0
+        w.copy_(master.to(w.dtype).chunk(tp, dim=0)[rank].to(w.device))
 
     @property
     def in_features(self) -> int:
@@ -60,3 +78,7 @@ class Projector(MegatronModule):
         std = std.to(w).clamp(min=float(std.mean()) * floor + 1e-12)
         w.div_(std)
         b.sub_(w @ mean.to(w))
+
+
+def _leave_as_is(weight: torch.Tensor) -> None:
+    """megatron's init hook, doing nothing: `Projector._init_weight` initialises the weight."""

@@ -16,3 +16,7 @@ def test_projectors_keep_the_batch_under_sequence_parallel_at_tp2():
 
 def test_micro_batch_is_read_once_per_tp_group_and_stages_get_what_they_use():
     torchrun(WORKER, 2, "--mode", "broadcast")
+
+
+def test_projector_weights_are_the_same_at_tp2_with_cpu_and_gpu_initialisation():
+    torchrun(WORKER, 2, "--mode", "init")

@@ -2,7 +2,9 @@
 
 `--mode sp`: projectors under sequence parallelism at TP=2 keep the batch dimension and equal the
 full (unsharded) linear map. `--mode broadcast`: at TP=2 only TP rank 0 reads a micro-batch and
-the other rank receives it; at PP=2 each stage keeps only what it uses. Failures raise."""
+the other rank receives it; at PP=2 each stage keeps only what it uses. `--mode init`: at TP=2 the
+projectors' initial weights, with CPU and with GPU initialisation, are the TP=1 ones (xavier over
+the whole matrix). Failures raise."""
 
 from __future__ import annotations
 
@@ -34,6 +36,28 @@ def check_sp_projector() -> None:
     torch.testing.assert_close(out.detach(), ref, rtol=1e-6, atol=1e-6)
     out.square().sum().backward()
     assert proj.linear.weight.grad.shape == (32, 32)
+    distributed.destroy()
+
+
+def check_projector_init() -> None:
+    from megatron.core.transformer import TransformerConfig
+    from torch import nn
+
+    from nemo_avllm.model.projector import Projector
+    from nemo_avllm.runtime import distributed
+
+    distributed.initialize(2, 1, seed=1)
+    torch.manual_seed(7)
+    want = nn.init.xavier_uniform_(torch.empty(64, 32))  # what TP=1 draws
+    for cpu_init in (True, False):
+        config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=2, tensor_model_parallel_size=2,
+                                   use_cpu_initialization=cpu_init)
+        torch.manual_seed(7)
+        proj = Projector(32, 64, config)
+        w = [torch.empty_like(proj.linear.weight) for _ in range(2)]
+        torch.distributed.all_gather(w, proj.linear.weight.detach())
+        got = torch.cat(w)
+        assert torch.equal(got, want), f"cpu_init={cpu_init}: TP=2 weights differ from TP=1 by {(got - want).abs().max()}"
     distributed.destroy()
 
 
@@ -85,10 +109,10 @@ def check_broadcast() -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", choices=["sp", "broadcast"], required=True)
+    p.add_argument("--mode", choices=["sp", "broadcast", "init"], required=True)
     args = p.parse_args()
     torch.set_num_threads(1)
-    {"sp": check_sp_projector, "broadcast": check_broadcast}[args.mode]()
+    {"sp": check_sp_projector, "broadcast": check_broadcast, "init": check_projector_init}[args.mode]()
     print(f"rank {torch.distributed.get_rank() if torch.distributed.is_initialized() else '-'}: {args.mode} ok")
     return 0
 
