@@ -7,6 +7,7 @@ stage. LLaMA = RMSNorm, SwiGLU, RoPE, untied input/output embeddings, no biases.
 
 from __future__ import annotations
 
+
 import importlib.util
 import logging
 import math
@@ -72,8 +73,11 @@ def fusion_flags(impl: str, gpu: bool) -> dict[str, bool]:
     - masked softmax: the local spec's attention, with the `scaled_upper_triang_masked_softmax_cuda`
       kernel (Apex / NGC; TE's attention does not use the flag);
     - RoPE: TE's fused rotary kernel;
-    - gradient-accumulation fusion: `fused_weight_gradient_mlp_cuda` (Apex / NGC), needed because the
-      projectors and the output layer are megatron linears even with the TE spec."""
+    - gradient-accumulation fusion (weight gradients accumulated into DDP's fp32 buffer inside the
+      GEMM): Transformer Engine's layers do it themselves; megatron's own linears (the local
+      spec, and the projectors and output layer even with the TE spec) need Apex's
+      `fused_weight_gradient_mlp_cuda`, and without it are built unfused (`build_gpt`,
+      `apex_grad_accumulation`)."""
     if not gpu:
         return dict.fromkeys(FUSIONS, False)
     rope = False
@@ -86,8 +90,35 @@ def fusion_flags(impl: str, gpu: bool) -> dict[str, bool]:
         "bias_dropout_fusion": True,
         "masked_softmax_fusion": _has_module("scaled_upper_triang_masked_softmax_cuda"),
         "apply_rope_fusion": rope,
-        "gradient_accumulation_fusion": _has_module("fused_weight_gradient_mlp_cuda"),
+        "gradient_accumulation_fusion": impl == "transformer_engine" or apex_grad_accumulation(),
     }
+
+
+def apex_grad_accumulation() -> bool:
+    """megatron's own linears can fuse gradient accumulation (Apex's kernel is there)."""
+    return _has_module("fused_weight_gradient_mlp_cuda")
+
+
+def build_with_megatron_linears(config, build):
+    """`build()` (a module holding megatron linears) under a config whose
+    `gradient_accumulation_fusion` is on for Transformer Engine's layers while Apex's kernel is
+    missing (pip-installed TE): megatron's linear refuses the flag at construction without that
+    kernel, so the check is let through while building and every megatron linear of the result
+    then takes the unfused path."""
+    from megatron.core.tensor_parallel import layers
+
+    if not config.gradient_accumulation_fusion or apex_grad_accumulation():
+        return build()
+    saved = layers._grad_accum_fusion_available
+    layers._grad_accum_fusion_available = True
+    try:
+        module = build()
+    finally:
+        layers._grad_accum_fusion_available = saved
+    for m in module.modules():
+        if isinstance(m, (layers.ColumnParallelLinear, layers.RowParallelLinear)):
+            m.gradient_accumulation_fusion = False
+    return module
 
 
 def stage_layers(num_layers: int, pp: int, first: int | None = None) -> list[int]:
@@ -295,7 +326,7 @@ def build_gpt(llm: LLMConfig, config, impl: str = "local", pre_process: bool = T
     """One pipeline stage of the LLM as a megatron-core `GPTModel`."""
     from megatron.core.models.gpt import GPTModel
 
-    return GPTModel(
+    return build_with_megatron_linears(config, lambda: GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(impl),
         vocab_size=llm.padded_vocab_size,
@@ -308,4 +339,4 @@ def build_gpt(llm: LLMConfig, config, impl: str = "local", pre_process: bool = T
         rotary_base=int(llm.rotary_base),
         # the multimodal splice happens on the full sequence; AVLLM scatters it itself
         scatter_embedding_sequence_parallel=False,
-    )
+    ))

@@ -30,7 +30,9 @@ class Projector(MegatronModule):
         super().__init__(config=config)
         from megatron.core.tensor_parallel import ColumnParallelLinear
 
-        self.linear = ColumnParallelLinear(
+        from nemo_avllm.model.llm import build_with_megatron_linears
+
+        self.linear = build_with_megatron_linears(config, lambda: ColumnParallelLinear(
             in_features,
             out_features,
             config=config,
@@ -38,7 +40,7 @@ class Projector(MegatronModule):
             bias=True,
             gather_output=True,
             skip_bias_add=False,
-        )
+        ))
         if config.perform_initialization:
             self._init_weight()
 

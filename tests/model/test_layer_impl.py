@@ -181,3 +181,25 @@ def test_checkpoint_without_the_other_specs_extra_state_loads_strictly(dist1, tm
     for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), name
+
+
+@no_gpu
+def test_gradient_accumulation_fusion_whenever_te_or_apex_provides_it(dist1):
+    """TE layers fuse it themselves; megatron's own linears (projectors, output layer, the local
+    spec) need Apex's kernel and are built unfused without it, instead of refusing the flag."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from nemo_avllm.model.avllm import AVLLM
+    from nemo_avllm.model.provider import avllm_config
+
+    apex = llm._has_module("fused_weight_gradient_mlp_cuda")
+    assert llm.fusion_flags("transformer_engine", gpu=True)["gradient_accumulation_fusion"] is True
+    assert llm.fusion_flags("local", gpu=True)["gradient_accumulation_fusion"] is apex
+    cfg = config.load_model("tiny")
+    cfg.build_encoders = False
+    tc = megatron_config(cfg)
+    tc.gradient_accumulation_fusion = True  # as on a GPU node with pip-installed TE
+    model = AVLLM(avllm_config(cfg), tc)  # megatron refuses the flag here without the fix
+    linears = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    assert linears and all(m.gradient_accumulation_fusion is apex for m in linears)
+    assert model.proj_audio.linear in linears and model.llm.output_layer in linears
