@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from nemo_avllm.runtime.distributed import read_launch_env
+from nemo_avllm.runtime.distributed import cuda_device_index, read_launch_env
 
 # what the forkserver imports once, before it forks any worker
 FORKSERVER_PRELOAD = ["nemo_avllm.data.forkserver_init", "nemo_avllm.data.dataset", "nemo_avllm.data.prepare"]
@@ -57,9 +57,10 @@ def loader_worker_init(_worker_id: int, trainer_pid: int) -> None:
         torch.cuda.set_device(worker_gpu())
 
 
-def worker_gpu(environ: dict | None = None) -> int:
-    """The GPU of this process's rank on its node (LOCAL_RANK / SLURM_LOCALID; workers inherit it)."""
-    return read_launch_env(environ).local_rank
+def worker_gpu(environ: dict | None = None, count: int | None = None) -> int:
+    """The GPU of this process's rank on its node (LOCAL_RANK / SLURM_LOCALID; workers inherit
+    it), or the one GPU the process sees."""
+    return cuda_device_index(read_launch_env(environ).local_rank, count)
 
 
 def _exit_on_sigterm_from(trainer_pid: int) -> None:

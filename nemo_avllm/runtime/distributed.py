@@ -8,6 +8,7 @@ megatron-core's `parallel_state` with TP/PP sizes, and seeds every RNG the way M
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -77,6 +78,43 @@ def read_launch_env(environ: dict | None = None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "local")
 
 
+def check_launch(processes: int, env: LaunchEnv | None = None) -> None:
+    """One process per rank must already be running (torchrun, srun, `avllm launch`): a
+    single-process start asking for several devices would leave Lightning to spawn them, which
+    sets no `RANK` (every process would be rank 0 on GPU 0)."""
+    env = read_launch_env() if env is None else env
+    if env.world_size == processes:
+        return
+    if env.launcher == "local":
+        raise ValueError(
+            f"trainer.devices x trainer.num_nodes = {processes} processes, but this is a single process: start one "
+            f"process per device with `torchrun --nproc-per-node {processes} scripts/train.py ...`, `srun` under "
+            f"SLURM, or `avllm launch` (or set trainer.devices=1)")
+    raise ValueError(
+        f"{env.launcher} started {env.world_size} processes but trainer.devices x trainer.num_nodes = {processes}; "
+        f"make them agree (e.g. trainer.devices={env.world_size} on one node)")
+
+
+def cuda_device_index(local_rank: int, count: int | None = None) -> int:
+    """This rank's GPU: its local rank when the process sees every GPU of its node, 0 when it
+    sees exactly one (SLURM binding one GPU per task through CUDA_VISIBLE_DEVICES)."""
+    count = torch.cuda.device_count() if count is None else count
+    if count == 1:
+        return 0
+    if 0 <= local_rank < count:
+        return local_rank
+    raise RuntimeError(
+        f"local rank {local_rank} but this process sees {count} GPUs (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most one process per visible GPU")
+
+
+def cuda_env(tensor_model_parallel_size: int) -> dict[str, str]:
+    """Environment megatron needs before CUDA starts: with tensor parallelism (and sequence
+    parallelism, which needs it), one hardware queue per device, so the TP communication
+    kernels run in the order they were issued and overlap with compute as scheduled."""
+    return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if int(tensor_model_parallel_size) > 1 else {}
+
+
 def has_gpu() -> bool:
     return torch.cuda.is_available() and not cpu_compat.is_applied()
 
@@ -110,6 +148,10 @@ def initialize(
     from megatron.core import parallel_state
 
     timeout_minutes = check_timeout(timeout_minutes)
+    for key, value in cuda_env(tensor_model_parallel_size).items():
+        if os.environ.get(key) != value and torch.cuda.is_initialized():
+            logging.getLogger(__name__).warning("%s=%s is needed before CUDA starts; it started already", key, value)
+        os.environ.setdefault(key, value)
 
     gpu = torch.cuda.is_available()
     if not gpu:
@@ -124,7 +166,7 @@ def initialize(
         )
     if not torch.distributed.is_initialized():
         if gpu:
-            torch.cuda.set_device(env.local_rank)
+            torch.cuda.set_device(cuda_device_index(env.local_rank))
         torch.distributed.init_process_group(
             backend="nccl" if gpu else "gloo",
             init_method=f"tcp://{env.master_addr}:{env.master_port}",

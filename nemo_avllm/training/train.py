@@ -99,6 +99,19 @@ def validate(cfg: DictConfig, world_size: int | None = None, paths: bool = True)
     restore.plan(m, files=paths)  # initial weights: restore_from, encoder checkpoints, allow_random_init
 
 
+def check_launch(cfg: DictConfig) -> None:
+    """The processes running are the ones the config asks for (`runtime.distributed.check_launch`)."""
+    from nemo_avllm.runtime import distributed
+
+    devices = cfg.trainer.devices
+    if not str(devices).isdigit():
+        raise UserError(f"trainer.devices={devices!r}: give the number of processes per node (one per GPU)")
+    try:
+        distributed.check_launch(int(devices) * int(cfg.trainer.get("num_nodes", 1)))
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
 def monitor_of(cfg: DictConfig) -> str:
     """What ranks the best-k checkpoints: checkpoint_callback_params.monitor, or when it is null
     the validation loss with a validation manifest and the training loss without one."""
@@ -153,6 +166,7 @@ def train(cfg: DictConfig, data=None):
     """Run one training stage. `data` provides `num_samples` and `loader(model, consumed)`;
     by default it is built from `cfg.model.data`."""
     validate(cfg)  # before the heavy imports: a bad setting is reported in a second
+    check_launch(cfg)
     from nemo.utils.exp_manager import exp_manager
 
     from nemo_avllm.training.model import AVLLMModel

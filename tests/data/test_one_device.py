@@ -29,9 +29,13 @@ def test_rows_from_two_devices_are_stacked_on_one():
 
 
 def test_each_worker_uses_its_ranks_gpu():
-    assert worker_gpu({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == 1
-    assert worker_gpu({"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2"}) == 2
-    assert worker_gpu({}) == 0
+    assert worker_gpu({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, count=8) == 1
+    assert worker_gpu({"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2"}, count=8) == 2
+    assert worker_gpu({}, count=8) == 0
+    # SLURM binding one GPU per task (CUDA_VISIBLE_DEVICES per task): the one visible GPU
+    assert worker_gpu({"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2"}, count=1) == 0
+    with pytest.raises(RuntimeError, match="local rank 5 but this process sees 4 GPUs"):
+        worker_gpu({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "5"}, count=4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the choice on a machine without CUDA")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -64,3 +66,35 @@ def test_seeding_is_reproducible(dist1):
     a = torch.randn(4)
     distributed.set_seed(11)
     assert torch.equal(a, torch.randn(4))
+
+
+def test_several_devices_need_one_process_each():
+    from nemo_avllm.runtime.distributed import LaunchEnv, check_launch, read_launch_env
+
+    with pytest.raises(ValueError, match=r"8 processes, but this is a single process: .*torchrun --nproc-per-node 8"):
+        check_launch(8, read_launch_env({"LOCAL_RANK": "0", "WORLD_SIZE": "8"}))  # what Lightning's spawn sets
+    with pytest.raises(ValueError, match="torchrun started 2 processes but trainer.devices x trainer.num_nodes = 8"):
+        check_launch(8, read_launch_env({"RANK": "0", "WORLD_SIZE": "2"}))
+    check_launch(8, LaunchEnv(3, 8, 3, "h", 1, "slurm"))
+    check_launch(1, read_launch_env({}))
+
+
+def test_avllm_train_with_several_devices_and_no_launcher_refuses_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")}
+    proc = subprocess.run([sys.executable, "-m", "nemo_avllm.cli", "train", "model=tiny", "trainer.devices=2",
+                           "model.allow_random_init=true", "model.data.train_manifest=null", "model.data.shards=null",
+                           f"exp_manager.exp_dir={tmp_path}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "torchrun --nproc-per-node 2" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_tensor_parallelism_gets_one_cuda_connection():
+    from nemo_avllm.runtime.distributed import cuda_env
+
+    assert cuda_env(2) == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} and cuda_env(1) == {}
