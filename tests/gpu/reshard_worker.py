@@ -1,4 +1,4 @@
-"""Loads a checkpoint saved on one GPU (distributed optimizer, TP=1) at TP=2 on CPU gloo
+"""Loads a checkpoint saved on one GPU or CPU process (distributed optimizer, TP=1) at TP=2 on CPU gloo
 processes and compares every weight shard with the full weights; run by torchrun with 2 processes.
 Usage: reshard_worker.py CHECKPOINT FULL_WEIGHTS.pt"""
 
@@ -24,7 +24,7 @@ def main(ckpt: str, full_path: str) -> int:
     distributed.initialize(2, 1)
     cfg = config.load_model("tiny", ["tensor_model_parallel_size=2", "params_dtype=bf16", "build_encoders=false"])
     model = build_model(cfg)
-    checkpoint.load(ckpt, model, strict=True)
+    checkpoint.load(ckpt, model)
     full = torch.load(full_path, weights_only=True)
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     params = parallel_layout.local_tensors(model)

