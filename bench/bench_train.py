@@ -126,7 +126,7 @@ def run_model(args) -> str:
     ddp, optimizer = optim.setup_training(model, cfg, use_distributed_optimizer=gpu, gpu=gpu)
     t_build = time.perf_counter() - t_build
     n_mb = args.global_batch // args.micro_batch
-    batches = synthetic_batches(model, n_mb, args.micro_batch, args.seq_length, device, args.encoders, dtype)
+    batches = synthetic_batches(model, n_mb, args.micro_batch, args.seq_length, device, args.encoders, dtype, mix=args.mix)
     enc_flops = encoder_flops_per_sample(model, batches[0]["video"], batches[0]["audio"]) if args.encoders else 0.0
     fb = get_forward_backward_func()
     if gpu:
@@ -138,7 +138,10 @@ def run_model(args) -> str:
         t0 = time.perf_counter()
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        losses = fb(forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp], num_microbatches=n_mb,
+        # rotated: the last micro-batch (whose gradients DDP's overlapped reduce tracks) changes
+        # modality mix from step to step, as under MAT
+        order = batches[step % n_mb:] + batches[:step % n_mb]
+        losses = fb(forward_step_func=forward_step, data_iterator=iter(order), model=[ddp], num_microbatches=n_mb,
                     seq_length=args.seq_length, micro_batch_size=args.micro_batch, forward_only=False)
         optimizer.step()
         if gpu:
@@ -157,7 +160,7 @@ def run_model(args) -> str:
     mfu = f"{achieved / (peak * 1e12):.3f}" if peak else "n/a"
     mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan")
     line = (f"train stage={args.stage} model={args.model} layers={model.cfg.llm.num_layers} impl={model.cfg.transformer_impl} "
-            f"fp8={args.fp8 or 'off'} inputs={'encoders' if args.encoders else 'features'} recompute={args.recompute} "
+            f"fp8={args.fp8 or 'off'} inputs={'encoders' if args.encoders else 'features'} recompute={args.recompute} mix={args.mix} "
             f"seq={args.seq_length} "
             f"mbs={args.micro_batch} gbs={args.global_batch} tokens_per_s_per_gpu={tokens / step_time / world:.0f} "
             f"samples_per_s={args.global_batch / step_time:.2f} model_tflops_per_gpu={achieved / 1e12:.1f} mfu={mfu} "
@@ -218,6 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--recompute", action="store_true")
+    ap.add_argument("--mix", default="mat", choices=["mat", "av"],
+                    help="mat: V-only, A-only, AV and mixed micro-batches (MAT); av: every sample <AUD_VIS>")
     ap.add_argument("--fp8", default=None, choices=["hybrid", "e4m3"], help="FP8 with Transformer Engine (Hopper+)")
     ap.add_argument("--encoders", action="store_true", help="frozen encoders in the loop on synthetic media")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, if not in the table")

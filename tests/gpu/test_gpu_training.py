@@ -49,7 +49,8 @@ def build(cfg, state: dict | None = None):
 def batches(model, seed: int = 0):
     from nemo_avllm.training.synthetic import synthetic_batches
 
-    return synthetic_batches(model, GBS // MBS, MBS, SEQ, DEVICE, encoders=False, dtype=torch.bfloat16, seed=seed)
+    return synthetic_batches(model, GBS // MBS, MBS, SEQ, DEVICE, encoders=False, dtype=torch.bfloat16, seed=seed,
+                             mix="mat")
 
 
 def step(ddp, opt, data, forward_only: bool = False) -> float:
@@ -75,8 +76,8 @@ def test_bf16_training_steps_with_fusions_and_overlaps(gpu_dist):
     assert c.bf16 and (c.bias_activation_fusion and c.bias_dropout_fusion) == GPU  # fusions on with a GPU
     assert ddp.ddp_config.overlap_grad_reduce and ddp.ddp_config.overlap_param_gather  # auto = on with GPUs
     assert ddp.ddp_config.use_distributed_optimizer
-    data = batches(model)
-    losses = [step(ddp, opt, data) for _ in range(4)]
+    data = batches(model)  # MAT micro-batches: V-only, A-only, ...; the last one changes every step
+    losses = [step(ddp, opt, data[i % len(data):] + data[:i % len(data)]) for i in range(4)]
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert losses[-1] < losses[0], losses  # it learns the repeated batch
     assert {p.device.type for p in model.parameters()} == {DEVICE.type}
