@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check (issue 9): one script, under 8 minutes on one H100/H200 with 16 cores.
+# The GPU check: one script that fits one 600 s device call on one H100/H200 with 16 cores
+# (start-up and installs included): tests first, then benchmarks while the time budget lasts.
 #
 #   bash bench/gpu_check.sh [RESULTS_FILE]
+#   device tool: run(command="bash bench/gpu_check.sh", carry=["bench/wheels"], timeout_s=600)
+#     after `bash bench/fetch_wheels.sh` here (bench/wheels/ is git-ignored, so it must be carried)
 #
 # Uses what the machine has. In an NGC PyTorch container (the Dockerfile's base) everything runs.
 # On a bare CUDA machine with only PyTorch, the project runs from source (PYTHONPATH) with the
@@ -23,7 +26,8 @@ cd "$(dirname "$0")/.." || exit 1
 REPO=$PWD
 RESULTS=${1:-${OUT:+$OUT/gpu_check.txt}}
 RESULTS=${RESULTS:-$REPO/bench/gpu_check_results.txt}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-450}   # stop starting new steps after this (the whole check < 8 min)
+BUDGET_S=${GPU_CHECK_BUDGET_S:-480}   # stop starting new steps after this; every step ends by BUDGET_S + 60 (< 600 s)
+TEST_S=${GPU_CHECK_TEST_S:-200}       # the GPU tests, all together
 START=$(date +%s)
 PY=${PYTHON:-python3}
 : > "$RESULTS"
@@ -75,10 +79,13 @@ MEM_GIB=$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).tota
 # --- GPU-marked tests ------------------------------------------------------------------------
 tests=(tests/gpu)
 if [ "$DALI" = 1 ]; then tests+=(tests/data/test_dali.py); fi
-"$PY" -m pytest -q -m gpu -rs -p no:cacheprovider "${tests[@]}" > /tmp/gpu_check_pytest.log 2>&1
+# -ra: every test that did not pass is named in the summary (failures included), one line each;
+# -o timeout: no single test may eat the device call
+timeout "$TEST_S" "$PY" -m pytest -q -m gpu -ra -o timeout=150 -p no:cacheprovider "${tests[@]}" > /tmp/gpu_check_pytest.log 2>&1
 rc=$?
+[ $rc -eq 124 ] && log "test timeout: the GPU tests ran past ${TEST_S}s"
 grep -E "passed|failed|error|skipped" /tmp/gpu_check_pytest.log | tail -n 1 | sed "s/^/test summary rc=$rc: /" | tee -a "$RESULTS"
-grep -E "^(PASSED|FAILED|ERROR|SKIPPED)" /tmp/gpu_check_pytest.log | sed 's/^/test /' | tee -a "$RESULTS"
+grep -E "^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)" /tmp/gpu_check_pytest.log | sed 's/^/test /' | tee -a "$RESULTS"
 if [ $rc -ne 0 ]; then tail -n 60 /tmp/gpu_check_pytest.log; fi
 if [ -n "${OUT:-}" ]; then cp /tmp/gpu_check_pytest.log "$OUT/gpu_check_pytest.log"; fi
 
@@ -89,8 +96,8 @@ if [ "$MEM_GIB" -ge 120 ]; then S2_LAYERS=16; else S2_LAYERS=8; fi
 bench() {  # bench NAME ARGS...: one bench_train run, its line in RESULTS
     local name=$1; shift
     if ! time_left; then log "skip bench $name: time budget (${BUDGET_S}s) spent"; return; fi
-    local out left=$(( BUDGET_S + 30 - $(elapsed) ))
-    [ "$left" -gt 240 ] && left=240
+    local out left=$(( BUDGET_S + 60 - $(elapsed) ))
+    [ "$left" -gt 150 ] && left=150
     out=$(timeout "$left" "$PY" bench/bench_train.py --out "$RESULTS" "$@" 2>/tmp/gpu_check_bench.err)
     local rc=$?
     if [ $rc -ne 0 ]; then
@@ -102,13 +109,16 @@ bench() {  # bench NAME ARGS...: one bench_train run, its line in RESULTS
 }
 S2=(--model vicuna7b --stage 2 --num-layers "$S2_LAYERS" --seq-length 2048 --micro-batch 2 --global-batch 8 --steps 4 --warmup 2)
 S1=(--model vicuna7b --stage 1 --seq-length 1024 --micro-batch 2 --global-batch 8 --steps 4 --warmup 2)
+# MAT-mixed micro-batches (V-only, A-only, AV, mixed; the last one changes every step): with the
+# GPU defaults (overlapped grad reduce, distributed optimizer) a projector left out of a
+# micro-batch's backward would stop the run here
 if [ "$TE" = 1 ]; then
-    bench stage2-te "${S2[@]}" --impl transformer_engine
-    [ "$FP8" = 1 ] && bench stage2-te-fp8 "${S2[@]}" --impl transformer_engine --fp8 hybrid
-    bench stage1-te "${S1[@]}" --impl transformer_engine
+    bench stage2-te "${S2[@]}" --impl transformer_engine --mix mat
+    [ "$FP8" = 1 ] && bench stage2-te-fp8 "${S2[@]}" --impl transformer_engine --fp8 hybrid --mix mat
+    bench stage1-te "${S1[@]}" --impl transformer_engine --mix mat
 fi
-bench stage2-local "${S2[@]}" --impl local
-bench stage1-local "${S1[@]}" --impl local
+bench stage2-local "${S2[@]}" --impl local --mix mat
+bench stage1-local "${S1[@]}" --impl local --mix mat
 
 if [ "$DALI" = 1 ]; then
     if time_left; then
