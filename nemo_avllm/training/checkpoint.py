@@ -9,10 +9,14 @@ kill during a save leaves the previous checkpoint untouched and loadable.
 Training checkpoints also hold every rank's RNG states (Python, NumPy, torch CPU/CUDA, megatron's
 tracker), one object per (PP, TP) rank as Megatron-LM saves them, so a resumed run draws the same
 dropout masks as the uninterrupted one. They are restored only at the TP/PP they were saved at
-(the streams of other ranks do not exist there)."""
+(the streams of other ranks do not exist there).
+
+Reading one never runs code (`safe_load`): every read here goes through `safe_load.reading`, and
+what a save stores besides tensors is plain data (`plain`), so it loads with `weights_only=True`."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -25,6 +29,8 @@ import torch
 
 from nemo_avllm.errors import UserError
 from nemo_avllm.model.llm import impl_only_key
+from nemo_avllm.training import safe_load
+from nemo_avllm.training.safe_load import DamagedCheckpointError, UnsafeCheckpointError  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +84,7 @@ def get_rng_state() -> dict:
 
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": plain(np.random.get_state()),
         "torch": torch.get_rng_state(),
         "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
     }
@@ -93,11 +99,47 @@ def set_rng_state(state: dict) -> None:
     from nemo_avllm.runtime import distributed
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if distributed.has_gpu() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def plain(obj):
+    """`obj` as tensors and plain Python data, what `torch.load(weights_only=True)` reads back:
+    OmegaConf containers as dicts/lists, NumPy arrays as tensors, paths and types as strings."""
+    from omegaconf import Container, OmegaConf
+
+    if isinstance(obj, Container):
+        return OmegaConf.to_container(obj, resolve=False)
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.astype(np.int64) if obj.dtype == np.uint32 else obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, type):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    return obj
+
+
+def _check_plain(common: dict) -> None:
+    """Refuse, at save time, a common state that would not load with `weights_only=True` (rather
+    than a checkpoint that fails at resume, hours later)."""
+    buf = io.BytesIO()
+    torch.save(common, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+    except Exception as e:
+        raise TypeError(f"checkpoint common state is not plain data (convert it with checkpoint.plain): "
+                        f"{str(e).splitlines()[-1][:300]}") from None
 
 
 def _rng_sharded(data) -> object:
@@ -135,10 +177,12 @@ def save(path: str | Path, module, optimizer=None, common: dict | None = None, r
     state = {"model": model_sharded_state_dict(module)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"])
-    state[COMMON_KEY] = dict(common or {})
+    state[COMMON_KEY] = plain(dict(common or {}))
     if rng:
         state[RNG_KEY] = _rng_sharded(get_rng_state())
         state[COMMON_KEY][RNG_LAYOUT_KEY] = _tp_pp()
+    if _rank() == 0:
+        _check_plain(state[COMMON_KEY])
     _sync_writer_queue()
     dist_checkpointing.save(state, str(tmp))
     _barrier()
@@ -247,7 +291,7 @@ def load(path: str | Path, module, optimizer=None, allow_missing: tuple[str, ...
             rng = False
             log.warning("%s: RNG states %s; dropout draws will differ from the interrupted run's", path,
                         f"saved at {saved_at}, not restored at {_tp_pp()}" if saved_at else "not in the checkpoint")
-    loaded = dist_checkpointing.load(state, str(path))
+    loaded = read_tensors(path, state)
     _, unexpected = unwrap(module).load_state_dict(loaded["model"], strict=False)
     if unexpected:
         raise CheckpointMismatchError(f"checkpoint {path}: unexpected tensors {unexpected[:5]}")
@@ -267,12 +311,9 @@ def saved_parts(path: str | Path) -> set[str]:
 def _without_other_impl_state(sharded: dict, path: Path) -> dict:
     """Drop entries only one layer implementation has (TE's `_extra_state`) when the checkpoint
     lacks them: a checkpoint of the local spec loads into TE layers and vice versa."""
-    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-
     if not any(impl_only_key(k) for k in sharded):
         return sharded
-    # objects are listed per shard: `<key>/shard_<i>_<n>`
-    saved = {k.split("/shard_", 1)[0] for k in load_sharded_metadata(str(path))}
+    saved = _saved_keys(path)
     return {k: v for k, v in sharded.items() if not impl_only_key(k) or _key_of(v) in saved}
 
 
@@ -281,17 +322,36 @@ def _key_of(sharded) -> str | None:
 
 
 def _saved_keys(path: Path) -> set[str]:
-    """Keys of the checkpoint's tensors and objects (ShardedObjects by their key, not shard id)."""
+    """Keys of the checkpoint's tensors and objects (objects are listed per shard:
+    `<key>/shard_<i>_<n>`; here by their key)."""
     from megatron.core import dist_checkpointing
 
-    return {k.split("/shard_")[0] for k in dist_checkpointing.serialization.load_sharded_metadata(str(path))}
+    with safe_load.reading(path):
+        return {k.split("/shard_")[0] for k in dist_checkpointing.serialization.load_sharded_metadata(str(path))}
+
+
+def tensor_keys(path: str | Path) -> set[str]:
+    """Keys of the checkpoint's tensors (not objects)."""
+    from megatron.core import dist_checkpointing
+
+    with safe_load.reading(path):
+        return set(dist_checkpointing.load_tensors_metadata(str(path)))
+
+
+def read_tensors(path: str | Path, sharded: dict) -> dict:
+    """`dist_checkpointing.load` of the sharded state dict `sharded` (the export's reader)."""
+    from megatron.core import dist_checkpointing
+
+    with safe_load.reading(path):
+        return dist_checkpointing.load(sharded, str(path))
 
 
 def load_common(path: str | Path) -> dict:
     """Only the common (non-tensor) state of a checkpoint, e.g. its config and step."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load_common_state_dict(str(path)).get(COMMON_KEY, {})
+    with safe_load.reading(path):
+        return dist_checkpointing.load_common_state_dict(str(path)).get(COMMON_KEY, {})
 
 
 def model_config(path: str | Path):
