@@ -128,8 +128,9 @@ def check_meta(meta: dict, expected: dict, what: str) -> None:
         raise FeatureCacheError(
             f"{what} was built for another model config (hash {meta['hash']}, the model's is "
             f"{fields_hash(expected)}): {'; '.join(diffs[:6])}. Rebuild it for this model: "
-            f"`avllm features model=<this model config> data.feature_cache=<new folder>`, or point "
-            f"data.feature_cache at a cache built for this model, or set data.feature_cache=null to decode media")
+            f"`avllm features model=<this model config> source=<manifest> out_dir=<new folder>`, then point "
+            f"model.data.feature_cache at it (or at a cache built for this model), or set "
+            f"model.data.feature_cache=null to decode media")
 
 
 class FeatureCache:
@@ -143,7 +144,7 @@ class FeatureCache:
         if not meta_file.is_file():
             raise FeatureCacheError(
                 f"feature cache {self.path} has no {META_NAME}; build it with "
-                f"`avllm features data.feature_cache={self.path}` or set data.feature_cache=null")
+                f"`avllm features source=<manifest> out_dir={self.path}` or set model.data.feature_cache=null")
         self.meta = json.loads(meta_file.read_text())
         if not clips_file.is_file():
             raise FeatureCacheError(

@@ -161,22 +161,28 @@ def save(path: str | Path, module, optimizer=None, common: dict | None = None, r
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    # the same temporary name on every rank: rank 0 picks it and broadcasts it
-    tmp = [str(path.parent / f"{path.name}.tmp-{os.getpid()}")]
-    if torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(tmp, src=0)
-    tmp = Path(tmp[0])
-    if _rank() == 0:
-        # leftovers of saves that were killed midway are never valid checkpoints
-        for stale in path.parent.glob(f"{path.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        for stale in path.parent.glob(f"{path.name}.old-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
     state = {"model": model_sharded_state_dict(module)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+    # the same temporary name on every rank: rank 0 picks it and broadcasts it, with the verdict
+    # of the free-space check (every rank raises it, none is left waiting in a barrier)
+    tmp = [str(path.parent / f"{path.name}.tmp-{_owner_tag()}"), None]
+    need = _bytes_to_write(state)
+    if _rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp[1] = _space_shortfall(path, need)
+        # leftovers of this checkpoint's saves that were killed midway, only those whose owner is gone
+        for stale in [*path.parent.glob(f"{path.name}.tmp-*"), *path.parent.glob(f"{path.name}.old-*")]:
+            if _owner_gone(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(tmp, src=0)
+    if tmp[1]:
+        raise DiskFullError(tmp[1])
+    tmp = Path(tmp[0])
+    if _rank() == 0:
+        tmp.mkdir(parents=True)
+    _barrier()
     state[COMMON_KEY] = plain(dict(common or {}))
     if rng:
         state[RNG_KEY] = _rng_sharded(get_rng_state())
@@ -184,11 +190,19 @@ def save(path: str | Path, module, optimizer=None, common: dict | None = None, r
     if _rank() == 0:
         _check_plain(state[COMMON_KEY])
     _sync_writer_queue()
-    dist_checkpointing.save(state, str(tmp))
+    try:
+        dist_checkpointing.save(state, str(tmp))
+    except BaseException as e:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        short = _space_shortfall(path, need) if isinstance(e, Exception) or _is_checkpoint_exception(e) else None
+        if short:
+            raise DiskFullError(short) from e
+        raise
     _barrier()
     if _rank() == 0:
         if path.exists():
-            old = path.parent / f"{path.name}.old-{os.getpid()}"
+            old = path.parent / f"{path.name}.old-{_owner_tag()}"
             path.rename(old)
             tmp.rename(path)
             shutil.rmtree(old, ignore_errors=True)
@@ -196,6 +210,98 @@ def save(path: str | Path, module, optimizer=None, common: dict | None = None, r
             tmp.rename(path)
     _barrier()
     return path
+
+
+class DiskFullError(UserError):
+    """Not enough free space for a checkpoint."""
+
+
+def _owner_tag() -> str:
+    """`<pid>-<host>`: whose temporary folder this is (only its owner removes it while it lives)."""
+    import socket
+
+    return f"{os.getpid()}-{socket.gethostname()}"
+
+
+def _owner_gone(leftover: Path) -> bool:
+    from nemo_avllm.training.run_folder import process_gone
+
+    tag = re.split(r"\.(?:tmp|old)-", leftover.name)[-1]
+    pid, _, host = tag.partition("-")
+    return pid.isdigit() and bool(host) and process_gone(int(pid), host)
+
+
+def _bytes_to_write(state: dict) -> int:
+    """Bytes all ranks together write for `state` (each tensor shard once)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+
+    n = sum(v.data.numel() * v.data.element_size() for v in nested_values(state)
+            if isinstance(v, ShardedTensor) and v.data is not None and is_main_replica(v.replica_id))
+    n += sum(v.data.numel() * v.data.element_size() for v in nested_values(state)
+             if not isinstance(v, ShardedTensor) and isinstance(getattr(v, "data", None), torch.Tensor))
+    if torch.distributed.is_initialized():
+        from nemo_avllm.runtime import distributed
+
+        t = torch.tensor([n], dtype=torch.int64, device=distributed.device())
+        torch.distributed.all_reduce(t)
+        n = int(t.item())
+    return n
+
+
+def _space_shortfall(path: Path, need: int) -> str | None:
+    """The one-line reason when the file system of `path` has less than `need` bytes (plus a
+    margin for metadata) free, else None."""
+    need = int(need * 1.02) + (4 << 20)
+    free = shutil.disk_usage(path.parent).free
+    if free >= need:
+        return None
+    return (f"not enough disk space to save checkpoint {path}: it needs {need / 2**20:.0f} MiB free in "
+            f"{path.parent}, {free / 2**20:.0f} MiB are; free {(need - free) / 2**20:.0f} MiB there (the previous "
+            f"checkpoints are untouched), or move exp_manager.exp_dir to a larger disk")
+
+
+def _is_checkpoint_exception(e: BaseException) -> bool:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return isinstance(e, CheckpointException)
+
+
+def failed_saves(checkpoint_dir: str | Path) -> list[Path]:
+    """Leftovers of saves that did not finish (`*.tmp-*`, `*.old-*` after
+    `recover_interrupted_saves`): never valid checkpoints. Only the run folder's lock holder may
+    remove them all (nobody else saves there)."""
+    d = Path(checkpoint_dir)
+    return sorted([*d.glob("*.tmp-*"), *d.glob("*.old-*")]) if d.is_dir() else []
+
+
+def step_of(path: Path) -> int:
+    m = re.search(r"step[=_](\d+)", path.name)  # step_N (now) or step=N (older runs)
+    return int(m.group(1)) if m else -1
+
+
+def candidates(checkpoint_dir: str | Path) -> list[Path]:
+    """A run's checkpoint folders (final names only, damaged ones included)."""
+    d = Path(checkpoint_dir)
+    if not d.is_dir():
+        return []
+    return [p for p in d.iterdir() if p.is_dir() and step_of(p) >= 0 and not re.search(r"\.(tmp|old)-|\.damaged$", p.name)]
+
+
+def newest_intact(paths) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest (by step, then `*-last`, then mtime) of `paths` whose files are whole and whose
+    common state loads, and the damaged ones newer than it, each with the reason naming its file."""
+    damaged = []
+    for p in sorted(paths, key=lambda p: (step_of(p), p.name.endswith("-last"), p.stat().st_mtime), reverse=True):
+        try:
+            why = safe_load.damage(p)
+            if why is None:
+                load_common(p)
+                return p, damaged
+        except UserError as e:
+            why = str(e)
+        damaged.append((p, why))
+    return None, damaged
 
 
 def recover_interrupted_saves(checkpoint_dir: str | Path) -> list[Path]:
@@ -224,15 +330,11 @@ def resolve(path: str | Path) -> Path:
     path = Path(path)
     if is_checkpoint(path):
         return path
-    candidates = [p for d in (path / "checkpoints", path) for p in d.glob("*-last") if is_checkpoint(p)]
-    if not candidates:
-        return path
-
-    def step(p: Path) -> tuple[int, float]:
-        m = re.search(r"step[=_](\d+)", p.name)  # step_N (now) or step=N (older runs)
-        return (int(m.group(1)) if m else -1, p.stat().st_mtime)
-
-    return max(candidates, key=step)
+    lasts = [p for d in (path / "checkpoints", path) for p in d.glob("*-last") if p.is_dir()]
+    chosen, damaged = newest_intact(lasts)
+    for p, why in damaged:
+        log.warning("checkpoint %s is damaged and not used: %s", p, why)
+    return chosen or path
 
 
 class CheckpointMismatchError(UserError):
