@@ -272,7 +272,11 @@ def failed_saves(checkpoint_dir: str | Path) -> list[Path]:
     `recover_interrupted_saves`): never valid checkpoints. Only the run folder's lock holder may
     remove them all (nobody else saves there)."""
     d = Path(checkpoint_dir)
-    return sorted([*d.glob("*.tmp-*"), *d.glob("*.old-*")]) if d.is_dir() else []
+    if not d.is_dir():
+        return []
+    # NeMo's `<name>-unfinished` marker of a save that failed before its folder was in place
+    markers = [m for m in d.glob("*-unfinished") if not m.with_name(m.name[: -len("-unfinished")]).exists()]
+    return sorted([*d.glob("*.tmp-*"), *d.glob("*.old-*"), *markers])
 
 
 def step_of(path: Path) -> int:

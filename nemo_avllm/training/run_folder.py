@@ -195,7 +195,10 @@ def prepare(cfg) -> PreparedRun:
     for p in checkpoint.recover_interrupted_saves(ckpt_dir):
         log.warning("recovered checkpoint %s from an interrupted save", p)
     for p in checkpoint.failed_saves(ckpt_dir):
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
         log.warning("removed %s, left by a save that did not finish", p)
     if not resuming:
         return PreparedRun(lock)

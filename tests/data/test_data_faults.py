@@ -3,10 +3,8 @@ folder, a MAT modality that rounds to zero per batch, and error hints that name 
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import tarfile
 
 import pytest
 
@@ -24,20 +22,6 @@ def test_shard_names_are_checked_before_use(tmp_path, name):
         with pytest.raises(UserError, match=r"shards.json: refused shard name"):
             open_shards(spec)
     assert not marker.exists()
-
-
-def test_pipe_urls_run_without_a_shell(tmp_path):
-    """A `pipe:` command with nothing for a shell to do runs as a plain argv, and its records read."""
-    from nemo_avllm.data.shards import read_shard
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo("k1.json")
-        info.size = 2
-        tar.addfile(info, io.BytesIO(b"{}"))
-    (tmp_path / "V-000000.tar").write_bytes(buf.getvalue())
-    recs = list(read_shard(f"pipe:cat {tmp_path / 'V-000000.tar'}"))
-    assert [r["__key__"] for r in recs] == ["k1"] and recs[0]["json"] == b"{}"
 
 
 def test_a_modality_that_rounds_to_zero_per_batch_is_given_one_or_refused():

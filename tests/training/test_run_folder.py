@@ -4,6 +4,7 @@ of failed saves. Real training processes, real dist checkpoints damaged by hand.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -63,3 +64,31 @@ def test_a_save_removes_only_leftovers_whose_owner_is_gone(tmp_path, dist1):
     gone.mkdir()
     checkpoint.save(tmp_path / "ck", build_model(config.load_model("tiny")))
     assert live.is_dir() and not gone.exists() and checkpoint.is_checkpoint(tmp_path / "ck")
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_checkpoints(tmp_path):
+    """A real full disk: the run folder on a 31 MiB tmpfs (a private mount namespace) holds the
+    two step-2 checkpoints (~12 MiB each) but not a third."""
+    import shlex
+
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {tmp_path}"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        import pytest
+
+        pytest.skip(f"cannot mount a small file system here (unshare -rm: {probe.stderr.strip()})")
+    exp, keep = tmp_path / "exp", tmp_path / "kept"
+    exp.mkdir()
+    cmd = " ".join(shlex.quote(a) for a in [sys.executable, str(helpers.RUNNER), *helpers.overrides(exp, steps=4, every=2)])
+    script = f"mount -t tmpfs -o size=31m tmpfs {exp} && {{ {cmd} > {tmp_path / 'out.txt'} 2>&1; echo $? > {tmp_path / 'rc'}; cp -r {exp} {keep}; }}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(helpers.REPO), HF_HUB_OFFLINE="1")
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, cwd=helpers.REPO, timeout=600, check=True)
+    out = (tmp_path / "out.txt").read_text()
+    assert (tmp_path / "rc").read_text().strip() != "0"
+    assert re.search(rf"DiskFullError: not enough disk space to save checkpoint {exp}/run/checkpoints/run--step_4\S*: "
+                     rf"it needs \d+ MiB free in {exp}/run/checkpoints, \d+ MiB are", out), out[-3000:]
+    assert "Worker failure" not in out
+    ckpts = keep / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["run--step_2", "run--step_2-last"]
+    assert all(checkpoint.safe_load.damage(p) is None for p in ckpts.iterdir() if p.is_dir())
+    assert [p.name for p in checkpoint.failed_saves(ckpts)] == ["run--step_4-unfinished"]  # removed at the next start
