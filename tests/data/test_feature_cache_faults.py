@@ -8,7 +8,7 @@ import shutil
 
 from nemo_avllm import config
 from nemo_avllm.data.dataset import AVDataset, DecodeSettings, layout_of
-from nemo_avllm.data.features import FeatureCache, build_feature_cache, run, verify_cache
+from nemo_avllm.data.features import FeatureCache, build_feature_cache, run
 from tests.data.test_features import cache_dir, cfg, data, encoders  # noqa: F401  (module fixtures)
 
 
@@ -22,6 +22,8 @@ def _damage(cache, sample):
 
 
 def test_a_damaged_entry_is_replaced_and_reported(cache_dir, data, cfg, tokenizer, tmp_path, caplog):  # noqa: F811
+    from nemo_avllm.data.features import verify_cache
+
     cache = tmp_path / "cache"
     shutil.copytree(cache_dir, cache)
     shard, media = _damage(cache, data[2][0])
@@ -36,6 +38,8 @@ def test_a_damaged_entry_is_replaced_and_reported(cache_dir, data, cfg, tokenize
 
 
 def test_features_verify_and_repair(cache_dir, data, cfg, encoders, tmp_path, capsys):  # noqa: F811
+    from nemo_avllm.data.features import verify_cache
+
     cache = tmp_path / "cache"
     shutil.copytree(cache_dir, cache)
     shard, _ = _damage(cache, data[2][0])
