@@ -192,10 +192,10 @@ def save(path: str | Path, module, optimizer=None, common: dict | None = None, r
     _sync_writer_queue()
     try:
         dist_checkpointing.save(state, str(tmp))
-    except BaseException as e:
+    except BaseException as e:  # torch's CheckpointException ("Worker failure") is a BaseException
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        short = _space_shortfall(path, need) if isinstance(e, Exception) or _is_checkpoint_exception(e) else None
+        short = _space_shortfall(path, need, failed="No space left on device" in f"{e}{e!r}{e.__cause__!r}")
         if short:
             raise DiskFullError(short) from e
         raise
@@ -249,22 +249,17 @@ def _bytes_to_write(state: dict) -> int:
     return n
 
 
-def _space_shortfall(path: Path, need: int) -> str | None:
+def _space_shortfall(path: Path, need: int, failed: bool = False) -> str | None:
     """The one-line reason when the file system of `path` has less than `need` bytes (plus a
-    margin for metadata) free, else None."""
+    margin for metadata) free, or a write there `failed` for space (the disk filled meanwhile),
+    else None."""
     need = int(need * 1.02) + (4 << 20)
     free = shutil.disk_usage(path.parent).free
-    if free >= need:
+    if free >= need and not failed:
         return None
     return (f"not enough disk space to save checkpoint {path}: it needs {need / 2**20:.0f} MiB free in "
-            f"{path.parent}, {free / 2**20:.0f} MiB are; free {(need - free) / 2**20:.0f} MiB there (the previous "
+            f"{path.parent}, {free / 2**20:.0f} MiB are; free {max(need - free, 0) / 2**20:.0f} MiB there (the previous "
             f"checkpoints are untouched), or move exp_manager.exp_dir to a larger disk")
-
-
-def _is_checkpoint_exception(e: BaseException) -> bool:
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    return isinstance(e, CheckpointException)
 
 
 def failed_saves(checkpoint_dir: str | Path) -> list[Path]:
