@@ -128,8 +128,9 @@ def check_meta(meta: dict, expected: dict, what: str) -> None:
         raise FeatureCacheError(
             f"{what} was built for another model config (hash {meta['hash']}, the model's is "
             f"{fields_hash(expected)}): {'; '.join(diffs[:6])}. Rebuild it for this model: "
-            f"`avllm features model=<this model config> data.feature_cache=<new folder>`, or point "
-            f"data.feature_cache at a cache built for this model, or set data.feature_cache=null to decode media")
+            f"`avllm features model=<this model config> source=<manifest> out_dir=<new folder>`, then point "
+            f"model.data.feature_cache at it (or at a cache built for this model), or set "
+            f"model.data.feature_cache=null to decode media")
 
 
 class FeatureCache:
@@ -143,7 +144,7 @@ class FeatureCache:
         if not meta_file.is_file():
             raise FeatureCacheError(
                 f"feature cache {self.path} has no {META_NAME}; build it with "
-                f"`avllm features data.feature_cache={self.path}` or set data.feature_cache=null")
+                f"`avllm features source=<manifest> out_dir={self.path}` or set model.data.feature_cache=null")
         self.meta = json.loads(meta_file.read_text())
         if not clips_file.is_file():
             raise FeatureCacheError(
@@ -184,16 +185,24 @@ class FeatureCache:
         return self._handles[name]
 
     def get(self, media_id: str) -> dict[str, torch.Tensor] | None:
-        """{"temporal": [T,Dv], "spatial": [N,Dv], "audio": [K,Da] (clips with sound)} or None."""
+        """{"temporal": [T,Dv], "spatial": [N,Dv], "audio": [K,Da] (clips with sound)} or None.
+        A damaged entry raises `MediaError` naming its shard and clip: the dataset replaces the
+        sample as it does one with damaged media (`avllm features verify=true` lists them all)."""
         shard = self.index.get(media_id)
         if shard is None:
             return None
-        f = self._shard(shard)
-        out = {}
-        for kind in ("temporal", "spatial", "audio"):
-            key = f"{media_id}/{kind}"
-            if key in f.keys():
-                out[kind] = f.get_tensor(key)
+        try:
+            f = self._shard(shard)
+            out = {}
+            for kind in ("temporal", "spatial", "audio"):
+                key = f"{media_id}/{kind}"
+                if key in f.keys():
+                    out[kind] = f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+            raise MediaError(str(self.path / shard), f"damaged feature-cache entry of clip {media_id} "
+                             f"({type(e).__name__}: {e})") from None
+        if "temporal" not in out or "spatial" not in out:
+            raise MediaError(str(self.path / shard), f"damaged feature-cache entry of clip {media_id} (tensors missing)")
         return out
 
     def __getstate__(self):
@@ -251,6 +260,21 @@ def _sources(source, index) -> list[MediaSource]:
             seen.add(mid)
             out.append(MediaSource.lookup(mid, video, audio, has_audio, index))
     return out
+
+
+def verify_cache(path) -> dict[str, str]:
+    """Damaged shards of the cache at `path` (shard file -> reason): every tensor of every clip in
+    `clips.json` is read back. Cheap next to building it; run it after copying a cache around."""
+    cache = FeatureCache(path)
+    damaged: dict[str, str] = {}
+    for media_id, shard in cache.index.items():
+        if shard in damaged:
+            continue
+        try:
+            cache.get(media_id)
+        except MediaError as e:
+            damaged[shard] = e.reason
+    return damaged
 
 
 def _read_journal(path: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -416,7 +440,19 @@ def encode_clips(vision, audio, videos: Sequence[torch.Tensor], audios: Sequence
 
 
 def run(cfg) -> int:
-    """`avllm features` / `scripts/features.py` with a composed `conf/features.yaml`."""
+    """`avllm features` / `scripts/features.py` with a composed `conf/features.yaml`.
+    `verify=true`: only check the cache at out_dir (exit 1 when a shard is damaged);
+    `repair=true`: set damaged shards aside (`*.damaged`) and re-encode their clips."""
+    if cfg.get("verify") or cfg.get("repair"):
+        damaged = verify_cache(cfg.out_dir)
+        for shard, why in sorted(damaged.items()):
+            print(f"damaged: {Path(cfg.out_dir) / shard}: {why}")
+        if not cfg.get("repair"):
+            print(f"feature cache {cfg.out_dir}: {len(damaged)} damaged shards"
+                  + ("; rerun with repair=true source=<the manifests> to re-encode their clips" if damaged else ""))
+            return 1 if damaged else 0
+        for shard in damaged:
+            os.replace(Path(cfg.out_dir) / shard, Path(cfg.out_dir) / f"{shard}.damaged")  # resume re-encodes them
     source = list(cfg.source) if not isinstance(cfg.source, str) else cfg.source
     report = build_feature_cache(
         source, cfg.out_dir, cfg.model, index=cfg.get("index"), dtype=cfg.dtype, clips_per_shard=int(cfg.clips_per_shard),

@@ -84,6 +84,25 @@ def largest_remainder(ratios: dict[str, float], total: int) -> dict[str, int]:
     return counts
 
 
+def at_least_one(counts: dict[str, int], ratios: dict[str, float], global_batch: int) -> dict[str, int]:
+    """Every modality with a positive ratio gets >= 1 sample per global batch (taken from the
+    largest counts): rounding to 0 would silently never train it. Refused when the batch is
+    smaller than the number of such modalities."""
+    zero = [m for m, c in counts.items() if c == 0 and ratios.get(m, 0) > 0]
+    if not zero:
+        return counts
+    if global_batch < len(counts):
+        raise UserError(
+            f"MAT: modality {', '.join(zero)} (ratio {', '.join(f'{ratios[m]:.3g}' for m in zero)}) rounds to 0 "
+            f"samples in a global batch of {global_batch} and would never train; raise model.global_batch_size to "
+            f">= {len(counts)}, or set its ratio in model.data.mat_ratios to 0")
+    counts = dict(counts)
+    for m in zero:
+        counts[max(counts, key=lambda k: counts[k])] -= 1
+        counts[m] = 1
+    return counts
+
+
 def rank_slice(global_batch: int, dp_rank: int, dp_size: int, micro_batch: int) -> tuple[int, int]:
     """[start, end) of a data-parallel rank's part of a global batch (checked divisibility)."""
     if global_batch % (dp_size * micro_batch):
@@ -130,7 +149,7 @@ class ModalityPlan:
         self.phases = PHASES[schedule]
         if self.phases is None:
             self.boundary = 0
-            self.chunk = largest_remainder(self.ratios, self.G)
+            self.chunk = at_least_one(largest_remainder(self.ratios, self.G), self.ratios, self.G)
             return
         if not 0.0 <= float(split) <= 1.0:
             raise UserError(f"model.data.modality_schedule_split={split}: give the fraction of the steps in the "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tarfile
 import tempfile
 import time
@@ -48,6 +49,7 @@ from nemo_avllm.data.manifest import MODALITIES, Sample
 from nemo_avllm.data.mat_sampler import ALL, ModalityPlan, rank_labels, rank_slice
 from nemo_avllm.data.media import MediaError, MediaInfo
 from nemo_avllm.data.workers import worker_kwargs
+from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +160,7 @@ def write_shards(
 def read_shard(url: str) -> Iterator[dict]:
     """Records of one tar shard (local path or any webdataset URL, e.g. `pipe:aws s3 cp ...`):
     {"__key__", ext: bytes, ...}; the key is the member name up to its first dot."""
-    import webdataset as wds
-
-    stream = wds.gopen(url, "rb")
+    stream = _open(url)
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*")
         current: dict | None = None
@@ -191,16 +191,66 @@ def _join(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}"
 
 
-def load_shards_meta(base: str) -> dict:
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*")
+_SHELL = set("|&;<>()$`\\\"'\t\n*?[]#~{}")  # what makes a command need a shell
+
+
+def check_shard_names(meta: dict, where: str) -> dict:
+    """`shards.json` names files under its own folder: plain relative names only (no `..`, no
+    absolute path, no shell metacharacters), since they are joined to a folder or a `pipe:`
+    command. Returns `meta`."""
+    for e in meta.get("shards", []):
+        name = e.get("file") if isinstance(e, dict) else None
+        if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name.split("/"):
+            raise UserError(f"{where}: refused shard name {name!r}: names must be relative paths inside the shard "
+                            f"folder made of letters, digits and _ . + - (as `avllm prepare` writes them)")
+    return meta
+
+
+def _open(url: str):
+    """A readable stream of `url`. `pipe:CMD` runs CMD without a shell when it needs none (its
+    shard name is checked, `check_shard_names`); other URLs go to webdataset's `gopen`."""
     import webdataset as wds
 
+    if url.startswith("pipe:") and not _SHELL & set(url[5:]):
+        import shlex
+        import subprocess
+
+        proc = subprocess.Popen(shlex.split(url[5:]), stdout=subprocess.PIPE)
+        return _PipeStream(proc, url)
+    return wds.gopen(url, "rb")
+
+
+class _PipeStream:
+    """The stdout of a `pipe:` command; closing it waits for the command and checks its status."""
+
+    def __init__(self, proc, url: str):
+        self.proc, self.url = proc, url
+
+    def read(self, *args):
+        return self.proc.stdout.read(*args)
+
+    def close(self):
+        self.proc.stdout.close()
+        if self.proc.wait() != 0:
+            raise OSError(f"{self.url}: the command exited with status {self.proc.returncode}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load_shards_meta(base: str) -> dict:
     url = _join(base, SHARDS_NAME)
     try:
-        with wds.gopen(url, "rb") as f:
-            return json.loads(f.read())
+        with _open(url) as f:
+            meta = json.loads(f.read())
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"cannot read {url} ({e}); write shards with `avllm prepare shards.out_dir=<dir>` "
                                 f"and set model.data.shards to that folder or URL") from e
+    return check_shard_names(meta, url)
 
 
 def open_shards(spec: str) -> tuple[str, dict]:

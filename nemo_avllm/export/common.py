@@ -98,21 +98,20 @@ def _tensors(module) -> dict:
 
 def missing_tensors(path: str | Path, module) -> list[str]:
     """Checkpoint keys of `module`'s tensors that the dist checkpoint at `path` lacks."""
-    from megatron.core import dist_checkpointing
+    from nemo_avllm.training.checkpoint import tensor_keys
 
-    saved = set(dist_checkpointing.load_tensors_metadata(str(path)))
-    return sorted({v.key for v in _tensors(module).values()} - saved)
+    return sorted({v.key for v in _tensors(module).values()} - tensor_keys(path))
 
 
 def load_tensors(path: str | Path, module) -> None:
     """Load the tensors of a dist checkpoint that `module` (TP=1/PP=1) has, in place, resharding
     from whatever TP/PP saved them (what it lacks stays as it is: see `missing_tensors`)."""
-    from megatron.core import dist_checkpointing
+    from nemo_avllm.training.checkpoint import read_tensors, tensor_keys
 
-    saved = set(dist_checkpointing.load_tensors_metadata(str(path)))
+    saved = tensor_keys(path)
     wanted = {k: v for k, v in _tensors(module).items() if v.key in saved}
     if wanted:
-        loaded = dist_checkpointing.load({"model": wanted}, str(path))["model"]
+        loaded = read_tensors(path, {"model": wanted})["model"]
         module.load_state_dict(loaded, strict=False)
 
 

@@ -67,11 +67,6 @@ class MissingWeightsError(UserError):
     """The checkpoint lacks tensors the export needs."""
 
 
-def _saved_keys(path: Path) -> set[str]:
-    from megatron.core import dist_checkpointing
-
-    return set(dist_checkpointing.load_tensors_metadata(str(path)).keys())
-
 
 
 def _strip(full: dict, prefix: str) -> dict:
@@ -157,7 +152,7 @@ def export_hf(
     base = len(tok) - sum(t in tok.get_vocab() for t in MODALITY_TOKENS)
     if base > llm.vocab_size:
         raise ValueError(f"the tokenizer has {base} tokens but the LLM's vocab_size is {llm.vocab_size}: not this model's tokenizer")
-    saved = _saved_keys(ckpt)
+    saved = dist_ckpt.tensor_keys(ckpt)
 
     with single_process(), staged_folder(out, overwrite) as tmp:
         model = empty_model(cfg, llm_only=llm_only)

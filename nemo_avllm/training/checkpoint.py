@@ -9,10 +9,14 @@ kill during a save leaves the previous checkpoint untouched and loadable.
 Training checkpoints also hold every rank's RNG states (Python, NumPy, torch CPU/CUDA, megatron's
 tracker), one object per (PP, TP) rank as Megatron-LM saves them, so a resumed run draws the same
 dropout masks as the uninterrupted one. They are restored only at the TP/PP they were saved at
-(the streams of other ranks do not exist there)."""
+(the streams of other ranks do not exist there).
+
+Reading one never runs code (`safe_load`): every read here goes through `safe_load.reading`, and
+what a save stores besides tensors is plain data (`plain`), so it loads with `weights_only=True`."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -25,6 +29,8 @@ import torch
 
 from nemo_avllm.errors import UserError
 from nemo_avllm.model.llm import impl_only_key
+from nemo_avllm.training import safe_load
+from nemo_avllm.training.safe_load import DamagedCheckpointError, UnsafeCheckpointError  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +88,7 @@ def get_rng_state() -> dict:
 
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": plain(np.random.get_state()),
         "torch": torch.get_rng_state(),
         "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
     }
@@ -97,11 +103,47 @@ def set_rng_state(state: dict) -> None:
     from nemo_avllm.runtime import distributed
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if distributed.has_gpu() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def plain(obj):
+    """`obj` as tensors and plain Python data, what `torch.load(weights_only=True)` reads back:
+    OmegaConf containers as dicts/lists, NumPy arrays as tensors, paths and types as strings."""
+    from omegaconf import Container, OmegaConf
+
+    if isinstance(obj, Container):
+        return OmegaConf.to_container(obj, resolve=False)
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.astype(np.int64) if obj.dtype == np.uint32 else obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, type):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    return obj
+
+
+def _check_plain(common: dict) -> None:
+    """Refuse, at save time, a common state that would not load with `weights_only=True` (rather
+    than a checkpoint that fails at resume, hours later)."""
+    buf = io.BytesIO()
+    torch.save(common, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+    except Exception as e:
+        raise TypeError(f"checkpoint common state is not plain data (convert it with checkpoint.plain): "
+                        f"{str(e).splitlines()[-1][:300]}") from None
 
 
 def _rng_sharded(data) -> object:
@@ -123,32 +165,48 @@ def save(path: str | Path, module, optimizer=None, common: dict | None = None, r
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    # the same temporary name on every rank: rank 0 picks it and broadcasts it
-    tmp = [str(path.parent / f"{path.name}.tmp-{os.getpid()}")]
-    if torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(tmp, src=0)
-    tmp = Path(tmp[0])
-    if _rank() == 0:
-        # leftovers of saves that were killed midway are never valid checkpoints
-        for stale in path.parent.glob(f"{path.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        for stale in path.parent.glob(f"{path.name}.old-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
     state = {"model": model_sharded_state_dict(module)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIMIZER_METADATA)
-    state[COMMON_KEY] = dict(common or {})
+    # the same temporary name on every rank: rank 0 picks it and broadcasts it, with the verdict
+    # of the free-space check (every rank raises it, none is left waiting in a barrier)
+    tmp = [str(path.parent / f"{path.name}.tmp-{_owner_tag()}"), None]
+    need = _bytes_to_write(state)
+    if _rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp[1] = _space_shortfall(path, need)
+        # leftovers of this checkpoint's saves that were killed midway, only those whose owner is gone
+        for stale in [*path.parent.glob(f"{path.name}.tmp-*"), *path.parent.glob(f"{path.name}.old-*")]:
+            if _owner_gone(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(tmp, src=0)
+    if tmp[1]:
+        raise DiskFullError(tmp[1])
+    tmp = Path(tmp[0])
+    if _rank() == 0:
+        tmp.mkdir(parents=True)
+    _barrier()
+    state[COMMON_KEY] = plain(dict(common or {}))
     if rng:
         state[RNG_KEY] = _rng_sharded(get_rng_state())
         state[COMMON_KEY][RNG_LAYOUT_KEY] = _tp_pp()
+    if _rank() == 0:
+        _check_plain(state[COMMON_KEY])
     _sync_writer_queue()
-    dist_checkpointing.save(state, str(tmp))
+    try:
+        dist_checkpointing.save(state, str(tmp))
+    except BaseException as e:  # torch's CheckpointException ("Worker failure") is a BaseException
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        short = _space_shortfall(path, need, failed="No space left on device" in f"{e}{e!r}{e.__cause__!r}")
+        if short:
+            raise DiskFullError(short) from e
+        raise
     _barrier()
     if _rank() == 0:
         if path.exists():
-            old = path.parent / f"{path.name}.old-{os.getpid()}"
+            old = path.parent / f"{path.name}.old-{_owner_tag()}"
             path.rename(old)
             tmp.rename(path)
             shutil.rmtree(old, ignore_errors=True)
@@ -156,6 +214,97 @@ def save(path: str | Path, module, optimizer=None, common: dict | None = None, r
             tmp.rename(path)
     _barrier()
     return path
+
+
+class DiskFullError(UserError):
+    """Not enough free space for a checkpoint."""
+
+
+def _owner_tag() -> str:
+    """`<pid>-<host>`: whose temporary folder this is (only its owner removes it while it lives)."""
+    import socket
+
+    return f"{os.getpid()}-{socket.gethostname()}"
+
+
+def _owner_gone(leftover: Path) -> bool:
+    from nemo_avllm.training.run_folder import process_gone
+
+    tag = re.split(r"\.(?:tmp|old)-", leftover.name)[-1]
+    pid, _, host = tag.partition("-")
+    return pid.isdigit() and bool(host) and process_gone(int(pid), host)
+
+
+def _bytes_to_write(state: dict) -> int:
+    """Bytes all ranks together write for `state` (each tensor shard once)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+
+    n = sum(v.data.numel() * v.data.element_size() for v in nested_values(state)
+            if isinstance(v, ShardedTensor) and v.data is not None and is_main_replica(v.replica_id))
+    n += sum(v.data.numel() * v.data.element_size() for v in nested_values(state)
+             if not isinstance(v, ShardedTensor) and isinstance(getattr(v, "data", None), torch.Tensor))
+    if torch.distributed.is_initialized():
+        from nemo_avllm.runtime import distributed
+
+        t = torch.tensor([n], dtype=torch.int64, device=distributed.device())
+        torch.distributed.all_reduce(t)
+        n = int(t.item())
+    return n
+
+
+def _space_shortfall(path: Path, need: int, failed: bool = False) -> str | None:
+    """The one-line reason when the file system of `path` has less than `need` bytes (plus a
+    margin for metadata) free, or a write there `failed` for space (the disk filled meanwhile),
+    else None."""
+    need = int(need * 1.02) + (4 << 20)
+    free = shutil.disk_usage(path.parent).free
+    if free >= need and not failed:
+        return None
+    return (f"not enough disk space to save checkpoint {path}: it needs {need / 2**20:.0f} MiB free in "
+            f"{path.parent}, {free / 2**20:.0f} MiB are; free {max(need - free, 0) / 2**20:.0f} MiB there (the previous "
+            f"checkpoints are untouched), or move exp_manager.exp_dir to a larger disk")
+
+
+def failed_saves(checkpoint_dir: str | Path) -> list[Path]:
+    """Leftovers of saves that did not finish (`*.tmp-*`, `*.old-*` after
+    `recover_interrupted_saves`): never valid checkpoints. Only the run folder's lock holder may
+    remove them all (nobody else saves there)."""
+    d = Path(checkpoint_dir)
+    if not d.is_dir():
+        return []
+    # NeMo's `<name>-unfinished` marker of a save that failed before its folder was in place
+    markers = [m for m in d.glob("*-unfinished") if not m.with_name(m.name[: -len("-unfinished")]).exists()]
+    return sorted([*d.glob("*.tmp-*"), *d.glob("*.old-*"), *markers])
+
+
+def step_of(path: Path) -> int:
+    m = re.search(r"step[=_](\d+)", path.name)  # step_N (now) or step=N (older runs)
+    return int(m.group(1)) if m else -1
+
+
+def candidates(checkpoint_dir: str | Path) -> list[Path]:
+    """A run's checkpoint folders (final names only, damaged ones included)."""
+    d = Path(checkpoint_dir)
+    if not d.is_dir():
+        return []
+    return [p for p in d.iterdir() if p.is_dir() and step_of(p) >= 0 and not re.search(r"\.(tmp|old)-|\.damaged$", p.name)]
+
+
+def newest_intact(paths) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest (by step, then `*-last`, then mtime) of `paths` whose files are whole and whose
+    common state loads, and the damaged ones newer than it, each with the reason naming its file."""
+    damaged = []
+    for p in sorted(paths, key=lambda p: (step_of(p), p.name.endswith("-last"), p.stat().st_mtime), reverse=True):
+        try:
+            why = safe_load.damage(p)
+            if why is None:
+                load_common(p)
+                return p, damaged
+        except UserError as e:
+            why = str(e)
+        damaged.append((p, why))
+    return None, damaged
 
 
 def recover_interrupted_saves(checkpoint_dir: str | Path) -> list[Path]:
@@ -184,15 +333,11 @@ def resolve(path: str | Path) -> Path:
     path = Path(path)
     if is_checkpoint(path):
         return path
-    candidates = [p for d in (path / "checkpoints", path) for p in d.glob("*-last") if is_checkpoint(p)]
-    if not candidates:
-        return path
-
-    def step(p: Path) -> tuple[int, float]:
-        m = re.search(r"step[=_](\d+)", p.name)  # step_N (now) or step=N (older runs)
-        return (int(m.group(1)) if m else -1, p.stat().st_mtime)
-
-    return max(candidates, key=step)
+    lasts = [p for d in (path / "checkpoints", path) for p in d.glob("*-last") if p.is_dir()]
+    chosen, damaged = newest_intact(lasts)
+    for p, why in damaged:
+        log.warning("checkpoint %s is damaged and not used: %s", p, why)
+    return chosen or path
 
 
 class CheckpointMismatchError(UserError):
@@ -260,7 +405,7 @@ def _load(path, module, optimizer, allow_missing, rng) -> dict:
             rng = False
             log.warning("%s: RNG states %s; dropout draws will differ from the interrupted run's", path,
                         f"saved at {saved_at}, not restored at {_tp_pp()}" if saved_at else "not in the checkpoint")
-    loaded = dist_checkpointing.load(state, str(path))
+    loaded = read_tensors(path, state)
     _, unexpected = unwrap(module).load_state_dict(loaded["model"], strict=False)
     if unexpected:
         raise CheckpointMismatchError(f"checkpoint {path}: unexpected tensors {unexpected[:5]}")
@@ -283,12 +428,9 @@ def saved_parts(path: str | Path) -> set[str]:
 def _without_other_impl_state(sharded: dict, path: Path) -> dict:
     """Drop entries only one layer implementation has (TE's `_extra_state`) when the checkpoint
     lacks them: a checkpoint of the local spec loads into TE layers and vice versa."""
-    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-
     if not any(impl_only_key(k) for k in sharded):
         return sharded
-    # objects are listed per shard: `<key>/shard_<i>_<n>`
-    saved = {k.split("/shard_", 1)[0] for k in load_sharded_metadata(str(path))}
+    saved = _saved_keys(path)
     return {k: v for k, v in sharded.items() if not impl_only_key(k) or _key_of(v) in saved}
 
 
@@ -297,17 +439,36 @@ def _key_of(sharded) -> str | None:
 
 
 def _saved_keys(path: Path) -> set[str]:
-    """Keys of the checkpoint's tensors and objects (ShardedObjects by their key, not shard id)."""
+    """Keys of the checkpoint's tensors and objects (objects are listed per shard:
+    `<key>/shard_<i>_<n>`; here by their key)."""
     from megatron.core import dist_checkpointing
 
-    return {k.split("/shard_")[0] for k in dist_checkpointing.serialization.load_sharded_metadata(str(path))}
+    with safe_load.reading(path):
+        return {k.split("/shard_")[0] for k in dist_checkpointing.serialization.load_sharded_metadata(str(path))}
+
+
+def tensor_keys(path: str | Path) -> set[str]:
+    """Keys of the checkpoint's tensors (not objects)."""
+    from megatron.core import dist_checkpointing
+
+    with safe_load.reading(path):
+        return set(dist_checkpointing.load_tensors_metadata(str(path)))
+
+
+def read_tensors(path: str | Path, sharded: dict) -> dict:
+    """`dist_checkpointing.load` of the sharded state dict `sharded` (the export's reader)."""
+    from megatron.core import dist_checkpointing
+
+    with safe_load.reading(path):
+        return dist_checkpointing.load(sharded, str(path))
 
 
 def load_common(path: str | Path) -> dict:
     """Only the common (non-tensor) state of a checkpoint, e.g. its config and step."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load_common_state_dict(str(path)).get(COMMON_KEY, {})
+    with safe_load.reading(path):
+        return dist_checkpointing.load_common_state_dict(str(path)).get(COMMON_KEY, {})
 
 
 def model_config(path: str | Path):

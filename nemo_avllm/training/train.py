@@ -167,8 +167,6 @@ def train(cfg: DictConfig, data=None):
     by default it is built from `cfg.model.data`."""
     validate(cfg)  # before the heavy imports: a bad setting is reported in a second
     check_launch(cfg)
-    from nemo.utils.exp_manager import exp_manager
-
     from nemo_avllm.training.model import AVLLMModel
 
     if cfg.model.get("data") and cfg.model.data.get("feature_cache") and cfg.model.get("build_encoders", True):
@@ -190,15 +188,11 @@ def train(cfg: DictConfig, data=None):
     if cfg.get("exp_manager") and cfg.exp_manager.get("checkpoint_callback_params") is not None:
         cfg = with_overrides(cfg, **{"exp_manager.checkpoint_callback_params.monitor": monitor_of(cfg)})
     em = cfg.get("exp_manager") or {}
-    if em.get("exp_dir") and em.get("name"):
-        from pathlib import Path
+    from nemo_avllm.training import run_folder
 
-        from nemo_avllm.training.checkpoint import recover_interrupted_saves
-
-        for p in recover_interrupted_saves(Path(em.exp_dir) / em.name / "checkpoints"):
-            log.warning("recovered checkpoint %s from an interrupted save", p)
+    run = run_folder.prepare(cfg)  # the run folder's lock, failed saves cleaned, the checkpoint to resume
     trainer = build_trainer(cfg, steps)
-    log_dir = exp_manager(trainer, cfg.get("exp_manager"))
+    log_dir = run.exp_manager(trainer, cfg.get("exp_manager"))
     trainer.callbacks += [MetricsJsonl(log_dir), LastCheckpointAtEnd()]
     _ensure_preemption_callback(trainer, em)
     model = AVLLMModel(cfg.model, trainer=trainer)
@@ -207,7 +201,10 @@ def train(cfg: DictConfig, data=None):
     if validation:
         model.val_loader_factory = data.val_loader
         model.val_check_interval = int(cfg.trainer.val_check_interval)
-    trainer.fit(model)
+    try:
+        trainer.fit(model)
+    finally:
+        run.release()
     return model, trainer, log_dir
 
 

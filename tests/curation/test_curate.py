@@ -69,7 +69,7 @@ def _train_one_step(tmp_path, tokenizer_dir, manifests, index) -> list[dict]:
     args = ["train", "model=tiny", "model.allow_random_init=true", f"model.tokenizer={tokenizer_dir}",
             f"model.data.train_manifest=[{','.join(map(str, manifests))}]",
             f"model.data.index={index}", "model.data.num_workers=0", "trainer.devices=1", "trainer.max_steps=1",
-            "model.optim.warmup_ratio=0", "model.micro_batch_size=1", "model.global_batch_size=2", "model.seq_length=128",
+            "model.optim.warmup_ratio=0", "model.micro_batch_size=1", "model.global_batch_size=3", "model.seq_length=128",
             f"exp_manager.exp_dir={tmp_path / 'runs'}", "exp_manager.create_tensorboard_logger=false",
             "exp_manager.create_checkpoint_callback=false", "trainer.enable_progress_bar=false"]
     proc = subprocess.run([sys.executable, "-m", "nemo_avllm.cli", *args], cwd=REPO, env=env, capture_output=True,

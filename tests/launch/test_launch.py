@@ -37,7 +37,7 @@ def tiny_stage(stage: str, **extra) -> list[str]:
     """The tiny model and a few steps for one stage, as `avllm launch` stage overrides."""
     values = {
         "model.micro_batch_size": 1,
-        "model.global_batch_size": 2,
+        "model.global_batch_size": 4,  # >= 3: one sample of each modality per batch (MAT refuses fewer)
         "model.seq_length": 96,
         "model.data.num_workers": 0,
         "model.optim.lr": 1e-3,
@@ -88,7 +88,7 @@ def test_stage1_runs_through_nemo_run_local_executor_on_two_processes(tmp_path, 
     assert is_checkpoint(last) and last.name == "avllm_stage1_pretrain--step_2-last", sorted((run_dir / "checkpoints").iterdir())
     assert resolve(run_dir / "checkpoints") == last and resolve(last) == last
     common = load_common(last)
-    assert common["consumed_samples"] == 4  # 2 steps x global batch 2
+    assert common["consumed_samples"] == 8  # 2 steps x global batch 4
     m = common["cfg"]  # the model config the job composed from the launcher's overrides
     assert m["llm"]["num_layers"] == 4 and m["data"]["train_manifest"] == str(manifest) and m["optim"]["lr"] == 1e-3
     assert "trainer.devices=2" in (run_dir / "cmd-args.log").read_text()
