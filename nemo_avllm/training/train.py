@@ -188,6 +188,10 @@ def train(cfg: DictConfig, data=None):
         model.val_loader_factory = data.val_loader
         model.val_check_interval = int(cfg.trainer.val_check_interval)
     trainer.fit(model)
+    if trainer.global_step >= steps and trainer.is_global_zero:  # not after a SIGTERM stop: stage 2 checks it
+        from nemo_avllm.training.restore import write_finished
+
+        write_finished(log_dir, trainer.global_step, steps)
     return model, trainer, log_dir
 
 
