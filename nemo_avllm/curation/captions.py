@@ -111,14 +111,11 @@ class FrameCaptioner:
 
 
 def audioset_labels() -> list[str]:
-    """The 527 AudioSet class names in their index order, as shipped with laion_clap."""
-    import importlib.util
+    """The 527 AudioSet class names in their index order, as laion_clap ships them (copied into
+    conf/curation: the laion-clap package cannot be installed next to numpy 2)."""
+    from nemo_avllm import config
 
-    spec = importlib.util.find_spec("laion_clap")
-    if spec is None or spec.origin is None:
-        raise ImportError("laion-clap is not installed (pip install laion-clap==1.1.7); it ships the AudioSet labels")
-    path = Path(spec.origin).parent / "training" / "audioset_textmap.npy"
-    return [str(x) for x in np.load(path, allow_pickle=False)]
+    return load_labels(str(config.conf_dir() / "curation" / "audioset_labels.txt"))
 
 
 def load_labels(spec: str) -> list[str]:
