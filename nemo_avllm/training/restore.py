@@ -42,6 +42,12 @@ def write_finished(run_dir, step: int, max_steps: int) -> Path:
     return path
 
 
+def clear_finished(run_dir, rank_zero: bool = True) -> None:
+    """Forget the record when a run (re)starts in its folder; `write_finished` puts it back at its end."""
+    if rank_zero:
+        (Path(run_dir) / FINISHED).unlink(missing_ok=True)
+
+
 def check_finished(ckpt: Path, model_cfg) -> None:
     """Refuse a checkpoint of a training run folder (`<run>/checkpoints/<name>`) whose run did not
     record that it finished at this checkpoint's step."""

@@ -179,6 +179,9 @@ def train(cfg: DictConfig, data=None):
             log.warning("recovered checkpoint %s from an interrupted save", p)
     trainer = build_trainer(cfg, steps)
     log_dir = exp_manager(trainer, cfg.get("exp_manager"))
+    from nemo_avllm.training.restore import clear_finished, write_finished
+
+    clear_finished(log_dir, trainer.is_global_zero)  # an earlier run's record does not speak for this one
     trainer.callbacks += [MetricsJsonl(log_dir), LastCheckpointAtEnd()]
     _ensure_preemption_callback(trainer, em)
     model = AVLLMModel(cfg.model, trainer=trainer)
@@ -189,8 +192,6 @@ def train(cfg: DictConfig, data=None):
         model.val_check_interval = int(cfg.trainer.val_check_interval)
     trainer.fit(model)
     if trainer.global_step >= steps and trainer.is_global_zero:  # not after a SIGTERM stop: stage 2 checks it
-        from nemo_avllm.training.restore import write_finished
-
         write_finished(log_dir, trainer.global_step, steps)
     return model, trainer, log_dir
 
