@@ -397,3 +397,24 @@ def test_nemo_run_sbatch_requeues_an_unfinished_run_and_fails_when_it_cannot(tmp
     rc, calls, log = job(finished=False, scontrol_rc=1)
     assert (rc, calls) == (1, ["requeue", "77"]) and "was not requeued" in log, log
     assert job(finished=False, restarts=20)[:2] == (1, [])
+
+
+def test_a_stage_stopped_by_sigterm_is_not_finished_and_stage_2_refuses_it(tmp_path):
+    """The time-limit path: SIGTERM -> checkpoint -> exit 0, but no finished.json, so neither the
+    requeue trap nor stage 2 takes the run for finished (the record itself: the local-executor test)."""
+    import signal
+
+    from nemo_avllm import config
+    from nemo_avllm.errors import UserError
+    from nemo_avllm.training import restore
+    from tests.training import helpers
+
+    proc = helpers.start(helpers.overrides(tmp_path, steps=200, every=1000))
+    helpers.wait_for_step(tmp_path / "run", 2, proc)
+    out = helpers.kill(proc, signal.SIGTERM)
+    assert proc.returncode == 0, out[-3000:]
+    run = tmp_path / "run"
+    assert any(p.name.endswith("-last") for p in (run / "checkpoints").iterdir()) and not (run / "finished.json").exists()
+    s2 = config.load("stage2_finetune", ["model=tiny", f"model.restore_from={run}", "model.allow_random_init=true"]).model
+    with pytest.raises(UserError, match=r"is not the end of a finished run"):
+        restore.plan(s2)
