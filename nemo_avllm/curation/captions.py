@@ -31,6 +31,7 @@ import torch
 
 from nemo_avllm.curation.cache import VideoCache, digest
 from nemo_avllm.data import media
+from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,31 @@ class VideoCaptions:
 
 
 def resolve_device(name: str) -> str:
+    """cpu, or this task's own GPU (`guard.local_gpu`: LOCAL_RANK / SLURM_LOCALID), never every
+    task on cuda:0."""
     if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("captions.device=cuda but no CUDA device is visible; use auto or cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("captions.device=cuda but no CUDA device is visible; use auto or cpu")
+        from nemo_avllm.curation.guard import local_gpu
+
+        return f"cuda:{local_gpu()}"
     return name
+
+
+def load_complete(cls, path: str, key: str, allow: bool, **kwargs):
+    """`cls.from_pretrained(path)` refusing weights that leave tensors at random values (a CLAP
+    folder without its text tower, a truncated download) unless `allow`."""
+    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = list(info.get("missing_keys") or []) + [str(k[0]) if isinstance(k, tuple) else str(k)
+                                                      for k in info.get("mismatched_keys") or []]
+    if missing:
+        what = f"{key}={path}: {len(missing)} weights are not in the folder and would stay random ({', '.join(missing[:3])}...)"
+        if not allow:
+            raise UserError(f"{what}; give the complete model folder, or captions.allow_incomplete_weights=true")
+        log.warning("%s (captions.allow_incomplete_weights=true)", what)
+    return model
 
 
 def _model_path(path: str, key: str) -> str:
@@ -80,13 +101,13 @@ def _model_path(path: str, key: str) -> str:
 class FrameCaptioner:
     """Any image-to-text model by folder (BLIP, GIT, ...): uint8 frames -> one caption each."""
 
-    def __init__(self, cfg, device: str, batch_size: int):
+    def __init__(self, cfg, device: str, batch_size: int, allow: bool = False):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         path = _model_path(str(cfg.model), "captions.frame.model")
         self.processor = AutoProcessor.from_pretrained(path)
-        dtype = torch.float16 if device == "cuda" else torch.float32
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        self.model = load_complete(AutoModelForImageTextToText, path, "captions.frame.model", allow, dtype=dtype).to(device).eval()
         self.device, self.dtype, self.batch_size = device, dtype, max(1, int(batch_size))
         self.prompt = cfg.get("prompt")
         self.max_new_tokens = int(cfg.max_new_tokens)
@@ -111,14 +132,11 @@ class FrameCaptioner:
 
 
 def audioset_labels() -> list[str]:
-    """The 527 AudioSet class names in their index order, as shipped with laion_clap."""
-    import importlib.util
+    """The 527 AudioSet class names in their index order, as laion_clap ships them (copied into
+    conf/curation: the laion-clap package cannot be installed next to numpy 2)."""
+    from nemo_avllm import config
 
-    spec = importlib.util.find_spec("laion_clap")
-    if spec is None or spec.origin is None:
-        raise ImportError("laion-clap is not installed (pip install laion-clap==1.1.7); it ships the AudioSet labels")
-    path = Path(spec.origin).parent / "training" / "audioset_textmap.npy"
-    return [str(x) for x in np.load(path, allow_pickle=False)]
+    return load_labels(str(config.conf_dir() / "curation" / "audioset_labels.txt"))
 
 
 def load_labels(spec: str) -> list[str]:
@@ -162,13 +180,13 @@ class AudioTagger:
 
     sample_rate = media.SAMPLE_RATE
 
-    def __init__(self, cfg, device: str, batch_size: int, num_segments: int):
+    def __init__(self, cfg, device: str, batch_size: int, num_segments: int, allow: bool = False):
         from transformers import AutoTokenizer, ClapModel
 
         from nemo_avllm.model.encoders.audio import AudioEncoder
 
         path = _model_path(str(cfg.model), "captions.audio.model")
-        clap = ClapModel.from_pretrained(path).eval()
+        clap = load_complete(ClapModel, path, "captions.audio.model", allow).eval()
         self.encoder = AudioEncoder(audio_encoder_config(clap.config.audio_config, path)).to(device).eval()
         self.projection = clap.audio_projection.to(device).eval()
         self.scale = float(clap.logit_scale_a.exp())
@@ -214,13 +232,13 @@ class AudioCaptioner:
     """Any Hugging Face speech-to-text folder used as an audio captioner (e.g. a Whisper model
     fine-tuned for audio captioning): one caption per segment, at the model's sampling rate."""
 
-    def __init__(self, cfg, device: str, batch_size: int, num_segments: int):
+    def __init__(self, cfg, device: str, batch_size: int, num_segments: int, allow: bool = False):
         from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
 
         path = _model_path(str(cfg.model), "captions.audio.model")
         self.processor = AutoProcessor.from_pretrained(path)
-        dtype = torch.float16 if device == "cuda" else torch.float32
-        self.model = AutoModelForSpeechSeq2Seq.from_pretrained(path, dtype=dtype).to(device).eval()
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        self.model = load_complete(AutoModelForSpeechSeq2Seq, path, "captions.audio.model", allow, dtype=dtype).to(device).eval()
         self.sample_rate = int(self.processor.feature_extractor.sampling_rate)
         self.device, self.dtype, self.batch_size = device, dtype, max(1, int(batch_size))
         self.num_segments, self.max_new_tokens = int(num_segments), int(cfg.get("max_new_tokens") or 30)
@@ -299,12 +317,13 @@ class Captioner:
     def __init__(self, cfg):
         self.cfg = cfg
         self.device = resolve_device(cfg.get("device", "auto"))
+        self.allow = bool(cfg.get("allow_incomplete_weights", False))
         self._frame = self._audio = None
 
     @property
     def frame(self) -> FrameCaptioner:
         if self._frame is None:
-            self._frame = FrameCaptioner(self.cfg.frame, self.device, self.cfg.batch_size)
+            self._frame = FrameCaptioner(self.cfg.frame, self.device, self.cfg.batch_size, self.allow)
         return self._frame
 
     @property
@@ -313,7 +332,8 @@ class Captioner:
             method = str(self.cfg.audio.method)
             if method not in AUDIO_METHODS:
                 raise ValueError(f"captions.audio.method={method!r}; use one of {sorted(AUDIO_METHODS)}")
-            self._audio = AUDIO_METHODS[method](self.cfg.audio, self.device, self.cfg.batch_size, self.cfg.num_segments)
+            self._audio = AUDIO_METHODS[method](self.cfg.audio, self.device, self.cfg.batch_size, self.cfg.num_segments,
+                                                self.allow)
         return self._audio
 
     def caption(self, d: _Decoded) -> VideoCaptions:

@@ -12,7 +12,10 @@ validated with the training's validator before the run ends.
 
 Resumable: captions and every LLM reply are cached per video (`cache_dir`), so rerunning the same
 command after a crash or with more videos pays only for what is new. One bad video or one failed
-LLM call is reported and skipped; the run goes on.
+LLM call is reported and skipped; the run goes on. What is not one video's fault stops it
+(`guard`): the endpoint and key are probed before captioning, `llm.max_consecutive_failures`
+connection / authentication failures in a row end the run without marking videos bad, and
+SIGINT / SIGTERM cancel the queued requests and end with exit 130 / 143.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from nemo_avllm.curation.cache import VideoCache
-from nemo_avllm.curation.captions import VideoCaptions, caption_lines, caption_videos
+from nemo_avllm.curation.captions import VideoCaptions, caption_lines, caption_videos, resolve_device
 from nemo_avllm.curation.instructions import STAGE1_TYPES, Item, Request, check_reply, plan, targets, to_manifest_line
-from nemo_avllm.runtime.openai_client import ChatClient, LLMError, Usage
+from nemo_avllm.runtime.openai_client import ChatClient, LLMError, Usage, api_key
 from nemo_avllm.curation.prompts import PromptSet
-from nemo_avllm.curation import verify
+from nemo_avllm.curation import guard, verify
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +42,26 @@ STAGE2_NAME = "stage2_instructions.jsonl"
 CONTEXT_KEY = {"V": "video", "A": "audio", "AV": "audio_visual"}
 
 
-def _parallel(fn, jobs: list, workers: int, desc: str, progress: bool) -> list:
-    """[(job, result or the exception it raised)] in job order, `workers` threads."""
+def _parallel(fn, jobs: list, workers: int, desc: str, progress: bool, breaker: guard.Breaker | None = None) -> list:
+    """[(job, result or the exception it raised)] in job order, `workers` threads. When the breaker
+    trips or the run is interrupted, the queued jobs are cancelled (those in flight finish and
+    cache their replies) and the exception goes on."""
     from tqdm import tqdm
 
     results: list = [None] * len(jobs)
-    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:
-        futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
-        for f in as_completed(futures):
-            i = futures[f]
-            try:
-                results[i] = (jobs[i], f.result())
-            except Exception as e:  # noqa: BLE001 (reported per job by the caller)
-                results[i] = (jobs[i], e)
-            bar.update(1)
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
+        with tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:
+            futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+            for f in as_completed(futures):
+                i = futures[f]
+                error = f.exception()
+                results[i] = (jobs[i], error if error is not None else f.result())
+                bar.update(1)
+                if breaker is not None:
+                    breaker.record(error)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return results
 
 
@@ -157,12 +166,13 @@ def shard(items: list, spec) -> list:
     return items[index::count]
 
 
-def _write_jsonl(path: Path, rows) -> int:
+def _write_jsonl(path: Path, rows, mask=None) -> int:
     tmp = path.with_name(path.name + ".tmp")
     n = 0
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            line = json.dumps(r, ensure_ascii=False)
+            f.write((mask(line) if mask else line) + "\n")
             n += 1
     os.replace(tmp, path)
     return n
@@ -182,6 +192,12 @@ def curate(cfg) -> dict:
     items = shard(read_inputs(str(cfg.input)), cfg.get("shard"))
     by_id = {it.id: it for it in items}
     bad: list[dict] = []
+    usage = Usage()
+    llm = mask = None
+    if not cfg.get("dry_run"):  # the endpoint and key, before hours of captioning
+        llm = ChatClient(cfg.llm, prompts.version, usage)
+        mask = guard.Masker(api_key(cfg.llm))
+        guard.probe(llm, mask)
 
     captions = caption_videos(items, cfg.captions, cache_root, bad, progress=progress)
     cell_targets = targets(cfg.instructions, len(captions))
@@ -190,18 +206,22 @@ def curate(cfg) -> dict:
         print(dry_run(captions, prompts, requests, cfg))
         return {"dry_run": True, "videos": len(captions), "bad_videos": bad}
 
-    usage = Usage()
-    llm = ChatClient(cfg.llm, prompts.version, usage)
     workers = int(cfg.llm.max_concurrency)
+    breaker = guard.Breaker(cfg.llm, int(cfg.llm.get("max_consecutive_failures") or 10), mask)
 
     fused: dict[str, dict] = {}
-    for vc, res in _parallel(lambda vc: fuse(vc, prompts, llm, cache_root), list(captions.values()), workers, "fusion", progress):
+    unreachable = 0  # fusion failures that were the endpoint's, not the video's: not marked bad
+    for vc, res in _parallel(lambda vc: fuse(vc, prompts, llm, cache_root), list(captions.values()), workers, "fusion",
+                             progress, breaker):
         if isinstance(res, Exception):
-            log.warning("curate: fusion failed for %s: %s", vc.video, res)
-            bad.append({"path": vc.video, "reason": f"fusion: {res}", "stage": "fusion"})
+            log.warning("curate: fusion failed for %s: %s", vc.video, mask(str(res)))
+            if guard.failure_kind(res):
+                unreachable += 1
+            else:
+                bad.append({"path": vc.video, "reason": f"fusion: {res}"[:400], "stage": "fusion"})
         else:
             fused[vc.id] = res
-    _write_jsonl(out / "captions.jsonl", (dict(captions[v].to_dict(), fused=fused.get(v)) for v in captions))
+    _write_jsonl(out / "captions.jsonl", (dict(captions[v].to_dict(), fused=fused.get(v)) for v in captions), mask)
 
     # Targets follow the videos that made it through fusion.
     cell_targets = targets(cfg.instructions, len(fused))
@@ -210,7 +230,7 @@ def curate(cfg) -> dict:
     generated: list[Item] = []
     jobs = [(r, fused[r.video_id][CONTEXT_KEY[r.modality]]) for r in requests]
     for (r, _), res in _parallel(lambda job: generate(job[0], job[1], prompts, llm, cache_root), jobs, workers,
-                                 "instructions", progress):
+                                 "instructions", progress, breaker):
         if isinstance(res, Exception):
             gen_failures.append({"id": r.uid, "reason": f"{type(res).__name__}: {res}"[:400]})
         else:
@@ -219,12 +239,12 @@ def curate(cfg) -> dict:
     vcfg = cfg.verify
     report = verify.FilterReport(max_examples=int(vcfg.get("max_examples", 3)))
     embed = verify.Embedder(vcfg.relevance.get("model"),
-                            device="cuda" if cfg.captions.get("device") in ("auto", "cuda") and _cuda() else "cpu")
+                            device=resolve_device(cfg.captions.get("device", "auto")))  # this task's GPU
     kept = verify.relevance(generated, embed, float(vcfg.relevance.min_similarity), report)
     kept = verify.dedup(kept, embed, float(vcfg.dedup.max_similarity), report)
     if vcfg.judge.enabled:
         judgments = {}
-        for it, res in _parallel(lambda it: judge(it, prompts, llm, cache_root), kept, workers, "judge", progress):
+        for it, res in _parallel(lambda it: judge(it, prompts, llm, cache_root), kept, workers, "judge", progress, breaker):
             judgments[it.uid] = f"{type(res).__name__}: {res}"[:200] if isinstance(res, Exception) else res
         kept = verify.judge_filter(kept, judgments, vcfg.judge, report)
 
@@ -236,7 +256,7 @@ def curate(cfg) -> dict:
 
     paths = {"stage1": out / STAGE1_NAME, "stage2": out / STAGE2_NAME}
     written = {"stage1": _write_jsonl(paths["stage1"], lines(True)), "stage2": _write_jsonl(paths["stage2"], lines(False))}
-    _write_jsonl(out / "bad_videos.jsonl", bad)
+    _write_jsonl(out / "bad_videos.jsonl", bad, mask)
 
     validation = {}
     for name, p in paths.items():
@@ -250,7 +270,8 @@ def curate(cfg) -> dict:
     price_in, price_out = float(cfg.llm.price_per_1m_input), float(cfg.llm.price_per_1m_output)
     full_cost = usage.cost(price_in, price_out, include_cached=True)
     result = {
-        "videos": {"input": len(items), "captioned": len(captions), "fused": len(fused), "bad": len(bad)},
+        "videos": {"input": len(items), "captioned": len(captions), "fused": len(fused), "bad": len(bad),
+                   **({"llm_unreachable": unreachable} if unreachable else {})},
         "bad_videos": bad[:20],
         "targets": {f"{t}/{m}": n for (t, m), n in cell_targets.items()},
         "shortfall_no_audio_videos": shortfall,
@@ -268,15 +289,9 @@ def curate(cfg) -> dict:
         "model": str(cfg.llm.model),
         "elapsed_s": round(time.perf_counter() - t0, 2),
     }
-    (out / "report.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    (out / "report.json").write_text(mask(json.dumps(result, indent=2, ensure_ascii=False)))
     print(summary(result, report))
     return result
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def summary(r: dict, filters: verify.FilterReport) -> str:
@@ -300,7 +315,13 @@ def summary(r: dict, filters: verify.FilterReport) -> str:
 
 def run(cfg) -> int:
     """`avllm curate` / `scripts/curate.py` with a composed `conf/curate.yaml`."""
-    r = curate(cfg)
+    try:
+        with guard.SignalsInterrupt():
+            r = curate(cfg)
+    except guard.Interrupted as e:  # queued requests were cancelled; every cached reply is whole
+        print(f"curate: stopped by {e} (queued LLM requests cancelled, cache consistent): rerun the same command "
+              f"to resume", file=sys.stderr)
+        return 128 + e.signum
     if r.get("dry_run"):
         return 0
     return 0 if r["kept"]["total"] or not r["videos"]["input"] else 1

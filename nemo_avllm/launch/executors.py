@@ -3,13 +3,15 @@
 SLURM runs one task per GPU (`srun`, `--ntasks-per-node` = GPUs), as NeMo's Megatron recipes do;
 `nemo_avllm.runtime.distributed` reads the SLURM variables. `--signal=TERM@120` makes every
 rank receive SIGTERM two minutes before the time limit: training writes a checkpoint and exits 0,
-the job requeues itself (`REQUEUE_NEAR_LIMIT`) and the next allocation resumes from that checkpoint
-(`exp_manager.resume_if_exists`)."""
+the job requeues itself until its run records that it finished (`REQUEUE_UNFINISHED`) and the next
+allocation resumes from that checkpoint (`exp_manager.resume_if_exists`)."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
+from pathlib import Path
 
 from nemo_avllm.errors import UserError
 
@@ -38,52 +40,63 @@ def container_mounts(mounts, *paths) -> list[str]:
 
 
 # NeMo-Run requeues failed jobs only; a job whose ranks saved on the time-limit SIGTERM ends with 0.
-# These lines (sbatch setup) requeue a job that ends successfully within the signal window of its
-# time limit, so the run folder resumes in the next allocation (a finished run resumes, sees
-# max_steps reached and ends at once). The window is the signal time + 60 s.
-REQUEUE_NEAR_LIMIT = r"""
-avllm_seconds() {  # squeue %L (D-HH:MM:SS, HH:MM:SS, MM:SS) -> seconds
-  local t=$1 d=0 h=0 m=0 s=0 a b c
-  case $t in *-*) d=${t%%-*}; t=${t#*-} ;; esac
-  IFS=: read -r a b c <<< "$t"
-  if [ -n "$c" ]; then h=$a; m=$b; s=$c; elif [ -n "$b" ]; then m=$a; s=$b; else s=$a; fi
-  echo $(( ((10#$d * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s ))
-}
-avllm_requeue_near_limit() {
-  local rc=$? left
-  left=$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null)
-  case $left in ''|*[!0-9:-]*) return ;; esac
-  if [ "$rc" = 0 ] && [ "$(avllm_seconds "$left")" -le {window} ] && [ "${SLURM_RESTART_COUNT:-0}" -lt {max_requeues} ]; then
-    echo "[avllm] stopped at the time limit after a checkpoint: requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
+# These lines (sbatch setup) requeue a job whose training ended with 0 without recording that it
+# finished (`finished.json` in its run folder, written at the last step), so the run resumes in the
+# next allocation (`exp_manager.resume_if_exists`). When that requeue cannot happen (MAX requeues
+# reached, scontrol failing) the job exits 1: a stage 2 waiting on it (afterok) never starts.
+REQUEUE_UNFINISHED = r"""
+avllm_requeue_unfinished() {
+  local rc=$?
+  if [ "$rc" != 0 ] || [ -e {finished} ]; then return; fi
+  if [ "${SLURM_RESTART_COUNT:-0}" -lt {max_requeues} ] && scontrol requeue "$SLURM_JOB_ID"; then
+    echo "[avllm] training stopped before its last step (no {finished}): requeued job $SLURM_JOB_ID"
+  else
+    echo "[avllm] error: training stopped before its last step and job $SLURM_JOB_ID was not requeued (restart ${SLURM_RESTART_COUNT:-0}, max {max_requeues}): exit 1, so that jobs after it do not start" >&2
+    exit 1
   fi
 }
-trap avllm_requeue_near_limit EXIT
+trap avllm_requeue_unfinished EXIT
 """
 
 
-def requeue_lines(signal: str | None, max_requeues: int = 20) -> str | None:
-    """`REQUEUE_NEAR_LIMIT` for a `--signal` such as `TERM@120` (None without a signal time)."""
-    if not signal or "@" not in signal:
+def requeue_lines(finished: str | None, max_requeues: int = 20) -> str | None:
+    """`REQUEUE_UNFINISHED` for a run whose finished record is `finished` (None: no requeue lines)."""
+    if not finished:
         return None
-    window = int(signal.rsplit("@", 1)[1]) + 60
-    return REQUEUE_NEAR_LIMIT.replace("{window}", str(window)).replace("{max_requeues}", str(max_requeues))
+    return REQUEUE_UNFINISHED.replace("{finished}", shlex.quote(str(finished))).replace("{max_requeues}", str(int(max_requeues)))
+
+
+def cpus_per_task(stage_cfg) -> int:
+    """Cores one rank needs: its own process plus one per DataLoader worker (a worker decodes with
+    one thread: `data.workers.loader_worker_init`)."""
+    data = stage_cfg.model.get("data") or {}
+    return int(data.get("num_workers") or 0) + 1
+
+
+def check_image(image: str | None) -> None:
+    """The image is set, and a file image (an absolute path) exists where this host sees its folder."""
+    if not image:
+        raise UserError("slurm.container_image is not set: give the image built from this repo's Dockerfile "
+                        "(e.g. nvcr.io#myorg/nemo_avllm:latest or /lustre/images/nemo_avllm.sqsh)")
+    p = Path(str(image))
+    if p.is_absolute() and Path("/", *p.parts[1:2]).exists() and not p.exists():
+        raise UserError(f"slurm.container_image={image} does not exist; build it (README \"Cluster runs\") or fix the path")
 
 
 def slurm_executor(*, account: str, partition: str | None, nodes: int, gpus_per_node: int, container_image: str,
                    container_mounts: list[str], time: str = "04:00:00", job_dir: str, host: str | None = None,
                    user: str | None = None, exclusive: bool = True, signal: str = "TERM@120", retries: int = 0,
-                   code: str = "image", env: dict[str, str] | None = None, srun_args: list[str] | None = None):
+                   code: str = "image", env: dict[str, str] | None = None, srun_args: list[str] | None = None,
+                   cpus_per_task: int | None = None, finished: str | None = None):
     """`sbatch` on the cluster (from this host when it is a login node, else over SSH to `host`).
 
+    `finished`: the run's finished record; the job requeues itself until it exists (`REQUEUE_UNFINISHED`).
     `code=image` runs the package installed in the container (built from this repo's Dockerfile);
     `code=git` ships this checkout's committed tree (NeMo-Run's GitArchivePackager) and puts it
     first on PYTHONPATH."""
     import nemo_run as run
 
-    if not container_image:
-        raise UserError("slurm.container_image is not set: give the image built from this repo's Dockerfile "
-                         "(e.g. nvcr.io#myorg/nemo_avllm:latest or /lustre/images/nemo_avllm.sqsh)")
+    check_image(container_image)
     if not account:
         raise UserError("slurm.account is not set: give your SLURM account (sbatch --account)")
     if code not in ("image", "git"):
@@ -100,5 +113,5 @@ def slurm_executor(*, account: str, partition: str | None, nodes: int, gpus_per_
         gpus_per_node=int(gpus_per_node), time=str(time), exclusive=bool(exclusive) or None, signal=signal or None,
         container_image=container_image, container_mounts=list(container_mounts), job_name_prefix="avllm-",
         retries=int(retries), env_vars=env, srun_args=list(srun_args or []) or None, packager=packager, tunnel=tunnel,
-        setup_lines=requeue_lines(signal),
+        cpus_per_task=int(cpus_per_task) if cpus_per_task else None, setup_lines=requeue_lines(finished),
     )

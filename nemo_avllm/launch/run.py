@@ -74,11 +74,58 @@ def check_stage(stage: recipes.Stage, world_size: int, paths: bool = True) -> Di
         raise UserError(f"{stage.name}: the overrides {list(stage.overrides)} do not compose "
                          f"conf/{stage.config_name}.yaml: {e}") from e
     validate(with_overrides(composed, **{"model.data.feature_cache": None}), world_size=world_size, paths=paths)
+    if not composed.model.get("tokenizer"):  # the job would stop at start (stage 2 after waiting for stage 1)
+        raise UserError(f"{stage.name}: model.tokenizer is not set: give the LLM's Hugging Face tokenizer folder "
+                        f"({stage.name}.model.tokenizer=/path/to/vicuna-7b-v1.5)")
     return composed
 
 
-def make_executor(cfg: DictConfig, nodes: int):
+# Paths a stage reads, checked on the submit host when it sees the cluster's file system.
+INPUT_KEYS = ("model.tokenizer", "model.restore_from", "model.data.train_manifest", "model.data.validation_manifest",
+              "model.data.index", "model.vision.checkpoint", "model.audio.checkpoint")
+
+
+def host_path(path: str, mounts) -> str:
+    """A container path as the host sees it, through `host:container` mounts (longest match)."""
+    best = None
+    for m in mounts or []:
+        host, _, inside = str(m).partition(":")
+        inside = (inside or host).split(":")[0]
+        if path == inside or path.startswith(inside.rstrip("/") + "/"):
+            if best is None or len(inside) > len(best[1]):
+                best = (host, inside)
+    return path if best is None else best[0] + path[len(best[1]):]
+
+
+def check_cluster_paths(stage: recipes.Stage, composed: DictConfig, mounts, skip=()) -> None:
+    """Every absolute input path of a SLURM stage (mapped through the container mounts) exists, where
+    this host sees its top folder (a login node that mounts /lustre); other paths are left to the job."""
+    for key in INPUT_KEYS:
+        if key in skip:
+            continue
+        value = OmegaConf.select(composed, key, default=None, throw_on_missing=False)
+        for v in value if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]:
+            if not v or not str(v).startswith("/"):
+                continue
+            host = Path(host_path(str(v), mounts))
+            if Path("/", *host.parts[1:2]).exists() and not host.exists():
+                shown = f"{v} (on this host {host})" if str(host) != str(v) else str(v)
+                raise UserError(f"{stage.name}: {key}={shown} does not exist; fix the path or slurm.container_mounts")
+            if key == "model.restore_from" and host.exists():  # stage 2 from a stage 1 that finished
+                from nemo_avllm.training import checkpoint, restore
+
+                restore.check_finished(checkpoint.resolve(host), composed.model)
+
+
+def executors_mounts(cfg: DictConfig) -> list[str]:
     from nemo_avllm.launch import executors
+
+    return executors.container_mounts(cfg.slurm.container_mounts, os.path.abspath(str(cfg.exp_dir)))
+
+
+def make_executor(cfg: DictConfig, nodes: int, stage: recipes.Stage, composed: DictConfig):
+    from nemo_avllm.launch import executors
+    from nemo_avllm.training.restore import FINISHED
 
     if cfg.executor == "local":
         if nodes != 1:
@@ -91,10 +138,11 @@ def make_executor(cfg: DictConfig, nodes: int):
         raise UserError(f"exp_dir={cfg.exp_dir} must be an absolute path on the cluster when slurm.host is set")
     return executors.slurm_executor(
         account=s.account, partition=s.partition, nodes=nodes, gpus_per_node=int(cfg.gpus_per_node),
-        container_image=s.container_image, container_mounts=executors.container_mounts(s.container_mounts, exp_dir),
+        container_image=s.container_image, container_mounts=executors_mounts(cfg),
         time=s.time, job_dir=str(s.job_dir or Path(exp_dir) / "nemo_run_jobs"), host=s.host, user=s.user,
         exclusive=bool(s.exclusive), signal=s.signal, retries=int(s.retries), code=s.code,
         env={k: str(v) for k, v in (s.get("env") or {}).items()},
+        cpus_per_task=executors.cpus_per_task(composed), finished=str(Path(exp_dir) / stage.run_name / FINISHED),
     )
 
 
@@ -113,24 +161,33 @@ def main(cfg: DictConfig) -> int:
     stages = build_stages(cfg)
     stage2_nodes = cfg.get("stage2_nodes") if cfg.recipe == "two_stage" else None
     nodes_of = {"stage1": int(cfg.nodes), "stage2": int(stage2_nodes or cfg.nodes)}
+    slurm = cfg.executor == "slurm"
+    if slurm:
+        from nemo_avllm.launch.executors import check_image
+
+        check_image(cfg.slurm.container_image)
+    composed = {}
     for st in stages:
         # SLURM: paths are the cluster's; two-stage: stage 2's checkpoint is written by stage 1
         later = cfg.recipe == "two_stage" and st.name == "stage2"
-        check_stage(st, nodes_of[st.name] * int(cfg.gpus_per_node), paths=cfg.executor == "local" and not later)
+        composed[st.name] = check_stage(st, nodes_of[st.name] * int(cfg.gpus_per_node), paths=not slurm and not later)
+        if slurm and not cfg.slurm.get("host"):
+            mounts = executors_mounts(cfg)
+            check_cluster_paths(st, composed[st.name], mounts, skip=("model.restore_from",) if later else ())
     if cfg.dryrun:  # NeMo-Run writes its records even for a dry run: keep them out of the run folders
         with tempfile.TemporaryDirectory() as tmp:
-            return _experiment(cfg, stages, nodes_of, tmp)
-    return _experiment(cfg, stages, nodes_of, str(cfg.nemo_run_dir or Path(os.path.abspath(str(cfg.exp_dir))) / "nemo_run"))
+            return _experiment(cfg, stages, nodes_of, tmp, composed)
+    return _experiment(cfg, stages, nodes_of, composed=composed, base_dir=str(cfg.nemo_run_dir or Path(os.path.abspath(str(cfg.exp_dir))) / "nemo_run"))
 
 
-def _experiment(cfg: DictConfig, stages: list[recipes.Stage], nodes_of: dict, base_dir: str) -> int:
+def _experiment(cfg: DictConfig, stages: list[recipes.Stage], nodes_of: dict, base_dir: str, composed: dict) -> int:
     import nemo_run as run
 
     slurm = cfg.executor == "slurm"
     with run.Experiment(str(cfg.experiment), base_dir=base_dir, log_level="WARN") as exp:
         previous = None
         for st in stages:
-            executor = make_executor(cfg, nodes_of[st.name])
+            executor = make_executor(cfg, nodes_of[st.name], st, composed[st.name])
             if cfg.dryrun and slurm and previous:
                 executor.dependencies = [f"slurm://nemo_run/{DEPENDENCY_PLACEHOLDER}/master/0"]
             previous = exp.add(st.script(quote=slurm), executor=executor, name=st.name,

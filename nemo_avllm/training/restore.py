@@ -8,13 +8,20 @@ random are refused (paper §3.3: stage 1 starts from the imported LLM, stage 2 f
 - Weights only: the restored checkpoint's optimizer state and schedule are not read (a stage
   starts its own AdamW moments and LR schedule); resuming an interrupted run is the strategy's
   job and loads everything.
+- A training checkpoint inside a run folder (stage 2 from stage 1) only when that run recorded that
+  it finished at this checkpoint's step (`finished.json`, written at the end of training): a stage 1
+  stopped at a time limit and never requeued must not feed stage 2 silently
+  (`model.allow_unfinished_restore=true` restores it anyway).
 - No `model.restore_from` (null, or stage 2's `???`): only with `model.allow_random_init=true`
   (tests, the synthetic demo); the same key allows encoders without weights.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,6 +30,42 @@ from nemo_avllm.model.provider import ENCODERS, check_encoder_weights
 from nemo_avllm.training import checkpoint
 
 PROJECTORS = ("proj_temporal", "proj_spatial", "proj_audio")
+FINISHED = "finished.json"  # in a run folder: the run reached its last step (`write_finished`)
+
+
+def write_finished(run_dir, step: int, max_steps: int) -> Path:
+    """The record that a run reached its last step (rank 0, at the end of training)."""
+    path = Path(run_dir) / FINISHED
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"step": int(step), "max_steps": int(max_steps)}))
+    tmp.replace(path)
+    return path
+
+
+def clear_finished(run_dir, rank_zero: bool = True) -> None:
+    """Forget the record when a run (re)starts in its folder; `write_finished` puts it back at its end."""
+    if rank_zero:
+        (Path(run_dir) / FINISHED).unlink(missing_ok=True)
+
+
+def check_finished(ckpt: Path, model_cfg) -> None:
+    """Refuse a checkpoint of a training run folder (`<run>/checkpoints/<name>`) whose run did not
+    record that it finished at this checkpoint's step."""
+    ckpt = Path(ckpt)
+    if ckpt.parent.name != "checkpoints" or model_cfg.get("allow_unfinished_restore", False):
+        return
+    record = ckpt.parent.parent / FINISHED
+    m = re.search(r"step[=_](\d+)", ckpt.name)
+    try:
+        done = json.loads(record.read_text())
+    except (OSError, ValueError):
+        done = None
+    if done is not None and (m is None or int(m.group(1)) == int(done.get("step", -1))):
+        return
+    why = (f"its run recorded finishing at step {done.get('step')}" if done is not None
+           else f"its run did not record finishing ({record} is missing: stopped at a time limit or failed)")
+    raise UserError(f"model.restore_from={ckpt} is not the end of a finished run: {why}; finish that run "
+                    f"(resubmit it: it resumes), or set model.allow_unfinished_restore=true to restore it anyway")
 
 
 @dataclass
@@ -67,6 +110,7 @@ def plan(model_cfg, files: bool = True) -> RestorePlan:
             f"with a *-last checkpoint; give an `avllm import-hf` output, a training checkpoint folder "
             f"(<name>--step_N-last) or its run folder"
         )
+    check_finished(path, model_cfg)
     parts = checkpoint.saved_parts(path)
     if "llm" not in parts:
         raise UserError(f"model.restore_from={path} holds no LLM weights (llm.*); give an `avllm import-hf` "

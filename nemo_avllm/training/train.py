@@ -193,6 +193,9 @@ def train(cfg: DictConfig, data=None):
     run = run_folder.prepare(cfg)  # the run folder's lock, failed saves cleaned, the checkpoint to resume
     trainer = build_trainer(cfg, steps)
     log_dir = run.exp_manager(trainer, cfg.get("exp_manager"))
+    from nemo_avllm.training.restore import clear_finished, write_finished
+
+    clear_finished(log_dir, trainer.is_global_zero)  # an earlier run's record does not speak for this one
     trainer.callbacks += [MetricsJsonl(log_dir), LastCheckpointAtEnd()]
     _ensure_preemption_callback(trainer, em)
     model = AVLLMModel(cfg.model, trainer=trainer)
@@ -205,6 +208,8 @@ def train(cfg: DictConfig, data=None):
         trainer.fit(model)
     finally:
         run.release()
+    if trainer.global_step >= steps and trainer.is_global_zero:  # not after a SIGTERM stop: stage 2 checks it
+        write_finished(log_dir, trainer.global_step, steps)
     return model, trainer, log_dir
 
 

@@ -161,7 +161,8 @@ class ChatServer:
     """`ThreadingHTTPServer` on 127.0.0.1 speaking POST /v1/chat/completions."""
 
     def __init__(self, slow_s: float = 0.0, respond=None):
-        """`respond(body, n)` -> (status, reply text) replaces the scripted behaviour (unit tests)."""
+        """`respond(body, n)` -> (status, reply text) replaces the scripted behaviour (unit tests);
+        status 0 closes the connection without a reply."""
         self.requests: list[dict] = []  # every request: {"kind", "status"}
         self.lock = threading.Lock()
         self.slow_s = slow_s
@@ -196,6 +197,9 @@ class ChatServer:
                         server.requests.append({"kind": "scripted", "status": None, "slow": False, "truncated": False})
                     status, text = respond(body, n)  # outside the lock: requests overlap as they arrive
                     server.requests[n]["status"] = status
+                    if status == 0:  # drop the connection without a reply (a dying server, a proxy)
+                        self.close_connection = True
+                        return None
                     if status != 200:
                         return self._send(status, {"error": {"message": text, "type": "test"}})
                     return self._send(200, _completion(n, body, text))

@@ -148,7 +148,7 @@ def test_curate_end_to_end_then_resume(tmp_path, clips, models, monkeypatch, tok
         # -- resume: the same command again is served from the cache, same manifests
         before = {n: (out / n).read_text() for n in (pipeline.STAGE1_NAME, pipeline.STAGE2_NAME)}
         again = pipeline.curate(cfg)
-        assert len(server.requests) == first_requests  # not one new request
+        assert len(server.requests) == first_requests + 1 and server.requests[-1]["kind"] == "other"  # the probe only
         assert again["usage"]["calls"] == 0 and again["usage"]["cached_calls"] == report["usage"]["calls"] - \
             report["usage"]["json_retries"]
         assert {n: (out / n).read_text() for n in before} == before

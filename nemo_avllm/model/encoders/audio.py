@@ -1,4 +1,4 @@
-"""CLAP HTSAT audio encoder (laion_clap), frozen.
+"""CLAP HTSAT audio encoder (laion_clap's HTSAT: `encoders/htsat.py`), frozen.
 
 Each of the K audio segments (48 kHz mono, CLAP's 480 000-sample window, repeat-padded by the
 data pipeline) becomes one embedding: HTSAT's pooled last hidden state, before CLAP's projection
@@ -7,11 +7,6 @@ data pipeline) becomes one embedding: HTSAT's pooled last hidden state, before C
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
-import types
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -28,14 +23,21 @@ HTSAT_ARCHS = {
 
 
 def _htsat_module():
-    """laion_clap's htsat.py without running `laion_clap/__init__.py`, which downloads text
-    tokenizers at import (NOTES.md). The audio tower needs none of that."""
+    """laion_clap's own htsat.py, the reference `encoders/htsat.py` is tested against (laion-clap is a
+    test dependency only), without running `laion_clap/__init__.py`, which downloads text tokenizers
+    at import (NOTES.md)."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    import types
+
     name = "_avllm_laion_clap_module"
     if f"{name}.htsat" in sys.modules:
         return sys.modules[f"{name}.htsat"]
     spec = importlib.util.find_spec("laion_clap")
     if spec is None or spec.origin is None:
-        raise ImportError("laion-clap is not installed: pip install laion-clap==1.1.7")
+        raise ImportError("laion-clap is not installed: pip install laion-clap==1.1.7 (the test extra)")
     pkg = types.ModuleType(name)
     pkg.__path__ = [os.path.join(os.path.dirname(spec.origin), "clap_module")]
     sys.modules[name] = pkg
@@ -89,7 +91,8 @@ class AudioEncoder(FrozenEncoder):
     def __init__(self, cfg: AudioEncoderConfig):
         super().__init__()
         arch = cfg.arch()
-        htsat = _htsat_module()
+        from nemo_avllm.model.encoders import htsat  # laion_clap's HTSAT code, without its package (numpy<2)
+
         self.cfg = cfg
         audio_cfg = SimpleNamespace(
             sample_rate=cfg.sample_rate,
