@@ -206,10 +206,10 @@ def train(cfg: DictConfig, data=None):
         model.val_check_interval = int(cfg.trainer.val_check_interval)
     try:
         trainer.fit(model)
+        if trainer.global_step >= steps and trainer.is_global_zero:  # not after a SIGTERM stop: stage 2 checks it
+            write_finished(log_dir, trainer.global_step, steps)
     finally:
         run.release()
-    if trainer.global_step >= steps and trainer.is_global_zero:  # not after a SIGTERM stop: stage 2 checks it
-        write_finished(log_dir, trainer.global_step, steps)
     return model, trainer, log_dir
 
 
