@@ -1,5 +1,6 @@
 """Metrics of the paper's tables that need no judge: closed-vocabulary accuracy, multiple choice
-(answer-letter extraction), label match (AVSSD) and BLEU-1..4 / CIDEr with pycocoevalcap.
+(letters or option texts), label match (AVSSD) and BLEU-1..4 / CIDEr with pycocoevalcap.
+A right answer scores whatever its phrasing: number words equal digits, articles are ignored.
 
 Each scorer takes `{qid: prediction}` and the benchmark's `EvalItem`s and returns a dict with the
 score, N, and the per-question outcome, so nothing is dropped silently: an answer with no
@@ -26,16 +27,46 @@ def _by_group(items: list[EvalItem], ok: dict[str, bool]) -> dict[str, float]:
     return {g: sum(v) / len(v) for g, v in sorted(groups.items())}
 
 
+NUMBERS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+NUMBERS.update({"thirty": "30", "forty": "40", "fifty": "50", "hundred": "100"})
+
+
+def canonical(text: str) -> list[str]:
+    """Words compared by every judge-free scorer: `normalize_answer` (lower case, no punctuation or
+    articles) with number words as digits, so "Two." and "2" are the same answer."""
+    return [NUMBERS.get(w, w) for w in normalize_answer(text).split()]
+
+
+def _is_number(w: str) -> bool:
+    return w.isdigit()
+
+
+def closed_match(prediction: str, reference: str) -> bool:
+    """A closed-vocabulary answer is right when, after `canonical`, it is the reference or starts or
+    ends with it ("Two." / "There are 2" / "more than 10"), and names no rival answer: yes and no
+    both, or another number than the reference's."""
+    p, ref = canonical(prediction), canonical(reference)
+    if not p or not ref:
+        return False
+    n = len(ref)
+    if not (p == ref or p[:n] == ref or p[-n:] == ref):
+        return False
+    if {"yes", "no"} <= set(p):
+        return False
+    return not ({w for w in p if _is_number(w)} - {w for w in ref if _is_number(w)})
+
+
+def _accuracy(ok: dict[str, bool]) -> float | None:
+    """None (not 0.0) when nothing was scored: an empty run must not read as a score."""
+    return sum(ok.values()) / len(ok) if ok else None
+
+
 def exact_accuracy(preds: dict[str, str], items: list[EvalItem]) -> dict:
-    """Closed vocabulary (MUSIC-AVQA): the normalised answer must equal the reference; a longer
-    answer counts when its first word or its last word is the reference ("Two." / "There are two")."""
-    ok = {}
-    for it in items:
-        if it.qid not in preds:
-            continue
-        p, ref = normalize_answer(preds[it.qid]).split(), normalize_answer(str(it.answer))
-        ok[it.qid] = bool(p) and (" ".join(p) == ref or p[0] == ref or p[-1] == ref)
-    return {"accuracy": sum(ok.values()) / max(len(ok), 1), "n": len(ok), "by_type": _by_group(items, ok), "correct": ok}
+    """Closed vocabulary (MUSIC-AVQA), by `closed_match`."""
+    ok = {it.qid: closed_match(preds[it.qid], str(it.answer)) for it in items if it.qid in preds}
+    return {"accuracy": _accuracy(ok), "n": len(ok), "by_type": _by_group(items, ok), "correct": ok}
 
 
 def choice_prompt(question: str, options: list[str]) -> str:
@@ -44,21 +75,40 @@ def choice_prompt(question: str, options: list[str]) -> str:
     return "\n".join(lines) + "\nAnswer with the option's letter from the given choices directly."
 
 
+_LEAD = re.compile(r"^\s*(?:(?:the\s+)?(?:correct\s+|best\s+)?(?:answer|option|choice)\s*(?:is|would be)?\s*[:\-]?\s*)",
+                   re.I)
+
+
 def extract_choice(text: str, options: list[str]) -> int | None:
-    """The chosen option's index from a free-form answer: "(B)", "B.", "B)", "Answer: B", a lone
-    "B", or an answer that repeats exactly one option's text. None when nothing is recognisable."""
+    """The chosen option's index from a free-form answer, or None when nothing is recognisable.
+
+    A letter counts when it stands as a letter: "(B)", "[b]", "B.", "B)", "Answer: b", a lone "b";
+    never the article in "A cloth ..." or "The answer is a cloth". Otherwise the option's text, with
+    or without an article, trailing punctuation or "The answer is": the option equal to the answer,
+    else the one option the answer contains (the longest, when the others are inside it)."""
     n = len(options)
-    valid = LETTERS[:n]
+    if not n:
+        return None
+    valid = LETTERS[:n] + LETTERS[:n].lower()
     t = text.strip()
-    for pat in (rf"\(([{valid}])\)", rf"(?:answer|option)\s*(?:is)?\s*:?\s*\(?([{valid}])\b", rf"^([{valid}])(?:[.):,\s]|$)"):
-        m = re.search(pat, t, flags=re.IGNORECASE if "answer" in pat else 0)
+    end = r"(?=\s*$|\s*[.):,;\]])"
+    bracketed = {m.upper() for m in re.findall(rf"[(\[]([{valid}])[)\]]", t)}
+    if len(bracketed) == 1:
+        return LETTERS.index(bracketed.pop())
+    body = _LEAD.sub("", t, count=1)
+    for pat in (rf"^([{valid}]){end}", rf"^([{valid}])\s*[.):]"):
+        m = re.match(pat, body)
         if m:
-            return valid.index(m.group(1).upper())
-    norm = normalize_answer(t)
-    hits = [i for i, o in enumerate(options) if normalize_answer(o) and normalize_answer(o) in norm]
-    if len(hits) == 1:
-        return hits[0]
-    return None
+            return LETTERS.index(m.group(1).upper())
+    pred = canonical(body)
+    opts = [canonical(o) for o in options]
+    exact = [i for i, o in enumerate(opts) if o and o == pred]
+    if len(exact) == 1:
+        return exact[0]
+    padded = f" {' '.join(pred)} "
+    inside = [i for i, o in enumerate(opts) if o and f" {' '.join(o)} " in padded]
+    best = [i for i in inside if all(f" {' '.join(opts[j])} " in f" {' '.join(opts[i])} " for j in inside)]
+    return best[0] if len(best) == 1 else None
 
 
 def choice_accuracy(preds: dict[str, str], items: list[EvalItem]) -> dict:
@@ -71,7 +121,7 @@ def choice_accuracy(preds: dict[str, str], items: list[EvalItem]) -> dict:
         if k is None:
             unparseable.append(it.qid)
         ok[it.qid] = k is not None and k == it.meta["answer_index"]
-    return {"accuracy": sum(ok.values()) / max(len(ok), 1), "n": len(ok), "unparseable": len(unparseable),
+    return {"accuracy": _accuracy(ok), "n": len(ok), "unparseable": len(unparseable),
             "unparseable_ids": unparseable, "by_type": _by_group(items, ok), "correct": ok}
 
 
@@ -85,8 +135,8 @@ def label_accuracy(preds: dict[str, str], items: list[EvalItem]) -> dict:
         if not label:
             no_label.append(it.qid)
             continue
-        ok[it.qid] = normalize_answer(label) in normalize_answer(preds[it.qid])
-    return {"accuracy": sum(ok.values()) / max(len(ok), 1), "n": len(ok), "no_label": no_label, "correct": ok}
+        ok[it.qid] = f" {' '.join(canonical(label))} " in f" {' '.join(canonical(preds[it.qid]))} "
+    return {"accuracy": _accuracy(ok), "n": len(ok), "no_label": no_label, "correct": ok}
 
 
 # ------------------------------------------------------------------------------------------
