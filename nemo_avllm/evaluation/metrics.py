@@ -1,5 +1,6 @@
 """Metrics of the paper's tables that need no judge: closed-vocabulary accuracy, multiple choice
-(letters or option texts), label match (AVSSD) and BLEU-1..4 / CIDEr with pycocoevalcap.
+(letters or option texts), label match (AVSSD) and BLEU-1..4, METEOR, ROUGE-L and CIDEr with
+pycocoevalcap (its own Java PTB tokenizer when Java is present).
 A right answer scores whatever its phrasing: number words equal digits, articles are ignored.
 
 Each scorer takes `{qid: prediction}` and the benchmark's `EvalItem`s and returns a dict with the
@@ -146,9 +147,10 @@ _CONTRACTIONS = re.compile(r"(?i)(\w)(n't|'s|'re|'ve|'ll|'m|'d)\b")
 
 
 def ptb_tokenize(text: str) -> str:
-    """Python stand-in for pycocoevalcap's Stanford PTB tokenisation (Java): lower case,
-    contractions split ("isn't" -> "is n't"), punctuation split off and then removed with the
-    same punctuation list pycocoevalcap removes."""
+    """Python stand-in for pycocoevalcap's Stanford PTB tokenisation (Java), used only without
+    Java: lower case, contractions split ("isn't" -> "is n't"), punctuation split off and then
+    removed with the same list pycocoevalcap removes. It differs from the Java tokenizer on
+    numbers, times, abbreviations and brackets: its scores are not comparable to published ones."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
     t = _CONTRACTIONS.sub(r"\1 \2", text.lower().replace("\n", " "))
@@ -156,18 +158,61 @@ def ptb_tokenize(text: str) -> str:
     return " ".join(w for w in tokens if w not in PUNCTUATIONS)
 
 
-def caption_scores(preds: dict[str, str], items: list[EvalItem]) -> dict:
-    """BLEU-1..4 and CIDEr (pycocoevalcap's scorers; CIDEr's document frequencies come from the
-    references of the scored set, as in the COCO evaluation)."""
+def java_available() -> bool:
+    """pycocoevalcap's PTB tokenizer and METEOR run on Java (scripts/setup.sh installs a JRE)."""
+    import shutil
+    import subprocess
+
+    java = shutil.which("java")
+    if not java:
+        return False
+    try:
+        return subprocess.run([java, "-version"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def tokenize_captions(captions: dict[str, list[str]]) -> tuple[dict[str, list[str]], str]:
+    """`{id: [sentence, ...]}` tokenised as the COCO caption evaluation does: pycocoevalcap's own
+    Stanford PTB tokenizer when Java is present, else the Python stand-in (named in the results)."""
+    if java_available():
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()}), "ptb-java"
+    return {k: [ptb_tokenize(c) for c in v] for k, v in captions.items()}, "python-ptb (no Java: not comparable)"
+
+
+def caption_scores(preds: dict[str, str], items: list[EvalItem], meteor: bool = True) -> dict:
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr (pycocoevalcap's scorers; CIDEr's document frequencies
+    come from the references of the scored set, as in the COCO evaluation). METEOR needs Java:
+    without it the results say so instead of a number; it loads its paraphrase table (~30 s on
+    2 cores), so `meteor=False` skips it where only the others are wanted."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
 
-    res = {it.qid: [ptb_tokenize(preds[it.qid])] for it in items if it.qid in preds}
-    gts = {it.qid: [ptb_tokenize(r) for r in it.answer] for it in items if it.qid in preds}
-    if not res:
+    done = [it for it in items if it.qid in preds]
+    if not done:
         return {"n": 0}
+    # one tokenizer call for predictions and references (one Java start)
+    both, tokenizer = tokenize_captions({**{f"p{it.qid}": [preds[it.qid]] for it in done},
+                                         **{f"r{it.qid}": list(it.answer) for it in done}})
+    res = {it.qid: both[f"p{it.qid}"] for it in done}
+    gts = {it.qid: both[f"r{it.qid}"] for it in done}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    cider, per = Cider().compute_score(gts, res)
     out = {f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)}
-    out.update({"CIDEr": float(cider), "n": len(res), "tokenizer": "python-ptb"})
+    if tokenizer == "ptb-java" and meteor:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scorer = Meteor()
+        try:
+            out["METEOR"] = float(scorer.compute_score(gts, res)[0])
+        finally:
+            scorer.meteor_p.stdin.close()
+            scorer.meteor_p.wait(timeout=60)
+    elif meteor:
+        out["METEOR_note"] = "METEOR needs Java (scripts/setup.sh installs openjdk-17-jre-headless)"
+    out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    out.update({"n": len(res), "tokenizer": tokenizer})
     return out
