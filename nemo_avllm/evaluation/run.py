@@ -152,7 +152,9 @@ def bind_run_dir(out: Path, identity: dict) -> None:
 
 def _turns(item: benchmarks.EvalItem, kind: str, token: str, bench) -> list[dict]:
     """The conversation asked: earlier dialog turns (AVSD) then the question, the modality token
-    in the first human turn."""
+    in the first human turn (as `avllm generate` puts it)."""
+    from nemo_avllm.inference.run import question_turn
+
     if kind == "choice":
         q = metrics.choice_prompt(item.question, item.options or [])
     elif kind == "caption":
@@ -163,7 +165,7 @@ def _turns(item: benchmarks.EvalItem, kind: str, token: str, bench) -> list[dict
     for hq, ha in item.history:
         turns += [{"from": "human", "value": hq}, {"from": "gpt", "value": ha}]
     turns.append({"from": "human", "value": q})
-    turns[0] = {"from": "human", "value": f"{token} {turns[0]['value']}"}
+    turns[0] = question_turn(turns[0]["value"], token)
     return turns
 
 
