@@ -253,8 +253,11 @@ def predict(cfg, backend, items, out: Path) -> dict:
 
 
 def build_judge(cfg):
-    """The judge, checked with one request, when the benchmark is scored by it (else None)."""
-    if "judge" not in list(cfg.benchmark.metrics) or not cfg.judge.enabled:
+    """The judge, checked with one request, when the benchmark is scored by it (else None); only
+    on global rank 0, the rank that scores (torchrun ends the others when it fails)."""
+    import os
+
+    if "judge" not in list(cfg.benchmark.metrics) or not cfg.judge.enabled or int(os.environ.get("RANK", "0")) != 0:
         return None
     from nemo_avllm.evaluation.judge import Judge, JudgeConfig
 

@@ -229,11 +229,9 @@ def test_requests_run_concurrently_under_the_limit(server, tmp_path, monkeypatch
     cfg = JudgeConfig(base_url=server.url, model="m", api_key_env="JUDGE_KEY", cache_dir=str(tmp_path),
                       max_concurrency=limit)
     items = [EvalItem(str(i), "v", f"q{i}?", "ref") for i in range(12)]
-    t0 = time.perf_counter()
     r = judge_qa(Judge(cfg), {str(i): "cat" if i % 2 else "dog" for i in range(12)}, items)
     assert r["n"] == 12 and r["accuracy"] == 0.5
-    assert server.max_in_flight == limit
-    assert (time.perf_counter() - t0 < 0.1 * 12 * 0.6) == (limit > 1)
+    assert server.max_in_flight == limit  # each request takes 0.1 s: `limit` of them overlap, never more
 
 
 def test_probe_names_the_judge_keys(server, tmp_path, monkeypatch):
