@@ -62,6 +62,8 @@ def test_no_media_is_refused_naming_folder_and_pattern(tmp_path, fake_ckpt, caps
     code, err = _evaluate(capsys, *base, f"benchmark.video_root={videos}")  # empty of .mp4: the wrong extension
     assert code == 2 and f"none of the 150 questions' media are under benchmark.video_root={videos}" in err
     assert "benchmark.video_ext" in err
+    code, err = _evaluate(capsys, *base[1:], "benchmark=music_avqa", "benchmark.annotations=/nonexistent/avqa-test.json")
+    assert code == 2 and err.startswith("benchmark.annotations: annotation file /nonexistent/avqa-test.json not found")
     assert not (tmp_path / "e").exists()  # nothing written, no model loaded
 
 
