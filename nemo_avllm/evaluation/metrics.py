@@ -76,7 +76,7 @@ def choice_prompt(question: str, options: list[str]) -> str:
     return "\n".join(lines) + "\nAnswer with the option's letter from the given choices directly."
 
 
-_LEAD = re.compile(r"^\s*(?:(?:the\s+)?(?:correct\s+|best\s+)?(?:answer|option|choice)\s*(?:is|would be)?\s*[:\-]?\s*)",
+_LEAD = re.compile(r"^\s*(?:(?:the\s+)?(?:correct\s+|best\s+)?(?:answer|option|choice)\b\s*(?:is|would be)?\s*[:\-]?\s*)",
                    re.I)
 
 

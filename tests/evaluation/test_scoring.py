@@ -67,9 +67,9 @@ def test_nextqa_always_right_scores_100_in_every_phrasing(split):
 @pytest.mark.parametrize("text,want", [
     ("A cloth hanging on his shirt.", 1), ("The answer is a cloth hanging on his shirt", 1), ("b", 1),
     ("a", 0), ("(a)", 0), ("A) man", 0), ("a man", 2), ("Answer: a man", 2), ("the man in red", 3),
-    ("I do not know", None), ("Both a man and a dog", None)])
+    ("I do not know", None), ("Both a man and a woman", None), ("Answering the phone.", 4), ("Option E", 4)])
 def test_extract_choice_articles_and_lone_letters(text, want):
-    assert M.extract_choice(text, ["a woman", "cloth hanging on his shirt", "man", "a man in red", "dog"]) == want
+    assert M.extract_choice(text, ["a woman", "cloth hanging on his shirt", "man", "a man in red", "answering the phone"]) == want
 
 
 def test_no_answers_is_no_score():
