@@ -68,6 +68,17 @@ def tokens_in(text: str) -> list[str]:
     return re.findall("|".join(map(re.escape, MODALITY_TOKENS)), text)
 
 
+def split_tokens(text: str) -> tuple[list[str], str]:
+    """(modality tokens, the question) of a human turn as manifests write it: the token line, then
+    the question ("<AUD>\nWould you call ...?", or "<AUD> Would ..."), as training reads it: the
+    tokens wherever they are, whitespace around them dropped, every word of the question kept."""
+    import re
+
+    tokens = tokens_in(text)
+    rest = re.sub("|".join(map(re.escape, MODALITY_TOKENS)), " ", text)
+    return tokens, " ".join(rest.split())
+
+
 def splice(embeds: torch.Tensor, input_ids: torch.Tensor, features: dict[int, torch.Tensor]) -> torch.Tensor:
     """Replace every placeholder position of `embeds` [b, s, h] by its feature row.
 

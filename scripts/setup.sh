@@ -10,6 +10,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || missing+=(ffmpeg)
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+# a headless JRE: pycocoevalcap's PTB tokenizer and METEOR (caption scores comparable to published ones)
+command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[setup] installing ${missing[*]} (Debian packages)"
   as_root apt-get update -qq

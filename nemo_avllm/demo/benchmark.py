@@ -33,11 +33,9 @@ def write_music_avqa(eval_manifest: str | Path, out: str | Path) -> Path:
         if (it["id"], it["family"]) in seen:
             continue
         seen.add((it["id"], it["family"]))
-        question = it["conversations"][-1]["value"]
-        for tok in modality.tokens_in(question):
-            question = question.replace(tok, "")
+        question = modality.split_tokens(it["conversations"][-1]["value"])[1]
         rows.append({"video_id": str(video.with_suffix("")), "question_id": len(rows), "type": json.dumps(["demo", it["family"]]),
-                     "question_content": question.strip(), "templ_values": "[]", "question_deleted": 0, "anser": it["answer"]})
+                     "question_content": question, "templ_values": "[]", "question_deleted": 0, "anser": it["answer"]})
     if not rows:
         raise ValueError(f"{eval_manifest} holds no held-out questions")
     path = Path(out) / "avqa-test.json"

@@ -304,17 +304,25 @@ def save_demo_encoders(model_cfg, folder: Path, seed: int):
     return model_cfg
 
 
+def held_out_question(eval_manifest: Path) -> tuple[Path, str, str]:
+    """(video, question, expected answer) of one held-out clip with sound; the question without its
+    modality token (the file decides the token), parsed as training parses it."""
+    from nemo_avllm import modality
+
+    items = [json.loads(line) for line in Path(eval_manifest).read_text().splitlines() if line.strip()]
+    item = next((it for it in items if it["token"] == "<AUD_VIS>"), items[0])
+    video = (Path(eval_manifest).parent / item["video"]).resolve()
+    return video, modality.split_tokens(item["conversations"][-1]["value"])[1], item["answer"]
+
+
 def ask_one_clip(checkpoint: Path, eval_manifest: Path) -> str:
     """`avllm generate` on one held-out clip with sound, from the raw file (as a user would)."""
     from nemo_avllm import config
     from nemo_avllm.inference.run import generate
 
-    items = [json.loads(line) for line in Path(eval_manifest).read_text().splitlines() if line.strip()]
-    item = next((it for it in items if it["token"] == "<AUD_VIS>"), items[0])
-    video = (Path(eval_manifest).parent / item["video"]).resolve()
-    question = item["conversations"][-1]["value"].split(" ", 1)[1]  # the file decides the token
+    video, question, answer = held_out_question(eval_manifest)
     print(f"[demo] avllm generate checkpoint=\"'{checkpoint}'\" input={video} question=\"{question}\"")
     generate(config.load("generate", [f"checkpoint='{checkpoint}'", f"input='{video}'", f"question='{question}'",
                                       "sampling.max_new_tokens=32"]))
-    print(f"[demo] (expected: {item['answer']})")
-    return item["answer"]
+    print(f"[demo] (expected: {answer})")
+    return answer

@@ -1,5 +1,7 @@
 """Metrics of the paper's tables that need no judge: closed-vocabulary accuracy, multiple choice
-(answer-letter extraction), label match (AVSSD) and BLEU-1..4 / CIDEr with pycocoevalcap.
+(letters or option texts), label match (AVSSD) and BLEU-1..4, METEOR, ROUGE-L and CIDEr with
+pycocoevalcap (its own Java PTB tokenizer when Java is present).
+A right answer scores whatever its phrasing: number words equal digits, articles are ignored.
 
 Each scorer takes `{qid: prediction}` and the benchmark's `EvalItem`s and returns a dict with the
 score, N, and the per-question outcome, so nothing is dropped silently: an answer with no
@@ -26,16 +28,46 @@ def _by_group(items: list[EvalItem], ok: dict[str, bool]) -> dict[str, float]:
     return {g: sum(v) / len(v) for g, v in sorted(groups.items())}
 
 
+NUMBERS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+NUMBERS.update({"thirty": "30", "forty": "40", "fifty": "50", "hundred": "100"})
+
+
+def canonical(text: str) -> list[str]:
+    """Words compared by every judge-free scorer: `normalize_answer` (lower case, no punctuation or
+    articles) with number words as digits, so "Two." and "2" are the same answer."""
+    return [NUMBERS.get(w, w) for w in normalize_answer(text).split()]
+
+
+def _is_number(w: str) -> bool:
+    return w.isdigit()
+
+
+def closed_match(prediction: str, reference: str) -> bool:
+    """A closed-vocabulary answer is right when, after `canonical`, it is the reference or starts or
+    ends with it ("Two." / "There are 2" / "more than 10"), and names no rival answer: yes and no
+    both, or another number than the reference's."""
+    p, ref = canonical(prediction), canonical(reference)
+    if not p or not ref:
+        return False
+    n = len(ref)
+    if not (p == ref or p[:n] == ref or p[-n:] == ref):
+        return False
+    if {"yes", "no"} <= set(p):
+        return False
+    return not ({w for w in p if _is_number(w)} - {w for w in ref if _is_number(w)})
+
+
+def _accuracy(ok: dict[str, bool]) -> float | None:
+    """None (not 0.0) when nothing was scored: an empty run must not read as a score."""
+    return sum(ok.values()) / len(ok) if ok else None
+
+
 def exact_accuracy(preds: dict[str, str], items: list[EvalItem]) -> dict:
-    """Closed vocabulary (MUSIC-AVQA): the normalised answer must equal the reference; a longer
-    answer counts when its first word or its last word is the reference ("Two." / "There are two")."""
-    ok = {}
-    for it in items:
-        if it.qid not in preds:
-            continue
-        p, ref = normalize_answer(preds[it.qid]).split(), normalize_answer(str(it.answer))
-        ok[it.qid] = bool(p) and (" ".join(p) == ref or p[0] == ref or p[-1] == ref)
-    return {"accuracy": sum(ok.values()) / max(len(ok), 1), "n": len(ok), "by_type": _by_group(items, ok), "correct": ok}
+    """Closed vocabulary (MUSIC-AVQA), by `closed_match`."""
+    ok = {it.qid: closed_match(preds[it.qid], str(it.answer)) for it in items if it.qid in preds}
+    return {"accuracy": _accuracy(ok), "n": len(ok), "by_type": _by_group(items, ok), "correct": ok}
 
 
 def choice_prompt(question: str, options: list[str]) -> str:
@@ -44,21 +76,40 @@ def choice_prompt(question: str, options: list[str]) -> str:
     return "\n".join(lines) + "\nAnswer with the option's letter from the given choices directly."
 
 
+_LEAD = re.compile(r"^\s*(?:(?:the\s+)?(?:correct\s+|best\s+)?(?:answer|option|choice)\b\s*(?:is|would be)?\s*[:\-]?\s*)",
+                   re.I)
+
+
 def extract_choice(text: str, options: list[str]) -> int | None:
-    """The chosen option's index from a free-form answer: "(B)", "B.", "B)", "Answer: B", a lone
-    "B", or an answer that repeats exactly one option's text. None when nothing is recognisable."""
+    """The chosen option's index from a free-form answer, or None when nothing is recognisable.
+
+    A letter counts when it stands as a letter: "(B)", "[b]", "B.", "B)", "Answer: b", a lone "b";
+    never the article in "A cloth ..." or "The answer is a cloth". Otherwise the option's text, with
+    or without an article, trailing punctuation or "The answer is": the option equal to the answer,
+    else the one option the answer contains (the longest, when the others are inside it)."""
     n = len(options)
-    valid = LETTERS[:n]
+    if not n:
+        return None
+    valid = LETTERS[:n] + LETTERS[:n].lower()
     t = text.strip()
-    for pat in (rf"\(([{valid}])\)", rf"(?:answer|option)\s*(?:is)?\s*:?\s*\(?([{valid}])\b", rf"^([{valid}])(?:[.):,\s]|$)"):
-        m = re.search(pat, t, flags=re.IGNORECASE if "answer" in pat else 0)
+    end = r"(?=\s*$|\s*[.):,;\]])"
+    bracketed = {m.upper() for m in re.findall(rf"[(\[]([{valid}])[)\]]", t)}
+    if len(bracketed) == 1:
+        return LETTERS.index(bracketed.pop())
+    body = _LEAD.sub("", t, count=1)
+    for pat in (rf"^([{valid}]){end}", rf"^([{valid}])\s*[.):]"):
+        m = re.match(pat, body)
         if m:
-            return valid.index(m.group(1).upper())
-    norm = normalize_answer(t)
-    hits = [i for i, o in enumerate(options) if normalize_answer(o) and normalize_answer(o) in norm]
-    if len(hits) == 1:
-        return hits[0]
-    return None
+            return LETTERS.index(m.group(1).upper())
+    pred = canonical(body)
+    opts = [canonical(o) for o in options]
+    exact = [i for i, o in enumerate(opts) if o and o == pred]
+    if len(exact) == 1:
+        return exact[0]
+    padded = f" {' '.join(pred)} "
+    inside = [i for i, o in enumerate(opts) if o and f" {' '.join(o)} " in padded]
+    best = [i for i in inside if all(f" {' '.join(opts[j])} " in f" {' '.join(opts[i])} " for j in inside)]
+    return best[0] if len(best) == 1 else None
 
 
 def choice_accuracy(preds: dict[str, str], items: list[EvalItem]) -> dict:
@@ -71,7 +122,7 @@ def choice_accuracy(preds: dict[str, str], items: list[EvalItem]) -> dict:
         if k is None:
             unparseable.append(it.qid)
         ok[it.qid] = k is not None and k == it.meta["answer_index"]
-    return {"accuracy": sum(ok.values()) / max(len(ok), 1), "n": len(ok), "unparseable": len(unparseable),
+    return {"accuracy": _accuracy(ok), "n": len(ok), "unparseable": len(unparseable),
             "unparseable_ids": unparseable, "by_type": _by_group(items, ok), "correct": ok}
 
 
@@ -85,8 +136,8 @@ def label_accuracy(preds: dict[str, str], items: list[EvalItem]) -> dict:
         if not label:
             no_label.append(it.qid)
             continue
-        ok[it.qid] = normalize_answer(label) in normalize_answer(preds[it.qid])
-    return {"accuracy": sum(ok.values()) / max(len(ok), 1), "n": len(ok), "no_label": no_label, "correct": ok}
+        ok[it.qid] = f" {' '.join(canonical(label))} " in f" {' '.join(canonical(preds[it.qid]))} "
+    return {"accuracy": _accuracy(ok), "n": len(ok), "no_label": no_label, "correct": ok}
 
 
 # ------------------------------------------------------------------------------------------
@@ -96,9 +147,10 @@ _CONTRACTIONS = re.compile(r"(?i)(\w)(n't|'s|'re|'ve|'ll|'m|'d)\b")
 
 
 def ptb_tokenize(text: str) -> str:
-    """Python stand-in for pycocoevalcap's Stanford PTB tokenisation (Java): lower case,
-    contractions split ("isn't" -> "is n't"), punctuation split off and then removed with the
-    same punctuation list pycocoevalcap removes."""
+    """Python stand-in for pycocoevalcap's Stanford PTB tokenisation (Java), used only without
+    Java: lower case, contractions split ("isn't" -> "is n't"), punctuation split off and then
+    removed with the same list pycocoevalcap removes. It differs from the Java tokenizer on
+    numbers, times, abbreviations and brackets: its scores are not comparable to published ones."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
     t = _CONTRACTIONS.sub(r"\1 \2", text.lower().replace("\n", " "))
@@ -106,18 +158,61 @@ def ptb_tokenize(text: str) -> str:
     return " ".join(w for w in tokens if w not in PUNCTUATIONS)
 
 
-def caption_scores(preds: dict[str, str], items: list[EvalItem]) -> dict:
-    """BLEU-1..4 and CIDEr (pycocoevalcap's scorers; CIDEr's document frequencies come from the
-    references of the scored set, as in the COCO evaluation)."""
+def java_available() -> bool:
+    """pycocoevalcap's PTB tokenizer and METEOR run on Java (scripts/setup.sh installs a JRE)."""
+    import shutil
+    import subprocess
+
+    java = shutil.which("java")
+    if not java:
+        return False
+    try:
+        return subprocess.run([java, "-version"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def tokenize_captions(captions: dict[str, list[str]]) -> tuple[dict[str, list[str]], str]:
+    """`{id: [sentence, ...]}` tokenised as the COCO caption evaluation does: pycocoevalcap's own
+    Stanford PTB tokenizer when Java is present, else the Python stand-in (named in the results)."""
+    if java_available():
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()}), "ptb-java"
+    return {k: [ptb_tokenize(c) for c in v] for k, v in captions.items()}, "python-ptb (no Java: not comparable)"
+
+
+def caption_scores(preds: dict[str, str], items: list[EvalItem], meteor: bool = True) -> dict:
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr (pycocoevalcap's scorers; CIDEr's document frequencies
+    come from the references of the scored set, as in the COCO evaluation). METEOR needs Java:
+    without it the results say so instead of a number; it loads its paraphrase table (~30 s on
+    2 cores), so `meteor=False` skips it where only the others are wanted."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
 
-    res = {it.qid: [ptb_tokenize(preds[it.qid])] for it in items if it.qid in preds}
-    gts = {it.qid: [ptb_tokenize(r) for r in it.answer] for it in items if it.qid in preds}
-    if not res:
+    done = [it for it in items if it.qid in preds]
+    if not done:
         return {"n": 0}
+    # one tokenizer call for predictions and references (one Java start)
+    both, tokenizer = tokenize_captions({**{f"p{it.qid}": [preds[it.qid]] for it in done},
+                                         **{f"r{it.qid}": list(it.answer) for it in done}})
+    res = {it.qid: both[f"p{it.qid}"] for it in done}
+    gts = {it.qid: both[f"r{it.qid}"] for it in done}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    cider, per = Cider().compute_score(gts, res)
     out = {f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)}
-    out.update({"CIDEr": float(cider), "n": len(res), "tokenizer": "python-ptb"})
+    if tokenizer == "ptb-java" and meteor:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scorer = Meteor()
+        try:
+            out["METEOR"] = float(scorer.compute_score(gts, res)[0])
+        finally:
+            scorer.meteor_p.stdin.close()
+            scorer.meteor_p.wait(timeout=60)
+    elif meteor:
+        out["METEOR_note"] = "METEOR needs Java (scripts/setup.sh installs openjdk-17-jre-headless)"
+    out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    out.update({"n": len(res), "tokenizer": tokenizer})
     return out

@@ -1,22 +1,33 @@
 """`avllm evaluate benchmark=NAME`: zero-shot evaluation on one of the paper's benchmarks.
 
+Before any model is loaded (a mistake ends in one line naming the key or file, exit code 2):
 1. read the official annotation files (`benchmarks.py`); check every video exists under the
-   benchmark's `video_root`: missing ones are counted and listed in `missing_videos.txt`, never
-   silently dropped (they are left out of the scores, and the results say how many);
-2. answer every question, sharded over data-parallel ranks (item i goes to rank i mod DP); each
+   benchmark's `video_root`: none found stops the run (naming the folder and the file pattern
+   tried); missing ones are counted and listed in `missing_videos.txt`, never silently dropped;
+2. build the judge and send it one request (`judge.Judge.probe`) when the benchmark needs it;
+3. bind the run folder to what produces its answers (`run.json`: checkpoint and step, sampling,
+   annotation files and their hashes, prompt settings): a rerun with anything different is refused,
+   naming the difference, so answers of another checkpoint are never reused.
+Then:
+4. answer every question, sharded over data-parallel ranks (item i goes to rank i mod DP); each
    rank appends `{qid: prediction}` lines to its own `predictions.rank<r>.jsonl` as it goes, so a
    crashed run resumes where it stopped and the result does not depend on order or rank count;
-3. rank 0 merges the predictions and scores them (`metrics.py`, `judge.py`), writing one
-   `results.json` and one `results.md` (benchmark, metric, N, judge, checkpoint, date).
+5. rank 0 merges the predictions and scores them (`metrics.py`, `judge.py`), writing one
+   `results.json` and one `results.md`: judge-free metrics first, so they are written even when
+   the judge fails; a run that answered fewer questions than the benchmark has is marked partial.
 
-`avllm evaluate compare=[RUN_DIR1,RUN_DIR2]` sets finished runs side by side with the paper's numbers.
+`avllm evaluate benchmark=NAME predictions=FILE` scores a predictions file (the format step 4
+writes, or a run folder) without loading a model. `avllm evaluate compare=[RUN_DIR1,RUN_DIR2]`
+sets finished runs side by side with the paper's numbers, partial runs marked.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +35,7 @@ from omegaconf import OmegaConf
 
 from nemo_avllm import modality
 from nemo_avllm.data.media import MediaError
+from nemo_avllm.errors import UserError
 from nemo_avllm.evaluation import benchmarks, metrics
 
 log = logging.getLogger(__name__)
@@ -35,14 +47,114 @@ PAPER = {"msrvtt_qa": 60.4, "msvd_qa": 72.1, "activitynet_qa": 50.6, "avsd": 53.
 
 
 def _items(bench) -> list[benchmarks.EvalItem]:
+    if bench.get("reader") not in benchmarks.READERS:
+        raise UserError(f"benchmark.reader={bench.get('reader')}: unknown; choose one of {', '.join(benchmarks.READERS)}")
     kwargs = {k: bench[k] for k in benchmarks.READERS[bench.reader].files if bench.get(k) is not None}
     kwargs.update({k: bench[k] for k in ("video_ext", "subset") if bench.get(k) is not None})
-    return benchmarks.read(bench.reader, **kwargs)
+    try:
+        items = benchmarks.read(bench.reader, **kwargs)
+    except benchmarks.AnnotationError as e:
+        raise UserError(f"benchmark.{'/'.join(benchmarks.READERS[bench.reader].files)}: {e}") from e
+    if not items:
+        raise UserError(f"benchmark.annotations: {kwargs} hold no questions; give the benchmark's annotation file")
+    return items
+
+
+def check_media(bench, items: list[benchmarks.EvalItem]) -> tuple[list, list[str]]:
+    """(items whose media exist, missing media paths). None found is the user's mistake (the
+    folder, the extension or NExT-QA's mapping): refused, naming the folder and the pattern tried."""
+    root = Path(bench.video_root)
+    files = lambda it: [root / it.video] + ([root / it.audio] if it.audio else [])  # noqa: E731
+    missing = sorted({str(f) for it in items for f in files(it) if not f.is_file()})
+    gone = set(missing)
+    present = [it for it in items if not any(str(f) in gone for f in files(it))]
+    if not present:
+        where = (f"benchmark.video_root={root} does not exist" if not root.is_dir() else
+                 f"none of the {len(items)} questions' media are under benchmark.video_root={root}")
+        hint = "benchmark.video_root, benchmark.video_ext"
+        if "mapping" in bench and not bench.get("mapping"):
+            hint += ", or benchmark.mapping (NExT-QA's map_vid_vidorID.json for the official <dir>/<id> layout)"
+        raise UserError(f"{where} (pattern tried: {root / items[0].video}); set {hint}")
+    return present, missing
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_identity(cfg) -> dict:
+    """The model a run's answers come from: resolved folder and training step (a step in the
+    checkpoint's state, else in its folder name)."""
+    if cfg.get("hf"):
+        folder = Path(cfg.hf)
+        if not (folder / "config.json").is_file():
+            raise UserError(f"hf={folder}: not an export-hf folder (no config.json)")
+        return {"hf": str(folder.resolve()), "step": None}
+    if not cfg.get("checkpoint"):
+        raise UserError("give exactly one of checkpoint=<dist checkpoint folder> or hf=<export-hf folder>")
+    from nemo_avllm.training import checkpoint as ck
+
+    path = Path(cfg.checkpoint)
+    if not ck.is_checkpoint(path):
+        raise UserError(f"checkpoint={path}: not a dist checkpoint folder (no metadata.json)")
+    step = None
+    try:
+        step = (ck.load_common(path).get("lightning") or {}).get("global_step")
+    except Exception as e:  # noqa: BLE001 (the folder name may still say it)
+        log.warning("could not read the step of %s: %s", path, e)
+    if step is None:
+        m = re.search(r"step[=_](\d+)", path.name)
+        step = int(m.group(1)) if m else None
+    return {"checkpoint": str(path.resolve()), "step": None if step is None else int(step)}
+
+
+def run_identity(cfg, model: dict | None = None) -> dict:
+    """What produces a run's answers; a run folder holds answers of one identity only."""
+    bench = cfg.benchmark
+    files = {k: {"path": str(Path(bench[k]).resolve()), "sha256": _sha256(bench[k])}
+             for k in benchmarks.READERS[bench.reader].files if bench.get(k)}
+    from nemo_avllm.data.conversation import ConversationTemplate
+
+    return {"model": model or model_identity(cfg),
+            "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
+            "benchmark": {"name": bench.name, "reader": bench.reader, "files": files, "video_ext": bench.get("video_ext"),
+                          "subset": bench.get("subset")},
+            "prompt": {"answer_hint": bench.get("answer_hint"), "caption_prompt": bench.get("caption_prompt"),
+                       "visual_only": bool(cfg.visual_only), "modality": cfg.get("modality", "auto"),
+                       "template": ConversationTemplate().prompt_text([{"from": "human", "value": "{q}"}], True)}}
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix[:-1]}: {json.dumps(old)} then, {json.dumps(new)} now"]
+
+
+def bind_run_dir(out: Path, identity: dict) -> None:
+    """Refuse a folder whose answers came from anything else (one line naming the difference)."""
+    bound = out / "run.json"
+    answered = any(f.stat().st_size for f in out.glob("predictions.rank*.jsonl"))
+    if bound.is_file():
+        diff = _differences(json.loads(bound.read_text()), identity)
+        if diff and answered:
+            raise UserError(f"{out} holds answers of another run ({'; '.join(diff[:3])}); set run_name=<new name> "
+                            f"(or another out_dir), or delete the folder to start over")
+    elif answered:
+        raise UserError(f"{out} holds answers with no record of the checkpoint and settings that produced them "
+                        f"(no run.json); set run_name=<new name> (or another out_dir), or delete the folder")
+    out.mkdir(parents=True, exist_ok=True)
+    bound.write_text(json.dumps(identity, indent=1))
 
 
 def _turns(item: benchmarks.EvalItem, kind: str, token: str, bench) -> list[dict]:
     """The conversation asked: earlier dialog turns (AVSD) then the question, the modality token
-    in the first human turn."""
+    in the first human turn (as `avllm generate` puts it)."""
+    from nemo_avllm.inference.run import question_turn
+
     if kind == "choice":
         q = metrics.choice_prompt(item.question, item.options or [])
     elif kind == "caption":
@@ -53,7 +165,7 @@ def _turns(item: benchmarks.EvalItem, kind: str, token: str, bench) -> list[dict
     for hq, ha in item.history:
         turns += [{"from": "human", "value": hq}, {"from": "gpt", "value": ha}]
     turns.append({"from": "human", "value": q})
-    turns[0] = {"from": "human", "value": f"{token} {turns[0]['value']}"}
+    turns[0] = question_turn(turns[0]["value"], token)
     return turns
 
 
@@ -140,11 +252,32 @@ def predict(cfg, backend, items, out: Path) -> dict:
     return {"answered_now": len(mine) - len(bad), "bad_media": len(bad)}
 
 
-def score(cfg, items, preds: dict[str, str]) -> dict:
+def build_judge(cfg):
+    """The judge, checked with one request, when the benchmark is scored by it (else None); only
+    on global rank 0, the rank that scores (torchrun ends the others when it fails)."""
+    import os
+
+    if "judge" not in list(cfg.benchmark.metrics) or not cfg.judge.enabled or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    from nemo_avllm.evaluation.judge import Judge, JudgeConfig
+
+    try:
+        jc = JudgeConfig(**OmegaConf.to_container(cfg.judge.client, resolve=True))
+    except TypeError as e:
+        raise UserError(f"judge.client: {e}; `avllm evaluate --help` lists the judge.client keys") from e
+    judge = Judge(jc)
+    print(f"[evaluate] judge {jc.model} at {jc.base_url}: answered as {judge.probe()}", file=sys.stderr)
+    return judge
+
+
+def score(cfg, items, preds: dict[str, str], judge=None) -> dict:
+    """Judge-free metrics first, then the judge's: a judge that fails leaves the others (and says
+    why in `scores.judge.error`)."""
     bench = cfg.benchmark
     kind = benchmarks.READERS[bench.reader].kind
     out = {}
-    for metric in bench.metrics:
+    metrics_ = list(bench.metrics)
+    for metric in sorted(metrics_, key=lambda m: m == "judge"):
         if metric == "exact":
             out["exact"] = metrics.exact_accuracy(preds, items)
         elif metric == "choice":
@@ -157,12 +290,18 @@ def score(cfg, items, preds: dict[str, str]) -> dict:
             if not cfg.judge.enabled:
                 out["judge"] = {"skipped": "judge.enabled=false"}
                 continue
-            from nemo_avllm.evaluation.judge import Judge, JudgeConfig, judge_qa
+            from nemo_avllm.evaluation.judge import judge_qa
+            from nemo_avllm.runtime.openai_client import LLMError
 
-            judge = Judge(JudgeConfig(**OmegaConf.to_container(cfg.judge.client, resolve=True)))
-            out["judge"] = judge_qa(judge, preds, items, list(cfg.judge.dimensions or []))
+            try:
+                judge = judge or build_judge(cfg)
+                out["judge"] = judge_qa(judge, preds, items, list(cfg.judge.dimensions or []))
+            except (LLMError, UserError) as e:
+                out["judge"] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"[evaluate] the judge failed ({e}); the other metrics are written", file=sys.stderr)
         else:
             raise ValueError(f"benchmark.metrics: unknown metric {metric!r} (exact, choice, label, caption, judge)")
+    out = {m: out[m] for m in [x for x in ("exact", "choice", "label", "caption", "judge") if x in out]}
     out["kind"] = kind
     return out
 
@@ -174,25 +313,36 @@ def headline(scores: dict, name: str = "") -> tuple[str, float | None]:
     for key, field in (("judge", "accuracy"), ("choice", "accuracy"), ("exact", "accuracy"), ("caption", "CIDEr"),
                        ("label", "accuracy")):
         s = scores.get(key) or {}
-        if field in s:
+        if s.get(field) is not None:
             return f"{key}:{field}", 100.0 * s[field]
     return "-", None
 
 
+def _value(res: dict) -> str:
+    """The headline as a table cell; a partial run says so (answered of the benchmark's questions)."""
+    value = res["headline"]["value"]
+    cell = "-" if value is None else f"{value:.1f}"
+    if res.get("partial"):
+        cell += f" (partial: {res['answered']}/{res['questions']})"
+    return cell
+
+
 def _markdown(res: dict) -> str:
-    lines = ["| benchmark | metric | value | N | missing videos | judge | checkpoint | date |", "|---|---|---|---|---|---|---|---|"]
-    metric, value = res["headline"]["metric"], res["headline"]["value"]
-    judge = res["scores"].get("judge", {}).get("judge", {}).get("model", "-")
+    lines = ["| benchmark | metric | value | N | missing videos | judge | checkpoint | step | date |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    metric = res["headline"]["metric"]
+    j = res["scores"].get("judge", {})
+    judge = (j.get("judge", {}).get("model", "-") if "error" not in j else "failed") if j else "-"
     n = next((s.get("n") for s in res["scores"].values() if isinstance(s, dict) and "n" in s), 0)
-    lines.append(f"| {res['benchmark']} | {metric} | {'-' if value is None else f'{value:.1f}'} | {n} | "
-                 f"{res['missing_videos']} | {judge} | {res['checkpoint']} | {res['date']} |")
+    lines.append(f"| {res['benchmark']} | {metric} | {_value(res)} | {n} | "
+                 f"{res['missing_videos']} | {judge} | {res['checkpoint']} | {res.get('step', '-')} | {res['date']} |")
     extra = []
     for name, s in res["scores"].items():
         if isinstance(s, dict):
             for k, v in s.items():
                 if isinstance(v, float):
                     extra.append(f"- {name}.{k}: {v:.4f}")
-                elif k in ("unparseable", "bad_media"):
+                elif k in ("unparseable", "bad_media", "error", "tokenizer", "served_model"):
                     extra.append(f"- {name}.{k}: {v}")
                 elif k == "by_type":
                     extra += [f"- {name}.{k}.{g}: {a:.4f}" for g, a in v.items()]
@@ -208,10 +358,82 @@ def compare(runs: list[str]) -> str:
     for b in benches:
         cells = []
         for r in rows:
-            v = r["headline"]["value"] if r["benchmark"] == b else None
-            cells.append("-" if v is None else f"{v:.1f}")
+            cells.append(_value(r) if r["benchmark"] == b else "-")
         lines.append(f"| {b} | {PAPER.get(b, '-')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def read_prediction_file(path: Path, items: list[benchmarks.EvalItem], name: str) -> dict[str, str]:
+    """`{qid: prediction}` of a file in the format `predict` writes (or of a run folder);
+    refuses lines that are not that format and ids the benchmark does not have."""
+    if path.is_dir():
+        recs = read_predictions(path)
+        if not recs:
+            raise UserError(f"predictions={path}: no predictions.rank*.jsonl in the folder")
+    elif path.is_file():
+        recs = {}
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                recs[str(rec["qid"])] = rec
+                str(rec["prediction"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"predictions={path}:{n}: expected a JSON line with 'qid' and 'prediction' "
+                                f"(the format avllm evaluate writes), got {line[:80]!r}") from e
+    else:
+        raise UserError(f"predictions={path} does not exist; give a predictions .jsonl file or an evaluate run folder")
+    known = {it.qid for it in items}
+    stray = [q for q in recs if q not in known]
+    if stray:
+        raise UserError(f"predictions={path}: {len(stray)} of {len(recs)} question ids (e.g. {stray[0]!r}) are not in "
+                        f"benchmark {name}; is it the predictions file of this benchmark and annotation file?")
+    return {q: str(r["prediction"]) for q, r in recs.items()}
+
+
+def write_results(cfg, out: Path, items, present, missing: list[str], preds: dict[str, str], judge, identity: dict,
+                  counts: dict) -> int:
+    """Score and write results.json / results.md; exit code 1 when the judge failed."""
+    bench = cfg.benchmark
+    scores = score(cfg, present, preds, judge)
+    metric, value = headline(scores, bench.name)
+    bad = sum(len(f.read_text().splitlines()) for f in out.glob("bad_media.rank*.jsonl"))
+    answered = sum(1 for it in items if it.qid in preds)
+    model = identity.get("model", {})
+    res = {"benchmark": bench.name, "questions": len(items), "answered": answered, "partial": answered < len(items),
+           "missing_videos": len(missing), "bad_media": bad, "visual_only": bool(cfg.visual_only),
+           "checkpoint": model.get("checkpoint") or model.get("hf") or model.get("predictions"), "step": model.get("step"),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "headline": {"metric": metric, "value": value, "paper": PAPER.get(bench.name)},
+           "sampling": OmegaConf.to_container(cfg.sampling, resolve=True), "this_run": counts, "run": identity,
+           "scores": {k: ({kk: vv for kk, vv in v.items() if kk != "correct"} if isinstance(v, dict) else v)
+                      for k, v in scores.items()}}
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    md = _markdown(res)
+    (out / "results.md").write_text(md)
+    print(md)
+    if res["partial"]:
+        print(f"[evaluate] partial: {answered} of {len(items)} questions answered (missing media: {out / 'missing_videos.txt'})",
+              file=sys.stderr)
+    return 1 if "error" in scores.get("judge", {}) else 0
+
+
+def score_predictions(cfg) -> int:
+    """`predictions=FILE`: score an existing predictions file; no model is loaded."""
+    bench = cfg.benchmark
+    items = _items(bench)
+    path = Path(cfg.predictions)
+    preds = read_prediction_file(path, items, bench.name)
+    run_folder = path if path.is_dir() else path.parent
+    bound = run_folder / "run.json"
+    identity = json.loads(bound.read_text()) if bound.is_file() else {
+        "model": {"predictions": str(path.resolve()), "sha256": None if path.is_dir() else _sha256(path)}}
+    out = Path(cfg.out_dir) / cfg.run_name if cfg.get("run_name") else (
+        path if path.is_dir() else path.with_name(path.stem + ".scored"))
+    out.mkdir(parents=True, exist_ok=True)
+    judge = build_judge(cfg)
+    return write_results(cfg, out, items, items, [], preds, judge, identity, {"answered_now": 0, "scored_file": str(path)})
 
 
 def main(cfg) -> int:
@@ -219,44 +441,30 @@ def main(cfg) -> int:
         runs = cfg.compare if OmegaConf.is_list(cfg.compare) else str(cfg.compare).split(",")
         print(compare([str(r) for r in runs]))
         return 0
-    from nemo_avllm.inference.backends import load_backend
-
+    if cfg.get("predictions"):
+        return score_predictions(cfg)
     bench = cfg.benchmark
     out = Path(cfg.out_dir) / (cfg.get("run_name") or f"{bench.name}{'_vis' if cfg.visual_only else ''}")
-    out.mkdir(parents=True, exist_ok=True)
+    # everything that can be wrong is checked before the model loads
     items = _items(bench)
-    root = Path(bench.video_root)
-    missing = sorted({str(root / it.video) for it in items if not (root / it.video).is_file()}
-                     | {str(root / it.audio) for it in items if it.audio and not (root / it.audio).is_file()})
-    missing_set = set(missing)
-    present = [it for it in items if str(root / it.video) not in missing_set
-               and not (it.audio and str(root / it.audio) in missing_set)]
+    present, missing = check_media(bench, items)
+    identity = run_identity(cfg)
+    judge = build_judge(cfg)
+    bind_run_dir(out, identity)
     (out / "missing_videos.txt").write_text("".join(m + "\n" for m in missing))
     if missing:
-        print(f"[evaluate] {len(missing)} media files missing under {root} (listed in {out / 'missing_videos.txt'}); "
+        print(f"[evaluate] {len(missing)} media files missing under {bench.video_root} (listed in {out / 'missing_videos.txt'}); "
               f"{len(items) - len(present)} of {len(items)} questions cannot be answered", file=sys.stderr)
+    from nemo_avllm.inference.backends import load_backend
+
     backend = load_backend(cfg)
     counts = predict(cfg, backend, present, out)
     import torch
 
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    rank, _, _ = _rank_info(backend)
-    if rank != 0 or not _rank_info(backend)[2]:
+    rank, _, writes = _rank_info(backend)
+    if rank != 0 or not writes:
         return 0
     preds = {q: r["prediction"] for q, r in read_predictions(out).items()}
-    scores = score(cfg, present, preds)
-    metric, value = headline(scores, bench.name)
-    bad = sum(len(f.read_text().splitlines()) for f in out.glob("bad_media.rank*.jsonl"))
-    res = {"benchmark": bench.name, "questions": len(items), "answered": len(preds), "missing_videos": len(missing),
-           "bad_media": bad, "visual_only": bool(cfg.visual_only), "checkpoint": backend.source,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "headline": {"metric": metric, "value": value, "paper": PAPER.get(bench.name)},
-           "sampling": OmegaConf.to_container(cfg.sampling, resolve=True), "this_run": counts,
-           "scores": {k: ({kk: vv for kk, vv in v.items() if kk != "correct"} if isinstance(v, dict) else v)
-                      for k, v in scores.items()}}
-    (out / "results.json").write_text(json.dumps(res, indent=1))
-    md = _markdown(res)
-    (out / "results.md").write_text(md)
-    print(md)
-    return 0
+    return write_results(cfg, out, items, present, missing, preds, judge, identity, counts)

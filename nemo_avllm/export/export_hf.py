@@ -110,6 +110,33 @@ def _tokenizer(path: str | None):
     return load_tokenizer(path)
 
 
+def chat_template() -> str:
+    """A Jinja `chat_template` for the training template (`data.conversation`: Vicuna v1.1 with the
+    paper's system prompt and modality tokens in user turns), so `tokenizer.apply_chat_template(...,
+    add_generation_prompt=True)` gives the ids of `avllm generate`'s prompt. Training encodes the text
+    around each special token (`<s>`, `</s>`, modality tokens) on its own, with SentencePiece's word
+    start; the template's spacing reproduces that: a space after each of them, none before a token."""
+    from nemo_avllm.data.conversation import ConversationTemplate
+
+    t = ConversationTemplate()
+    user = "((' " + t.human_role + ": ' + (m['content'] | trim))" + "".join(
+        f" | replace(' {tok}', '{tok}') | replace('{tok}', '{tok} ') | replace('{tok}  ', '{tok} ')"
+        for tok in MODALITY_TOKENS) + ")"
+    system = t.system_prompt.replace("'", "\\'")
+    return ("{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}{{ ' ' + (messages[0]['content'] | trim) }}"
+            "{% set turns = messages[1:] %}{% else %}{{ ' " + system + "' }}{% set turns = messages %}{% endif %}"
+            "{% for m in turns %}{% if m['role'] == 'user' %}{{ " + user + " }}"
+            "{% elif m['role'] == 'assistant' %}{{ ' " + t.assistant_role + ": ' + (m['content'] | trim) + eos_token }}"
+            "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ ' " + t.assistant_role + ":' }}{% endif %}")
+
+
+def hf_tokenizer(tok) -> dict[str, int]:
+    """The export's tokenizer: modality tokens added, the training template as its chat_template."""
+    ids = _add_modality_tokens(tok)
+    tok.chat_template = chat_template()
+    return ids
+
+
 def _add_modality_tokens(tok) -> dict[str, int]:
     """Add `<VIS>`, `<AUD>`, `<AUD_VIS>` as special tokens (kept if present). Returns their ids."""
     import inspect
@@ -209,8 +236,8 @@ def _write_avllm(folder: Path, cfg, full: dict, dtype: torch.dtype, tok) -> None
     # projectors: megatron ColumnParallelLinear -> nn.Linear (same [out, in] layout)
     proj = {f"{p}.{n}": full[f"{p}.linear.{n}"] for p in hf_model.PROJECTORS for n in ("weight", "bias")}
     _write(folder / hf_model.PROJECTORS_FILE, proj, dtype)
-    # tokenizer + config
-    ids = _add_modality_tokens(tok)
+    # tokenizer (with the training template as its chat_template) + config
+    ids = hf_tokenizer(tok)
     tok.save_pretrained(folder)
     f = section.vision.feature_layer
     block = geo["layers"] + f if f < 0 else f  # the ViT block whose output is used

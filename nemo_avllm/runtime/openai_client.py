@@ -37,6 +37,28 @@ class LLMError(RuntimeError):
     """A call that failed after all retries (or a reply that never became the JSON asked for)."""
 
 
+class UnusableReply(LLMError):
+    """A reply that `chat(parse=...)` could not read after every re-ask (nothing was cached)."""
+
+
+def map_concurrent(fn, items, max_concurrency: int = 1) -> list:
+    """`[fn(x) for x in items]` on up to `max_concurrency` threads, results in order. An error
+    cancels the calls not started yet and is raised once the running ones end (an outage fails
+    once, not once per item)."""
+    items = list(items)
+    n = max(1, int(max_concurrency or 1))
+    if n == 1 or len(items) < 2:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=min(n, len(items)))
+    try:
+        futures = [pool.submit(fn, x) for x in items]
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 # --------------------------------------------------------------------------------------------
 # JSON replies
 # --------------------------------------------------------------------------------------------
@@ -196,6 +218,7 @@ class ChatClient:
         self.usage = usage or Usage()
         self.limiter = RateLimiter(float(cfg.get("requests_per_minute") or 0))
         self._slots = threading.Semaphore(max(1, int(cfg.get("max_concurrency") or 1)))
+        self.served_models: set[str] = set()  # the model ids the server says answered (recorded with results)
         self._openai = openai
         self.client = openai.OpenAI(base_url=str(cfg.base_url), api_key=api_key(cfg), max_retries=0,
                                     timeout=float(cfg.get("timeout_s") or 120))
@@ -244,21 +267,31 @@ class ChatClient:
                 continue
             if not r.choices:
                 raise LLMError(f"{self.cfg.base_url} ({self.cfg.model}) returned no choices")
+            if getattr(r, "model", None):
+                self.served_models.add(str(r.model))
             text = r.choices[0].message.content or ""
             u = r.usage
             return text, int(getattr(u, "prompt_tokens", 0) or 0), int(getattr(u, "completion_tokens", 0) or 0)
         raise AssertionError("unreachable")
 
-    def chat(self, stage: str, messages: list[dict], cache: JsonDir | None = None, expect_json: bool = False,
-             validate=None, variant: int = 0):
-        """The reply text (or parsed JSON with `expect_json`), from the cache when it has it.
-
-        `validate(parsed)` may raise ValueError for JSON of the wrong shape: that re-asks too.
-        `variant` > 0 asks the same messages again for another sample (its own cache entry)."""
+    def _cache_name(self, stage: str, messages: list[dict], expect_json: bool, variant: int) -> str:
         key = digest({"model": str(self.cfg.model), "prompt_version": self.prompt_version, "messages": messages,
                       "temperature": float(self.cfg.temperature), "max_tokens": self._max_tokens().get("max_tokens"),
                       "json": expect_json, "variant": variant})
-        name = f"llm-{stage}-{key}"
+        return f"llm-{stage}-{key}"
+
+    def chat(self, stage: str, messages: list[dict], cache: JsonDir | None = None, expect_json: bool = False,
+             validate=None, variant: int = 0, parse=None):
+        """The reply text (or parsed JSON with `expect_json`), from the cache when it has it.
+
+        `validate(parsed)` may raise ValueError for JSON of the wrong shape: that re-asks too.
+        `variant` > 0 asks the same messages again for another sample (its own cache entry).
+        `parse(text)` (instead of `expect_json`) reads a reply in another format: a ValueError re-asks
+        up to `json_retries` times, then raises `UnusableReply`; only a reply it reads is cached, and
+        a cached reply it cannot read is asked again."""
+        if parse is not None:
+            return self._chat_parsed(stage, messages, cache, parse, variant)
+        name = self._cache_name(stage, messages, expect_json, variant)
         hit = cache.get(name) if cache is not None else None
         if hit is not None:
             self.usage.add(stage, hit["prompt_tokens"], hit["completion_tokens"], cached=True)
@@ -296,3 +329,41 @@ class ChatClient:
                              "messages": messages, "text": text, "parsed": parsed, "prompt_tokens": p_all,
                              "completion_tokens": c_all})
         return parsed if expect_json else text.strip()
+
+    def _chat_parsed(self, stage: str, messages: list[dict], cache: JsonDir | None, parse, variant: int):
+        name = self._cache_name(stage, messages, False, variant)
+        hit = cache.get(name) if cache is not None else None
+        if hit is not None:
+            try:
+                value = parse(hit["text"])
+                self.usage.add(stage, hit["prompt_tokens"], hit["completion_tokens"], cached=True)
+                return value
+            except ValueError:
+                pass  # an unreadable reply cached by an older version: ask again
+        tries = int(self.cfg.get("json_retries", 2)) + 1
+        ask, p_all, c_all = list(messages), 0, 0
+        for attempt in range(tries):
+            try:
+                text, p, c = self._send(ask)
+            except LLMError:
+                self.usage.count("failures")
+                raise
+            self.usage.add(stage, p, c, cached=False)
+            p_all, c_all = p_all + p, c_all + c
+            try:
+                value = parse(text)
+                break
+            except ValueError as e:
+                if attempt == tries - 1:
+                    self.usage.count("failures")
+                    raise UnusableReply(f"{stage}: no usable reply after {tries} tries ({e}); last: {text[:200]!r}") from e
+                self.usage.count("json_retries")
+                ask = list(messages) + [
+                    {"role": "assistant", "content": text},
+                    {"role": "user", "content": f"That reply could not be used ({e}). Reply again in the format asked for only."},
+                ]
+        if cache is not None:
+            cache.put(name, {"stage": stage, "model": str(self.cfg.model), "prompt_version": self.prompt_version,
+                             "messages": messages, "text": text, "parsed": None, "prompt_tokens": p_all,
+                             "completion_tokens": c_all})
+        return value

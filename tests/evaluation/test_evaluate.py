@@ -59,3 +59,46 @@ def test_evaluate_music_avqa_resumes(ckpt, tmp_path):  # noqa: F811
     assert sorted(p["qid"] for p in vis) == sorted(want) and {p["modality"] for p in vis} == {"<VIS>"}
     table = compare([str(run), str(tmp_path / "eval" / "music_avqa_vis")])
     assert "| music_avqa | 47.9 |" in table and "music_avqa_vis" in table
+
+
+def test_run_folder_is_bound_to_what_answered(ckpt, tmp_path):  # noqa: F811
+    """Issue 23.1: a rerun with another checkpoint, step or setting does not reuse the folder's
+    answers; it is refused (before the model loads) naming the difference. Issue 23.2: a run
+    missing media is marked partial in results.json, results.md and compare."""
+    import pytest
+
+    from nemo_avllm import config
+    from nemo_avllm.errors import UserError
+    from nemo_avllm.evaluation.run import compare, main
+
+    ann = tmp_path / "avqa-test.json"
+    shutil.copy(FIXTURES / "music_avqa/avqa-test.head150.json", ann)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_clip(videos / "00000093.mp4", num_frames=8, audio=tone(1.0, 48000))
+    over = ["benchmark=music_avqa", f"benchmark.annotations={ann}", f"benchmark.video_root={videos}",
+            f"out_dir={tmp_path / 'eval'}", "sampling.max_new_tokens=2", "batch_size=4"]
+    main(config.load("evaluate", over + [f"checkpoint={ckpt}"]))
+    run = tmp_path / "eval" / "music_avqa"
+    res = json.loads((run / "results.json").read_text())
+    bound = json.loads((run / "run.json").read_text())
+    assert res["run"] == bound and bound["model"] == {"checkpoint": str(ckpt.resolve()), "step": None}
+    assert res["partial"] and res["answered"] == res["scores"]["exact"]["n"] < res["questions"] == 150
+    assert f"(partial: {res['answered']}/150)" in (run / "results.md").read_text()
+    assert f"(partial: {res['answered']}/150)" in compare([str(run)])
+
+    other = tmp_path / "stage2" / "run--step=20-last"
+    shutil.copytree(ckpt, other)
+    with pytest.raises(UserError, match=rf'holds answers of another run \(model.checkpoint: "{ckpt.resolve()}" then, '
+                                        rf'"{other.resolve()}" now; model.step: null then, 20 now\)'):
+        main(config.load("evaluate", over + [f"checkpoint='{other}'"]))
+    with pytest.raises(UserError, match=r"sampling.max_new_tokens: 2 then, 3 now"):
+        main(config.load("evaluate", over + [f"checkpoint={ckpt}", "sampling.max_new_tokens=3"]))
+    with pytest.raises(UserError, match=r'prompt.answer_hint: " Answer the question using a single word." then, null now'):
+        main(config.load("evaluate", over + [f"checkpoint={ckpt}", "benchmark.answer_hint=null"]))
+    ann.write_text(ann.read_text().replace('"anser": "two"', '"anser": "three"', 1))
+    with pytest.raises(UserError, match=r"benchmark.files.annotations.sha256"):
+        main(config.load("evaluate", over + [f"checkpoint={ckpt}"]))
+    (run / "run.json").unlink()  # answers of an older version: no record of what produced them
+    with pytest.raises(UserError, match=r"no record of the checkpoint and settings"):
+        main(config.load("evaluate", over + [f"checkpoint={ckpt}"]))

@@ -1,7 +1,8 @@
 """The GPT judge against a real HTTP server on 127.0.0.1 speaking the chat-completions protocol
 (`http.server`, started by the test): normal, fenced and malformed replies, 429s, 500s, a
 timeout, the on-disk cache and the usage record; the consistency dimension on paired questions
-read from Video-ChatGPT's consistency_qa.json format."""
+read from Video-ChatGPT's consistency_qa.json format; the probe before generation, concurrent
+requests under `max_concurrency`, unparseable replies re-asked and never cached."""
 
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ class Server:
         self.hits: dict[str, int] = {}
         self.models: list[str] = []
         self.pairs: list[tuple[str, str]] = []
+        self.in_flight = self.max_in_flight = 0
+        self.delay = 0.0
+        self.fail_judgments = False
+        self.lock = threading.Lock()
         srv = self
 
         class H(BaseHTTPRequestHandler):
@@ -34,7 +39,27 @@ class Server:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 assert self.path.endswith("/chat/completions") and self.headers["Authorization"] == "Bearer sk-test"
                 srv.models.append(body["model"])
-                user = body["messages"][-1]["content"]
+                if body["model"] == "retired-0613":
+                    return self._send(404, {"error": {"message": "The model does not exist", "code": "model_not_found"}})
+                with srv.lock:
+                    srv.in_flight += 1
+                    srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+                try:
+                    time.sleep(srv.delay)
+                    self._answer(body)
+                finally:
+                    with srv.lock:
+                        srv.in_flight -= 1
+
+            def _answer(self, body):
+                user = [m for m in body["messages"] if m["role"] == "user"][0]["content"]  # a re-ask appends turns
+                if user == "Reply with the word OK.":  # the probe
+                    return self._send(200, {"id": "p", "object": "chat.completion", "created": 0,
+                                            "model": "served:" + body["model"],
+                                            "choices": [{"index": 0, "message": {"role": "assistant", "content": "OK"},
+                                                         "finish_reason": "stop"}]})
+                if srv.fail_judgments:  # an outage after the probe
+                    return self._send(400, {"error": {"message": "judge unavailable"}})
                 if "Predicted Answer to Question 1: " in user:  # consistency: 5 when both answers agree
                     p1, p2 = (user.split(f"Predicted Answer to Question {k}: ")[1].split("\n")[0] for k in (1, 2))
                     srv.pairs.append((p1, p2))
@@ -43,7 +68,8 @@ class Server:
                                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                                          "finish_reason": "stop"}]})
                 pred = user.split("Predicted Answer: ")[1].split("\n")[0]
-                n = srv.hits[pred] = srv.hits.get(pred, 0) + 1
+                with srv.lock:
+                    n = srv.hits[pred] = srv.hits.get(pred, 0) + 1
                 if pred == "busy" and n <= 2:
                     return self._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}})
                 if pred == "flaky" and n == 1:
@@ -53,7 +79,9 @@ class Server:
                 text = {"cat": "{'pred': 'yes', 'score': 5}", "dog": "```python\n{\"pred\": \"no\", \"score\": 1}\n```",
                         "busy": "{'pred': 'yes', 'score': 4}", "flaky": "Sure! pred: yes, score: 3",
                         "slow": "{'pred': 'no', 'score': 2}"}.get(pred, "I cannot evaluate this.")
-                self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                if pred == "late" and len(body["messages"]) > 2:  # usable only when asked again
+                    text = "{'pred': 'yes', 'score': 3}"
+                self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "served:" + body["model"],
                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                               "finish_reason": "stop"}],
                                  "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}})
@@ -98,16 +126,18 @@ def test_judge_over_http(server, tmp_path, monkeypatch):
     assert r["n"] == 5 and r["accuracy"] == pytest.approx(3 / 5)
     assert r["score"] == pytest.approx((5 + 1 + 4 + 3 + 2) / 5)
     assert r["unparseable"] == 1 and r["unparseable_ids"] == ["f"]
-    assert server.hits == {"cat": 1, "dog": 1, "busy": 3, "flaky": 2, "slow": 2, "gibberish": 1}
+    # gibberish: asked, then re-asked json_retries=2 times
+    assert server.hits == {"cat": 1, "dog": 1, "busy": 3, "flaky": 2, "slow": 2, "gibberish": 3}
     u = r["judge_usage"]
-    assert u["calls"] == 6 and u["retries"] == 4 and u["prompt_tokens"] == 600
-    assert u["cost_usd"] == pytest.approx(0.6 + 0.12)
+    assert u["calls"] == 8 and u["retries"] == 4 and u["prompt_tokens"] == 800
+    assert u["cost_usd"] == pytest.approx(0.8 + 0.16)
     assert r["judge"]["model"] == "judge-pinned-0613" and "sk-test" not in json.dumps(r)
+    assert r["judge"]["served_model"] == ["served:judge-pinned-0613"]  # what the server says answered
     assert set(server.models) == {"judge-pinned-0613"}
-    # everything cached on disk: a second run sends nothing and gets the same numbers
+    # the parsed judgments are cached on disk: a second run asks only the unparseable one again
     again = judge_qa(Judge(cfg), preds, items)
-    assert again["accuracy"] == r["accuracy"] and again["judge_usage"]["cached"] == 6
-    assert sum(server.hits.values()) == 10
+    assert again["accuracy"] == r["accuracy"] and again["judge_usage"]["cached"] == 5
+    assert server.hits["gibberish"] == 6 and sum(server.hits.values()) == 15
     # another judge model is another cache key
     judge_qa(Judge(JudgeConfig(**{**cfg.__dict__, "model": "other"})), {"a": "cat"}, items[:1])
     assert server.hits["cat"] == 2
@@ -115,7 +145,7 @@ def test_judge_over_http(server, tmp_path, monkeypatch):
 
 def test_key_only_from_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
-    with pytest.raises(LLMError, match="NO_SUCH_KEY is not set"):
+    with pytest.raises(ValueError, match="judge.client.api_key_env .NO_SUCH_KEY. is not set"):
         Judge(JudgeConfig(api_key_env="NO_SUCH_KEY", cache_dir=str(tmp_path)))
 
 
@@ -152,7 +182,7 @@ def test_consistency_pairs_two_phrasings(server, tmp_path, monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", "sk-test")
     cfg = JudgeConfig(base_url=server.url, model="m", api_key_env="JUDGE_KEY", cache_dir=str(tmp_path / "c"))
     r = judge_qa(Judge(cfg), preds, items, ["consistency"])
-    assert sorted(server.pairs) == [("cat", "cat"), ("cat", "dog"), ("what?", "cat")]
+    assert sorted(server.pairs) == [("cat", "cat"), ("cat", "dog")] + [("what?", "cat")] * 3  # unparseable: re-asked twice
     assert r["dim_consistency"] == pytest.approx((4.8 + 1) / 2)
     assert r["consistency_pairs"] == 2 and r["consistency_pairs_unanswered"] == 1
     assert "pair 2:consistency" in r["unparseable_ids"]
@@ -177,3 +207,46 @@ def test_evaluate_scores_with_the_judge_from_config(server, tmp_path, monkeypatc
     assert s["judge"]["accuracy"] == 0.5 and s["judge"]["judge"]["model"] == "pinned-judge"
     assert s["judge"]["unparseable"] == 0 and s["judge"]["dim_detail"] == pytest.approx((5 + 1) / 2)
     assert s["exact"]["n"] == 2 and headline(s) == ("judge:accuracy", 50.0)
+
+
+def test_unparseable_is_reasked_not_cached(server, tmp_path, monkeypatch):
+    """A reply that becomes usable when asked again is used (and cached); one that never does is
+    reported and asked again by the next run, not cached as final."""
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    cfg = JudgeConfig(base_url=server.url, model="m", api_key_env="JUDGE_KEY", cache_dir=str(tmp_path), json_retries=1)
+    v = Judge(cfg).qa("q?", "ref", "late")
+    assert (v.yes, v.score) == (True, 3.0) and server.hits["late"] == 2
+    assert Judge(cfg).qa("q?", "ref", "late").score == 3.0 and server.hits["late"] == 2  # cached
+    assert Judge(cfg).qa("q?", "ref", "nonsense").yes is None and server.hits["nonsense"] == 2
+    assert Judge(cfg).qa("q?", "ref", "nonsense").yes is None and server.hits["nonsense"] == 4
+    assert not [f for f in tmp_path.iterdir() if "nonsense" in f.read_text()]
+
+
+@pytest.mark.parametrize("limit", [1, 4])
+def test_requests_run_concurrently_under_the_limit(server, tmp_path, monkeypatch, limit):
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    server.delay = 0.1
+    cfg = JudgeConfig(base_url=server.url, model="m", api_key_env="JUDGE_KEY", cache_dir=str(tmp_path),
+                      max_concurrency=limit)
+    items = [EvalItem(str(i), "v", f"q{i}?", "ref") for i in range(12)]
+    r = judge_qa(Judge(cfg), {str(i): "cat" if i % 2 else "dog" for i in range(12)}, items)
+    assert r["n"] == 12 and r["accuracy"] == 0.5
+    assert server.max_in_flight == limit  # each request takes 0.1 s: `limit` of them overlap, never more
+
+
+def test_probe_names_the_judge_keys(server, tmp_path, monkeypatch):
+    """Checked before any answer is generated: the served model id comes back; a retired model, a
+    wrong URL and a missing key each end in one line naming the judge.client key to fix."""
+    from nemo_avllm.errors import UserError
+
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    cfg = JudgeConfig(base_url=server.url, model="pinned", api_key_env="JUDGE_KEY", cache_dir=str(tmp_path),
+                      max_retries=1, backoff_s=0.01)
+    assert Judge(cfg).probe() == "served:pinned"
+    with pytest.raises(UserError, match=r"judge.client.model=retired-0613: .* does not serve it \(404\)"):
+        Judge(JudgeConfig(**{**cfg.__dict__, "model": "retired-0613"})).probe()
+    with pytest.raises(UserError, match=r"judge.client.base_url=http://127.0.0.1:9/v1 .* did not answer"):
+        Judge(JudgeConfig(**{**cfg.__dict__, "base_url": "http://127.0.0.1:9/v1"})).probe()
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(UserError, match=r"judge.client.api_key_env \(OPENAI_API_KEY\) is not set"):
+        Judge(JudgeConfig(cache_dir=str(tmp_path)))

@@ -176,13 +176,53 @@ def test_bleu_and_cider_hand_computed():
     Unigrams 5/6 match, bigrams 3/5, trigrams 1/4, 4-grams 0/3; equal lengths, no brevity penalty:
     BLEU-1 = 5/6, BLEU-2 = sqrt(5/6 * 3/5) (pycocoevalcap adds a tiny epsilon to 0 counts)."""
     items = [B.EvalItem("1", "v", "", ["The cat is on the mat."])]
-    r = M.caption_scores({"1": "the cat sat on the mat"}, items)
+    r = M.caption_scores({"1": "the cat sat on the mat"}, items, meteor=False)
     assert r["BLEU-1"] == pytest.approx(5 / 6, abs=1e-6)
     assert r["BLEU-2"] == pytest.approx((5 / 6 * 3 / 5) ** 0.5, abs=1e-6)
     assert r["BLEU-3"] == pytest.approx((5 / 6 * 3 / 5 * 1 / 4) ** (1 / 3), abs=1e-6)
     # CIDEr on a set: identical captions score highest; a caption sharing nothing scores 0
     items = [B.EvalItem(str(i), "v", "", [c]) for i, c in enumerate(["a dog runs in the park", "a man plays a guitar",
                                                                     "two kids swim in a pool"])]
-    same = M.caption_scores({it.qid: it.answer[0] for it in items}, items)["CIDEr"]
-    none = M.caption_scores({it.qid: "purple elephants" for it in items}, items)["CIDEr"]
+    same = M.caption_scores({it.qid: it.answer[0] for it in items}, items, meteor=False)["CIDEr"]
+    none = M.caption_scores({it.qid: "purple elephants" for it in items}, items, meteor=False)["CIDEr"]
     assert same == pytest.approx(10.0, rel=1e-6) and none == 0.0
+
+
+# Sentences where the Python stand-in and Stanford's PTB tokenizer differ (numbers, times,
+# abbreviations, brackets), with what pycocoevalcap's Java tokenizer gives (run here).
+JAVA_PTB = {
+    "At 3:30 p.m. the U.S. team scored 2,000 points (roughly).": "at 3:30 p.m. the u.s. team scored 2,000 points -lrb- roughly -rrb-",
+    "A woman -- in a red dress -- sings at 10.5 km/h.": "a woman in a red dress sings at 10.5 km/h",
+    "Dr. Smith's cat [left] jumps over 3 dogs.": "dr. smith 's cat -lsb- left -rsb- jumps over 3 dogs",
+    "It costs $4.99, e.g. cheap!": "it costs $ 4.99 e.g. cheap",
+    "Two kids can't swim in the pool.": "two kids ca n't swim in the pool",
+}
+
+
+def test_captions_use_pycocoevalcaps_java_tokenizer():
+    if not M.java_available():
+        pytest.skip("no Java here (scripts/setup.sh installs openjdk-17-jre-headless); the fallback is tested below")
+    tok, name = M.tokenize_captions({str(i): [s] for i, s in enumerate(JAVA_PTB)})
+    assert name == "ptb-java" and [tok[str(i)][0] for i in range(len(JAVA_PTB))] == list(JAVA_PTB.values())
+    assert sum(M.ptb_tokenize(s) != t for s, t in JAVA_PTB.items()) == 4  # why the fallback is not comparable
+
+
+def test_meteor_and_rouge_l():
+    if not M.java_available():
+        pytest.skip("METEOR needs Java")
+    items = [B.EvalItem(str(i), "v", "", [c]) for i, c in enumerate(["a dog runs in the park", "a man plays a guitar",
+                                                                    "two kids swim in a pool"])]
+    # one call: METEOR starts Java and loads its paraphrase table (30-100 s on 2 busy cores)
+    r = M.caption_scores({"0": "a dog is running in a park", "1": "a man plays guitar", "2": "children swimming"}, items)
+    assert r["METEOR"] == pytest.approx(0.2709, abs=1e-3) and r["ROUGE-L"] == pytest.approx(0.4985, abs=1e-3)
+    assert r["tokenizer"] == "ptb-java"
+
+
+def test_without_java_the_fallback_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without java
+    assert not M.java_available()
+    items = [B.EvalItem("1", "v", "", ["The cat is on the mat."])]
+    r = M.caption_scores({"1": "the cat sat on the mat"}, items)
+    assert r["tokenizer"].startswith("python-ptb") and "not comparable" in r["tokenizer"]
+    assert "METEOR" not in r and "Java" in r["METEOR_note"]
+    assert r["ROUGE-L"] == pytest.approx(5 / 6)  # LCS "the cat on the mat": 5 of 6 words both ways
