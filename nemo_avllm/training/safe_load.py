@@ -1,7 +1,7 @@
 """Reading a dist checkpoint never runs code, and a damaged one is reported with its file.
 
 torch.distributed.checkpoint unpickles `.metadata` with plain `pickle` and the checkpoint's objects
-(common state, RNG states, layer extra state) with `torch.load(weights_only=False)`: a folder from
+(common state, RNG states, layer extra state) with `weights_only=False` torch loads: a folder from
 elsewhere (an imported LLM, a stage checkpoint) would be as trusted as code. `install()` makes
 every reader in this process safe (megatron's and torch's included): `.metadata` goes through
 an unpickler that admits only torch's checkpoint metadata classes, stored objects through
@@ -72,12 +72,7 @@ def _read_metadata(self, *args, **kwargs):
 
     path = self._get_metadata_path(kwargs.get("rank"))
     with self.fs.create_stream(path, "rb") as f:
-        try:
-            metadata = _MetadataUnpickler(f, path).load()
-        except UserError:
-            raise
-        except Exception as e:  # truncated, emptied, not a pickle
-            raise DamagedCheckpointError(f"{path}: damaged ({type(e).__name__}: {e})") from e
+        metadata = _load_metadata(f, path)
     if getattr(metadata, "storage_meta", None) is None:
         metadata.storage_meta = StorageMeta()
     metadata.storage_meta.load_id = self.load_id
@@ -122,19 +117,26 @@ def install() -> None:
     _installed = True
 
 
-def _metadata(path: Path):
-    """The checkpoint's `.metadata` through the restricted unpickler: raises
+def _load_metadata(stream, path):
+    """Unpickle a `.metadata` stream with the restricted unpickler: raises
     `UnsafeCheckpointError` or `DamagedCheckpointError` naming the file."""
-    f = path / METADATA
     try:
-        with open(f, "rb") as stream:
-            return _MetadataUnpickler(stream, f).load()
+        return _MetadataUnpickler(stream, path).load()
     except UserError:
         raise
+    except Exception as e:  # truncated, emptied, not a pickle
+        raise DamagedCheckpointError(f"{path}: damaged ({type(e).__name__}: {e})") from None
+
+
+def _metadata(path: Path):
+    """The `.metadata` of the checkpoint folder `path` (`_load_metadata`)."""
+    f = path / METADATA
+    try:
+        stream = open(f, "rb")
     except FileNotFoundError:
         raise DamagedCheckpointError(f"{f}: missing") from None
-    except Exception as e:
-        raise DamagedCheckpointError(f"{f}: damaged ({type(e).__name__}: {e})") from None
+    with stream:
+        return _load_metadata(stream, f)
 
 
 @cache

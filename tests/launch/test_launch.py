@@ -37,7 +37,7 @@ def tiny_stage(stage: str, **extra) -> list[str]:
     """The tiny model and a few steps for one stage, as `avllm launch` stage overrides."""
     values = {
         "model.micro_batch_size": 1,
-        "model.global_batch_size": 4,  # >= 3: one sample of each modality per batch (MAT refuses fewer)
+        "model.global_batch_size": 4,  # MAT: 2 V + 1 A + 1 AV (a batch of 2 would leave A out; refused)
         "model.seq_length": 96,
         "model.data.num_workers": 0,
         "model.optim.lr": 1e-3,
@@ -58,6 +58,7 @@ def manifest(tmp_path_factory) -> Path:
     make_clip(d / "av.mp4", num_frames=8, audio=tone(1.0, 48000, 440))
     rows = [
         {"id": "v", "video": "av.mp4", "conversations": conv("<VIS> What colour is the square?", "Red.")},
+        {"id": "v2", "video": "av.mp4", "conversations": conv("<VIS> Which shape is it?", "A square.")},
         {"id": "a", "video": "av.mp4", "conversations": conv("<AUD> Describe the sound.", "A low tone.")},
         {"id": "av", "video": "av.mp4", "conversations": conv("<AUD_VIS> Is the sound synchronous?", "Yes.")},
     ]
