@@ -1,0 +1,138 @@
+"""Sequence packing (issue 22): packed rows give the unpacked loss and gradients, attention stays
+inside a sample, and the packing plan is what the bench and the loader share."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+from nemo_avllm import config, modality
+from nemo_avllm.data.collate import collate_tokens
+from nemo_avllm.data.conversation import TokenizedSample
+from nemo_avllm.data.dataset import collate_av
+from nemo_avllm.data.packing import PackedRows, PackingSpec, collate_packed, first_fit_decreasing, useful_fraction
+from nemo_avllm.model.avllm import EncoderFeatures
+
+SEQ = 96
+TOKENS = (modality.VIS_TOKEN, modality.AUD_TOKEN, modality.AUD_VIS_TOKEN, modality.AUD_TOKEN,
+          modality.VIS_TOKEN, modality.AUD_TOKEN)
+
+
+def _items(model, prompt_lengths=(5, 9, 3, 12, 7, 4), seed=0, vocab=500):
+    """Items as the dataset yields them (tokens + cached features), modalities V, A, AV mixed."""
+    g = torch.Generator().manual_seed(seed)
+    lay = model.layout
+    dv, da = model.cfg.vision.geometry()["width"], model.cfg.audio.width
+    out = []
+    for k, (tok, p) in enumerate(zip(TOKENS, prompt_lengths)):
+        q = torch.randint(3, vocab, (p,), generator=g).tolist()
+        a = torch.randint(3, vocab, (6 + k,), generator=g).tolist()
+        exp = lay.expansion(tok)
+        ids = [1] + q + exp + a + [2]
+        labels = [modality.IGNORE_INDEX] * (1 + p + len(exp)) + a + [2]
+        feats = {"temporal": torch.randn(lay.num_frames, dv, generator=g),
+                 "spatial": torch.randn(lay.num_patches, dv, generator=g),
+                 "audio": torch.randn(lay.num_audio_segments, da, generator=g)}
+        want = {"temporal": "VIS" in tok, "spatial": "VIS" in tok, "audio": "AUD" in tok}
+        out.append({"id": f"s{k}", "modality": tok, "tokens": TokenizedSample(ids, labels),
+                    "features": {kk: v for kk, v in feats.items() if want[kk]}})
+    return out
+
+
+def _feats(batch):
+    return EncoderFeatures(**batch["features"])
+
+
+def _loss_and_grads(model, batches):
+    """Token-averaged loss over `batches` and the gradients it gives (what the DDP step sums)."""
+    model.zero_grad(set_to_none=True)
+    total, count = 0.0, 0.0
+    for b in batches:
+        out = model(input_ids=b["input_ids"], labels=b["labels"], features=_feats(b), packed=PackedRows.from_batch(b))
+        mask = b["loss_mask"].float()
+        total = total + (out.float() * mask).sum()
+        count += float(mask.sum())
+    loss = total / count
+    loss.backward()
+    return float(loss), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def model(dist1):
+    from nemo_avllm.model.provider import build_model
+
+    torch.manual_seed(0)
+    m = build_model(config.load_model("tiny", ["build_encoders=false"]))
+    m.float()
+    return m
+
+
+def test_packed_loss_and_grads_equal_unpacked(model):
+    items = _items(model)
+    unpacked = collate_av(items, seq_length=SEQ)
+    spec = PackingSpec(seq_length=SEQ, rows_per_micro_batch=2)
+    packed = collate_packed(items, spec, lambda its, n: collate_av(its, n))
+    assert len(packed) >= 1 and sum(b["input_ids"].shape[0] for b in packed) == len(items)
+    rows = sum(int(b["pack_shape"][0]) for b in packed)
+    assert rows < len(items), "the samples should share rows"
+    assert any(len({int(s) for s in row if s >= 0}) > 1 for b in packed for row in b["sample_of_token"])
+    # MAT counts are sample counts: every sample, as its own modality, exactly once
+    assert sorted(m for b in packed for m in b["modality"]) == sorted(it["modality"] for it in items)
+    assert int(sum(b["loss_mask"].sum() for b in packed)) == int(unpacked["loss_mask"].sum())
+
+    loss_u, grads_u = _loss_and_grads(model, [unpacked])
+    loss_p, grads_p = _loss_and_grads(model, packed)
+    assert abs(loss_u - loss_p) < 1e-5, (loss_u, loss_p)
+    assert grads_u.keys() == grads_p.keys() and any(k.startswith("proj_audio") for k in grads_u)
+    for name in grads_u:
+        diff = (grads_u[name] - grads_p[name]).abs().max().item()
+        assert diff < 1e-5, f"{name}: packed and unpacked gradients differ by {diff}"
+
+
+def test_one_sample_does_not_see_another_in_its_row(model):
+    items = _items(model)
+    spec = PackingSpec(seq_length=SEQ, rows_per_micro_batch=8)
+    collate = lambda its, n: collate_av(its, n)  # noqa: E731
+    (batch,) = collate_packed(items, spec, collate)
+    owner = batch["sample_of_token"]
+    row = next(r for r in range(owner.shape[0]) if len({int(s) for s in owner[r] if s >= 0}) > 1)
+    # the sample placed first in the row is changed; a plain causal mask would let the next see it
+    changed_one, watched = list(dict.fromkeys(x for x in owner[row].tolist() if x >= 0))[:2]
+    victim = int(batch["item_order"][changed_one])
+    changed = [dict(it) for it in items]
+    t = changed[victim]["tokens"]
+    changed[victim]["tokens"] = TokenizedSample([1] + [(x * 5 + 11) % 400 + 3 if x > 2 else x for x in t.input_ids[1:]],
+                                                t.labels)
+    changed[victim]["features"] = {k: v + 1.0 for k, v in changed[victim]["features"].items()}
+    (batch2,) = collate_packed(changed, spec, collate)
+    assert torch.equal(batch2["sample_of_token"], owner), "same lengths, same layout"
+    with torch.no_grad():
+        logits = [model(input_ids=b["input_ids"], features=_feats(b), packed=PackedRows.from_batch(b))
+                  for b in (batch, batch2)]
+    mine, theirs = owner[row] == watched, owner[row] == changed_one
+    assert not torch.allclose(logits[0][row][theirs], logits[1][row][theirs]), "the change must matter to its sample"
+    assert torch.equal(logits[0][row][mine], logits[1][row][mine])
+
+
+def test_positions_restart_and_mask_is_block_diagonal():
+    rows = PackedRows(torch.tensor([0, 3, 5, 8, 10, 16], dtype=torch.int32), (2, 8))
+    assert rows.position_ids().tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5]]
+    mask = rows.attention_mask()[:, 0]
+    allowed = ~mask[0]
+    assert allowed[4].tolist() == [False, False, False, True, True, False, False, False]
+    assert allowed[2].tolist() == [True, True, True, False, False, False, False, False]
+    p = rows.packed_seq_params()
+    assert p.qkv_format == "thd" and p.max_seqlen_q == 6 and p.cu_seqlens_q.dtype == torch.int32
+
+
+def test_first_fit_decreasing_and_useful_fraction():
+    assert first_fit_decreasing([5, 3, 8, 2, 6], 10) == [[2, 3], [4, 1], [0]]
+    with pytest.raises(ValueError, match="more than seq_length"):
+        first_fit_decreasing([11], 10)
+    lengths = [340] * 10 + [55] * 4 + [345] * 6
+    padded = sum(lengths) / (len(lengths) * 1024)
+    cut = useful_fraction(lengths, PackingSpec(1024, 1))
+    fixed = useful_fraction(lengths, PackingSpec(1024, 1, fixed_shape=True))
+    assert padded < 0.35 < fixed <= cut <= 1.0 and cut > 0.9
