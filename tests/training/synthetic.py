@@ -5,11 +5,15 @@ contract: micro-batches of this data-parallel rank, starting at `consumed` sampl
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from nemo_avllm import modality
 from nemo_avllm.data.collate import collate_tokens
 from nemo_avllm.data.conversation import TokenizedSample
+from nemo_avllm.data.dataset import collate_av
+from nemo_avllm.data.packing import PackingSpec, collate_packed
 
 
 class SyntheticData:
@@ -35,6 +39,8 @@ class SyntheticData:
         ids = [1] + q + exp + a + [2]
         labels = [modality.IGNORE_INDEX] * (1 + len(q) + len(exp)) + a + [2]
         return {
+            "id": f"synthetic{i}",
+            "modality": {"<VIS>": "V", "<AUD>": "A", "<AUD_VIS>": "AV"}[tok],
             "tokens": TokenizedSample(ids, labels),
             "video": torch.randn(layout.num_frames, 3, self.image_size, self.image_size, generator=g),
             "audio": 0.1 * torch.randn(layout.num_audio_segments, 480000, generator=g),
@@ -51,6 +57,9 @@ class SyntheticData:
         if self.nan_grad_at_samples:
             weight = model.avllm.llm.embedding.word_embeddings.weight
             weight.register_hook(lambda g: g * float("nan") if poison["on"] else g)
+
+        if model._cfg.data.get("packing", False) and self.nan_at_sample is None and not self.nan_grad_at_samples:
+            return _Loader(partial(self._packed, model, consumed))
 
         def gen():
             start = consumed
@@ -69,6 +78,22 @@ class SyntheticData:
                 start += gbs
 
         return _Loader(gen)
+
+
+    def _packed(self, model, consumed: int):
+        """With model.data.packing: one item per step, this rank's share packed like the real
+        loader packs it (`data.packing.collate_packed`)."""
+        from megatron.core import parallel_state as ps
+
+        cfg = model._cfg
+        gbs, dp, rank = int(cfg.global_batch_size), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        per_rank = gbs // dp
+        spec = PackingSpec(self.seq_length, int(cfg.micro_batch_size), int(cfg.get("pipeline_model_parallel_size", 1)) > 1)
+        start = consumed
+        while True:
+            idx = [(start + rank * per_rank + j) % self.num_samples for j in range(per_rank)]
+            yield collate_packed([self.sample(i, model.layout) for i in idx], spec, partial(collate_av, pad_id=0))
+            start += gbs
 
 
 class _Loader:
