@@ -32,7 +32,7 @@ from nemo_avllm.data.conversation import ConversationError, ConversationTemplate
 from nemo_avllm.data.index import MediaIndex, as_index
 from nemo_avllm.data.manifest import Sample
 from nemo_avllm.data.mat_sampler import MATBatchSampler
-from nemo_avllm.data.packing import PackingSpec, collate_packed
+from nemo_avllm.data.packing import PackingSpec, collate_packed, make_spec
 from nemo_avllm.data.media import MediaError, MediaInfo
 from nemo_avllm.data.workers import worker_kwargs
 
@@ -415,6 +415,7 @@ def build_dataloader(
     max_steps: int | None = None,
     packing: bool = False,
     fixed_shape: bool = False,
+    thd: bool = False,
 ) -> torch.utils.data.DataLoader:
     """MAT sampler + AVDataset + collate for one data-parallel rank. `feature_cache`: a
     `features.FeatureCache` (built with `model_cfg`, so checked against it) or None.
@@ -422,10 +423,10 @@ def build_dataloader(
     resume exactly. `schedule`, `schedule_split`, `max_steps`: the modality schedule
     (`mat_sampler.ModalityPlan`). `packing`: one item per step, the rank's share of the global
     batch packed into micro-batches of `micro_batch_size` rows (`fixed_shape`: for pipeline
-    parallelism), see `data.packing`."""
+    parallelism; `thd`: Transformer Engine's layout), see `data.packing.make_spec`."""
     dataset = _dataset(samples, tokenizer, model_cfg, backend=backend, index=index, feature_cache=feature_cache,
                        max_length=max_length or seq_length, derive_views=derive_views)
-    spec = packing_spec(seq_length, micro_batch_size, fixed_shape, tokenizer) if packing else None
+    spec = packing_spec(seq_length, micro_batch_size, fixed_shape, tokenizer, thd) if packing else None
     per_batch = global_batch_size // dp_size if packing else micro_batch_size  # a step's share, or a micro-batch
     sampler = MATBatchSampler(samples, ratios, global_batch_size, per_batch, dp_rank, dp_size, seed,
                               derive_views, consumed_samples, schedule, schedule_split, max_steps)
@@ -472,6 +473,7 @@ def build_eval_dataloader(
     backend: str = "cpu",
     packing: bool = False,
     fixed_shape: bool = False,
+    thd: bool = False,
 ) -> torch.utils.data.DataLoader:
     """The training loader's dataset, collate and feature cache over every validation sample once
     (`EvalBatchSampler`); workers persist between validation passes. `packing`: each
@@ -482,7 +484,7 @@ def build_eval_dataloader(
         dataset,
         batch_sampler=EvalBatchSampler(len(samples), micro_batch_size, dp_rank, dp_size),
         collate_fn=collate_fn(seq_length, pad_id_of(tokenizer),
-                              packing_spec(seq_length, micro_batch_size, fixed_shape, tokenizer) if packing else None),
+                              packing_spec(seq_length, micro_batch_size, fixed_shape, tokenizer, thd) if packing else None),
         persistent_workers=num_workers > 0,
         **worker_kwargs(num_workers),
     )
@@ -507,8 +509,8 @@ def layout_of(model_cfg) -> modality.TokenLayout:
     return avllm_config(model_cfg).layout()
 
 
-def packing_spec(seq_length: int, rows: int, fixed_shape: bool, tokenizer) -> PackingSpec:
-    return PackingSpec(int(seq_length), int(rows), bool(fixed_shape), pad_id_of(tokenizer))
+def packing_spec(seq_length: int, rows: int, fixed_shape: bool, tokenizer, thd: bool = False) -> PackingSpec:
+    return make_spec(seq_length, rows, fixed_shape, thd, pad_id_of(tokenizer))
 
 
 def pad_id_of(tokenizer) -> int:

@@ -50,6 +50,16 @@ class PackingSpec:
     pad_id: int = 0
 
 
+def make_spec(seq_length: int, micro_batch_size: int, fixed_shape: bool, thd: bool, pad_id: int = 0) -> PackingSpec:
+    """The packing of a run. THD (Transformer Engine) attends by `cu_seqlens` alone and needs no
+    rows: a micro-batch is one sequence of up to `micro_batch_size * seq_length` tokens, cut to
+    its content without pipeline parallelism. The local spec (bshd, block mask) keeps
+    `micro_batch_size` rows of `seq_length`."""
+    if thd:
+        return PackingSpec(int(seq_length) * int(micro_batch_size), 1, bool(fixed_shape), pad_id)
+    return PackingSpec(int(seq_length), int(micro_batch_size), bool(fixed_shape), pad_id)
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 

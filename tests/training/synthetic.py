@@ -13,7 +13,7 @@ from nemo_avllm import modality
 from nemo_avllm.data.collate import collate_tokens
 from nemo_avllm.data.conversation import TokenizedSample
 from nemo_avllm.data.dataset import collate_av
-from nemo_avllm.data.packing import PackingSpec, collate_packed
+from nemo_avllm.data.packing import collate_packed, make_spec
 
 
 class SyntheticData:
@@ -88,7 +88,8 @@ class SyntheticData:
         cfg = model._cfg
         gbs, dp, rank = int(cfg.global_batch_size), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         per_rank = gbs // dp
-        spec = PackingSpec(self.seq_length, int(cfg.micro_batch_size), int(cfg.get("pipeline_model_parallel_size", 1)) > 1)
+        spec = make_spec(self.seq_length, int(cfg.micro_batch_size), int(cfg.get("pipeline_model_parallel_size", 1)) > 1,
+                         model.avllm.cfg.transformer_impl == "transformer_engine")
         start = consumed
         while True:
             idx = [(start + rank * per_rank + j) % self.num_samples for j in range(per_rank)]

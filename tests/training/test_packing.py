@@ -14,6 +14,7 @@ from nemo_avllm.data.conversation import TokenizedSample
 from nemo_avllm.data.dataset import collate_av
 from nemo_avllm.data.packing import PackedRows, PackingSpec, collate_packed, first_fit_decreasing, useful_fraction
 from nemo_avllm.model.avllm import EncoderFeatures
+from tests.training import helpers
 
 SEQ = 96
 TOKENS = (modality.VIS_TOKEN, modality.AUD_TOKEN, modality.AUD_VIS_TOKEN, modality.AUD_TOKEN,
@@ -136,3 +137,59 @@ def test_first_fit_decreasing_and_useful_fraction():
     cut = useful_fraction(lengths, PackingSpec(1024, 1))
     fixed = useful_fraction(lengths, PackingSpec(1024, 1, fixed_shape=True))
     assert padded < 0.35 < fixed <= cut <= 1.0 and cut > 0.9
+
+
+def test_packed_steps_hold_the_same_mat_samples_as_unpacked_micro_batches():
+    """The loader's packed step is the sampler's step share: the same (sample, view) items per
+    global batch, so MAT counts stay sample counts and resume from consumed_samples stays exact."""
+    from nemo_avllm.data.mat_sampler import MATBatchSampler
+    from tests.data.test_mat_sampler import RATIOS, samples
+
+    pool = samples()
+    for dp_rank in (0, 1):
+        micro = MATBatchSampler(pool, RATIOS, 8, 2, dp_rank, 2, seed=3, consumed_samples=8)
+        packed = MATBatchSampler(pool, RATIOS, 8, 4, dp_rank, 2, seed=3, consumed_samples=8)
+        mbs = list(micro)
+        steps = [sum(mbs[i:i + 2], []) for i in range(0, len(mbs), 2)]
+        assert steps == list(packed) and len(steps) == micro.batches_per_epoch - 1
+
+
+def _run_metrics(tmp_path, name, steps, packing, **extra):
+    from nemo_avllm.training.callbacks import read_metrics
+
+    args = helpers.overrides(tmp_path / name, steps=steps, every=2, **{"model.data.packing": packing, **extra})
+    helpers.run(args)
+    return read_metrics(tmp_path / name / "run")
+
+
+def test_packed_training_matches_unpacked_resumes_exactly_and_logs_data_stalls(tmp_path):
+    import json
+    import signal
+
+    # micro_batch_size 2 and global batch 4 (helpers.overrides): unpacked, 2 micro-batches of 2 samples
+    packed = _run_metrics(tmp_path, "packed", 3, "true")
+    unpacked = _run_metrics(tmp_path, "unpacked", 3, "false")
+    assert [m["step"] for m in packed] == [1, 2, 3]
+    for p, u in zip(packed, unpacked):
+        for key in ("samples_V", "samples_A", "samples_AV", "consumed_samples"):
+            assert p[key] == u[key], (key, p, u)  # MAT counts are sample counts
+        assert p["reduced_train_loss"] == pytest.approx(u["reduced_train_loss"], rel=1e-5, abs=1e-6)
+        assert p["micro_batches"] == 1 and u["micro_batches"] == 2  # four samples fit in two rows
+        assert p["data_wait_s"] >= 0 and p["compute_s"] > 0
+    stall = json.loads((tmp_path / "packed" / "run" / "data_stall.json").read_text())
+    assert stall["steps"] == 3 and 0 <= stall["stall_fraction"] < 1
+
+    # SIGTERM after step 1 (final checkpoint), then the same command resumes: bit-exact losses
+    args = helpers.overrides(tmp_path / "resumed", steps=3, every=1000, **{"model.data.packing": "true"})
+    proc = helpers.start(args)
+    helpers.wait_for_step(tmp_path / "resumed" / "run", 1, proc)
+    helpers.kill(proc, signal.SIGTERM)
+    stopped = max(helpers.losses_by_step(tmp_path / "resumed" / "run"))
+    assert stopped < 3
+    _, out = helpers.run(args)
+    assert "Resuming training from checkpoint" in out
+    got = helpers.losses_by_step(tmp_path / "resumed" / "run")
+    ref = {m["step"]: m["reduced_train_loss"] for m in packed}
+    assert sorted(got) == list(range(stopped + 1, 4))  # the resumed run's steps
+    for step in got:
+        assert got[step] == ref[step], (step, got[step], ref[step])
