@@ -32,7 +32,7 @@ from nemo_avllm.data.conversation import ConversationError, ConversationTemplate
 from nemo_avllm.data.index import MediaIndex, as_index
 from nemo_avllm.data.manifest import Sample
 from nemo_avllm.data.mat_sampler import MATBatchSampler
-from nemo_avllm.data.packing import PackingSpec, collate_packed, make_spec
+from nemo_avllm.data.packing import PackingSpec, collate_packed, make_spec, token_balanced
 from nemo_avllm.data.media import MediaError, MediaInfo
 from nemo_avllm.data.workers import worker_kwargs
 
@@ -214,6 +214,20 @@ class AVDataset(torch.utils.data.Dataset):
         self.bad: dict[str, str] = {}  # media id -> reason (this process): skipped from now on
         self._predecoded: dict[int, tuple] = {}  # sample index -> (video, audio), within __getitems__
         self.bad_samples: dict[int, str] = {}  # sample index -> reason (unusable conversation)
+        self._lengths: dict[tuple[int, str], int] = {}
+
+    def token_length(self, item) -> int:
+        """Tokens of an item as tokenised for training (cached; no media read): what packing's
+        data-parallel token balancing weighs."""
+        key = self._parse(item)
+        if key not in self._lengths:
+            try:
+                tokens = tokenize_conversation(self.samples[key[0]].conversation(key[1]), self.tokenizer, self.layout,
+                                               self.template, max_length=self.max_length)
+                self._lengths[key] = len(tokens.input_ids)
+            except ConversationError:
+                self._lengths[key] = self.max_length or 0
+        return self._lengths[key]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -423,13 +437,18 @@ def build_dataloader(
     resume exactly. `schedule`, `schedule_split`, `max_steps`: the modality schedule
     (`mat_sampler.ModalityPlan`). `packing`: one item per step, the rank's share of the global
     batch packed into micro-batches of `micro_batch_size` rows (`fixed_shape`: for pipeline
-    parallelism; `thd`: Transformer Engine's layout), see `data.packing.make_spec`."""
+    parallelism; `thd`: Transformer Engine's layout), see `data.packing.make_spec`; the ranks'
+    shares are then balanced by tokens (`data.packing.balance_ranks`)."""
     dataset = _dataset(samples, tokenizer, model_cfg, backend=backend, index=index, feature_cache=feature_cache,
                        max_length=max_length or seq_length, derive_views=derive_views)
     spec = packing_spec(seq_length, micro_batch_size, fixed_shape, tokenizer, thd) if packing else None
     per_batch = global_batch_size // dp_size if packing else micro_batch_size  # a step's share, or a micro-batch
-    sampler = MATBatchSampler(samples, ratios, global_batch_size, per_batch, dp_rank, dp_size, seed,
-                              derive_views, consumed_samples, schedule, schedule_split, max_steps)
+    args = (samples, ratios, global_batch_size, per_batch, dp_rank, dp_size, seed, derive_views, consumed_samples,
+            schedule, schedule_split, max_steps)
+    if packing and dp_size > 1:  # ranks get balanced token counts (packing.balance_ranks)
+        sampler = token_balanced(MATBatchSampler)(*args, length_of=dataset.token_length)
+    else:
+        sampler = MATBatchSampler(*args)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,

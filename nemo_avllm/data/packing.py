@@ -158,6 +158,46 @@ def collate_packed(items: list, spec: PackingSpec, collate) -> list[dict]:
     return out
 
 
+def balance_ranks(ranks: list[list], lengths: list[list[int]]) -> list[list]:
+    """One global batch re-dealt over the data-parallel ranks so that their token counts, not
+    only their sample counts, are balanced. Every rank keeps its number of samples (they are
+    equal): the samples, longest first, are dealt in rounds of one per rank, each round's
+    longest to the rank with the fewest tokens so far (ties: lower rank). Each rank's samples
+    keep their order in the batch. The batch's items (so its MAT counts) do not change, and the
+    result is a pure function of the items and their lengths."""
+    dp, per = len(ranks), len(ranks[0]) if ranks else 0
+    if any(len(r) != per for r in ranks):
+        raise ValueError(f"balance_ranks: ranks hold {[len(r) for r in ranks]} samples; expected equal shares")
+    flat = [(n, pos, item) for pos, (item, n) in enumerate(
+        (it, n) for r, ls in zip(ranks, lengths) for it, n in zip(r, ls))]
+    flat.sort(key=lambda x: (-x[0], x[1]))
+    load = [0] * dp
+    out: list[list] = [[] for _ in ranks]
+    for k in range(0, len(flat), dp):
+        lightest = sorted(range(dp), key=lambda r: (load[r], r))
+        for r, (n, pos, item) in zip(lightest, flat[k:k + dp]):
+            out[r].append((pos, item))
+            load[r] += n
+    return [[item for _, item in sorted(r, key=lambda x: x[0])] for r in out]
+
+
+def token_balanced(sampler_cls):
+    """`sampler_cls` (a `MATBatchSampler`) whose `rank_batches` deals each global batch with
+    `balance_ranks`; `length_of(item)` gives an item's token count."""
+
+    class TokenBalanced(sampler_cls):
+        def __init__(self, *args, length_of, **kwargs):
+            self.length_of = length_of
+            super().__init__(*args, **kwargs)
+
+        def rank_batches(self, step: int):
+            ranks = super().rank_batches(step)
+            return balance_ranks(ranks, [[self.length_of(it) for it in r] for r in ranks])
+
+    TokenBalanced.__name__ = f"TokenBalanced{sampler_cls.__name__}"
+    return TokenBalanced
+
+
 class PackedRows:
     """The packed layout of a micro-batch as the model uses it, from `cu_seqlens` and
     `pack_shape` (every pipeline stage) and `pack_index` (first stage)."""

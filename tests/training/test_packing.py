@@ -193,3 +193,35 @@ def test_packed_training_matches_unpacked_resumes_exactly_and_logs_data_stalls(t
     assert sorted(got) == list(range(stopped + 1, 4))  # the resumed run's steps
     for step in got:
         assert got[step] == ref[step], (step, got[step], ref[step])
+
+
+def test_data_parallel_ranks_get_balanced_tokens_and_the_same_global_batch():
+    from nemo_avllm.data.mat_sampler import MATBatchSampler
+    from nemo_avllm.data.packing import balance_ranks, token_balanced
+    from tests.data.test_mat_sampler import RATIOS, samples
+
+    pool = samples()
+    length = {"V": 300, "A": 50, "AV": 345}
+
+    def length_of(item):  # modality placeholders plus a text length that varies by sample
+        return length[item[1]] + 7 * (item[0] % 5)
+
+    plain = MATBatchSampler(pool, RATIOS, 16, 4, 0, 4, seed=1)
+    ranks = [MATBatchSampler(pool, RATIOS, 16, 4, r, 4, seed=1) for r in range(4)]
+    balanced = [token_balanced(MATBatchSampler)(pool, RATIOS, 16, 4, r, 4, seed=1, length_of=length_of)
+                for r in range(4)]
+    spread = {"plain": [], "balanced": []}
+    for step in range(6):
+        before, after = plain.rank_batches(step), balanced[0].rank_batches(step)
+        assert sorted(sum(after, [])) == sorted(sum(before, []))  # same items: MAT counts unchanged
+        assert [len(r) for r in after] == [len(r) for r in before]
+        assert [balanced[r].rank_batches(step)[r] for r in range(4)] == after  # every rank agrees
+        for name, deal in (("plain", before), ("balanced", after)):
+            tokens = [sum(length_of(it) for it in r) for r in deal]
+            spread[name].append(max(tokens) - min(tokens))
+    # 3 short <AUD> among 16 samples on 4 ranks of 4: one rank has only long ones (spread >= ~230)
+    assert max(spread["balanced"]) < min(spread["plain"]), spread
+    # what a rank iterates is its balanced share
+    assert list(balanced[2])[0] == balanced[2].rank_batches(0)[2]
+    assert list(ranks[2])[0] == plain.rank_batches(0)[2]
+    assert balance_ranks([[1, 2], [3, 4]], [[10, 1], [9, 2]]) == [[1, 2], [3, 4]]
