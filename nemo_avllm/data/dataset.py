@@ -32,8 +32,8 @@ from nemo_avllm.data.conversation import ConversationError, ConversationTemplate
 from nemo_avllm.data.index import MediaIndex, as_index
 from nemo_avllm.data.manifest import Sample
 from nemo_avllm.data.mat_sampler import MATBatchSampler
-from nemo_avllm.data.packing import PackingSpec, collate_packed, make_spec, token_balanced
 from nemo_avllm.data.media import MediaError, MediaInfo
+from nemo_avllm.data.packing import PackingSpec, collate_packed, make_spec, token_balanced
 from nemo_avllm.data.workers import worker_kwargs
 
 log = logging.getLogger(__name__)
