@@ -17,12 +17,20 @@ freezes it, but gradients still flow back through it to the projectors: ×2. Pro
 + weight gradient; encoders forward only (counted by torch's FlopCounterMode on one sample).
 MFU = model FLOPs per second per GPU / the card's dense bf16 peak.
 
+`--packing on|off`: instead of sequences filled with synthetic tokens, samples whose lengths follow
+the stage's real mix (`bench_packing.stage_lengths`: annotation fixtures, MAT ratios, the model's
+T/N/K), one global batch padded to `--seq-length` (off) or packed (on, `data.packing`, THD with
+Transformer Engine). Tokens, MFU and tokens/s then count useful (real) tokens only, and the
+attention term uses the mean sample length; `useful_fraction` says how much of the computed
+sequence was real.
+
 `--mode pipeline`: the tiny config end to end through `avllm train` (data decoding with PyAV
 workers vs the feature cache), as before:
 
     train mode=cache steps_per_s=... samples_per_s=... tokens_per_s=... step_time_s=...
 
 Usage: python bench/bench_train.py --model vicuna7b --stage 2 --num-layers 16 --impl local
+       python bench/bench_train.py --model vicuna7b --stage 2 --num-layers 4 --packing on
        python bench/bench_train.py --mode pipeline [--clips 128] [--steps 20]
 """
 
@@ -126,7 +134,14 @@ def run_model(args) -> str:
     ddp, optimizer = optim.setup_training(model, cfg, use_distributed_optimizer=gpu, gpu=gpu)
     t_build = time.perf_counter() - t_build
     n_mb = args.global_batch // args.micro_batch
-    batches = synthetic_batches(model, n_mb, args.micro_batch, args.seq_length, device, args.encoders, dtype, mix=args.mix)
+    if args.packing != "none":
+        batches, tokens, attn_seq, computed = length_mix_batches(model, cfg, args, device, dtype)
+        n_mb = len(batches)
+    else:
+        batches = synthetic_batches(model, n_mb, args.micro_batch, args.seq_length, device, args.encoders, dtype,
+                                    mix=args.mix)
+        tokens = computed = args.global_batch * args.seq_length
+        attn_seq = args.seq_length
     enc_flops = encoder_flops_per_sample(model, batches[0]["video"], batches[0]["audio"]) if args.encoders else 0.0
     fb = get_forward_backward_func()
     if gpu:
@@ -142,7 +157,7 @@ def run_model(args) -> str:
         # modality mix from step to step, as under MAT
         order = batches[step % n_mb:] + batches[:step % n_mb]
         losses = fb(forward_step_func=forward_step, data_iterator=iter(order), model=[ddp], num_microbatches=n_mb,
-                    seq_length=args.seq_length, micro_batch_size=args.micro_batch, forward_only=False)
+                    seq_length=args.seq_length, micro_batch_size=args.micro_batch, forward_only=False)  # PP=1
         optimizer.step()
         if gpu:
             torch.cuda.synchronize()
@@ -150,8 +165,7 @@ def run_model(args) -> str:
             times.append(time.perf_counter() - t0)
     loss = sum(float(d["lm loss"][0]) for d in losses) / max(1.0, sum(float(d["lm loss"][1]) for d in losses))
     step_time = statistics.median(times)
-    tokens = args.global_batch * args.seq_length
-    flops = (tokens * llm_flops_per_token(model.cfg.llm, args.seq_length, args.stage)
+    flops = (tokens * llm_flops_per_token(model.cfg.llm, attn_seq, args.stage)
              + args.global_batch * (projector_flops_per_sample(model) + enc_flops))
     world = torch.distributed.get_world_size()
     achieved = flops / step_time / world
@@ -164,9 +178,48 @@ def run_model(args) -> str:
             f"seq={args.seq_length} "
             f"mbs={args.micro_batch} gbs={args.global_batch} tokens_per_s_per_gpu={tokens / step_time / world:.0f} "
             f"samples_per_s={args.global_batch / step_time:.2f} model_tflops_per_gpu={achieved / 1e12:.1f} mfu={mfu} "
-            f"peak_mem_gib={mem:.1f} step_time_s={step_time:.3f} loss={loss:.3f} build_s={t_build:.1f} device={name.replace(' ', '_')}")
+            f"peak_mem_gib={mem:.1f} step_time_s={step_time:.3f} loss={loss:.3f} build_s={t_build:.1f} device={name.replace(' ', '_')}"
+            f" packing={args.packing} useful_fraction={tokens / computed:.3f} micro_batches={n_mb}")
     distributed.destroy()
     return line
+
+
+def length_mix_batches(model, cfg, args, device, dtype):
+    """One global batch of the stage's real length mix, padded or packed (see the docstring):
+    (micro-batches, useful tokens, mean sample length, token positions computed)."""
+    import torch
+
+    from nemo_avllm.data.dataset import collate_av
+    from nemo_avllm.data.packing import collate_packed, make_spec
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_packing
+
+    if args.encoders:
+        raise SystemExit("--packing runs on cached-feature inputs; drop --encoders")
+    lengths = bench_packing.stage_lengths(args.stage, model.layout, args.seq_length)
+    (share,) = bench_packing.draw_steps(lengths, dict(cfg.data.mat_ratios), args.global_batch, 1, 1)[0]
+    g = torch.Generator().manual_seed(0)
+    items = bench_packing.synthetic_items(model.layout, share, 0, model.cfg.vision.geometry()["width"],
+                                          model.cfg.audio.width, args.seq_length, g)
+    if args.packing == "on":
+        spec = make_spec(args.seq_length, args.micro_batch, False, model.cfg.transformer_impl == "transformer_engine")
+        batches = collate_packed(items, spec, collate_av)
+        computed = sum(int(b["pack_shape"].prod()) for b in batches)
+    else:
+        mbs = args.micro_batch
+        batches = [collate_av(items[i:i + mbs], args.seq_length) for i in range(0, len(items), mbs)]
+        computed = len(items) * args.seq_length
+
+    def to(x):
+        if isinstance(x, dict):
+            return {k: to(v) for k, v in x.items()}
+        if isinstance(x, torch.Tensor):
+            return x.to(device, dtype) if x.is_floating_point() else x.to(device)
+        return x
+
+    useful = sum(len(it["tokens"].input_ids) for it in items)
+    return [to(b) for b in batches], useful, statistics.mean(share), computed
 
 
 def run_pipeline(args) -> list[str]:
@@ -225,6 +278,8 @@ def main(argv=None) -> int:
                     help="mat: V-only, A-only, AV and mixed micro-batches (MAT); av: every sample <AUD_VIS>")
     ap.add_argument("--fp8", default=None, choices=["hybrid", "e4m3"], help="FP8 with Transformer Engine (Hopper+)")
     ap.add_argument("--encoders", action="store_true", help="frozen encoders in the loop on synthetic media")
+    ap.add_argument("--packing", choices=["none", "on", "off"], default="none",
+                    help="on/off: the stage's real length mix, packed or padded; MFU on useful tokens")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, if not in the table")
     ap.add_argument("--out", default=None, help="append the result line(s) to this file")
     # --mode pipeline

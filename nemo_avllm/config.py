@@ -96,6 +96,7 @@ VALUE_RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "model.data.num_workers": ("a whole number >= 0", _whole(0), "4"),
     "model.data.modality_schedule": ("mat, pt1 or pt2", lambda v: v in ("mat", "pt1", "pt2"), "pt1"),
     "model.data.modality_schedule_split": ("a number in [0, 1]", _number(0, 1), "0.5"),
+    "model.data.packing": ("true or false", lambda v: isinstance(v, bool), "true"),
     "trainer.devices": ("a whole number >= 1, -1 (all), auto or a list of device ids",
                         lambda v: isinstance(v, ListConfig) or _whole(1, also=(-1, "auto"))(v), "8"),
     "trainer.num_nodes": ("a whole number >= 1", _whole(1), "4"),

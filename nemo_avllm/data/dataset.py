@@ -33,6 +33,7 @@ from nemo_avllm.data.index import MediaIndex, as_index
 from nemo_avllm.data.manifest import Sample
 from nemo_avllm.data.mat_sampler import MATBatchSampler
 from nemo_avllm.data.media import MediaError, MediaInfo
+from nemo_avllm.data.packing import PackingSpec, collate_packed, make_spec, token_balanced
 from nemo_avllm.data.workers import worker_kwargs
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,20 @@ class AVDataset(torch.utils.data.Dataset):
         self.bad: dict[str, str] = {}  # media id -> reason (this process): skipped from now on
         self._predecoded: dict[int, tuple] = {}  # sample index -> (video, audio), within __getitems__
         self.bad_samples: dict[int, str] = {}  # sample index -> reason (unusable conversation)
+        self._lengths: dict[tuple[int, str], int] = {}
+
+    def token_length(self, item) -> int:
+        """Tokens of an item as tokenised for training (cached; no media read): what packing's
+        data-parallel token balancing weighs."""
+        key = self._parse(item)
+        if key not in self._lengths:
+            try:
+                tokens = tokenize_conversation(self.samples[key[0]].conversation(key[1]), self.tokenizer, self.layout,
+                                               self.template, max_length=self.max_length)
+                self._lengths[key] = len(tokens.input_ids)
+            except ConversationError:
+                self._lengths[key] = self.max_length or 0
+        return self._lengths[key]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -376,6 +391,14 @@ def collate_av(items: list[dict | None], seq_length: int | None = None, pad_id: 
     return batch
 
 
+def collate_fn(seq_length: int, pad_id: int, packing: PackingSpec | None = None):
+    """The loaders' collate: `collate_av` padded to `seq_length`, or, with `packing`, one step's
+    packed micro-batches (`data.packing.collate_packed` over `collate_av`'s sample layout)."""
+    if packing is None:
+        return partial(collate_av, seq_length=seq_length, pad_id=pad_id)
+    return partial(collate_packed, spec=packing, collate=partial(collate_av, pad_id=packing.pad_id))
+
+
 # --------------------------------------------------------------------------------------------
 # DataLoader
 # --------------------------------------------------------------------------------------------
@@ -404,20 +427,32 @@ def build_dataloader(
     schedule: str = "mat",
     schedule_split: float = 0.5,
     max_steps: int | None = None,
+    packing: bool = False,
+    fixed_shape: bool = False,
+    thd: bool = False,
 ) -> torch.utils.data.DataLoader:
     """MAT sampler + AVDataset + collate for one data-parallel rank. `feature_cache`: a
     `features.FeatureCache` (built with `model_cfg`, so checked against it) or None.
     `loader.batch_sampler.state_dict(n)` goes in the checkpoint; pass `consumed_samples` back to
     resume exactly. `schedule`, `schedule_split`, `max_steps`: the modality schedule
-    (`mat_sampler.ModalityPlan`)."""
+    (`mat_sampler.ModalityPlan`). `packing`: one item per step, the rank's share of the global
+    batch packed into micro-batches of `micro_batch_size` rows (`fixed_shape`: for pipeline
+    parallelism; `thd`: Transformer Engine's layout), see `data.packing.make_spec`; the ranks'
+    shares are then balanced by tokens (`data.packing.balance_ranks`)."""
     dataset = _dataset(samples, tokenizer, model_cfg, backend=backend, index=index, feature_cache=feature_cache,
                        max_length=max_length or seq_length, derive_views=derive_views)
-    sampler = MATBatchSampler(samples, ratios, global_batch_size, micro_batch_size, dp_rank, dp_size, seed,
-                              derive_views, consumed_samples, schedule, schedule_split, max_steps)
+    spec = packing_spec(seq_length, micro_batch_size, fixed_shape, tokenizer, thd) if packing else None
+    per_batch = global_batch_size // dp_size if packing else micro_batch_size  # a step's share, or a micro-batch
+    args = (samples, ratios, global_batch_size, per_batch, dp_rank, dp_size, seed, derive_views, consumed_samples,
+            schedule, schedule_split, max_steps)
+    if packing and dp_size > 1:  # ranks get balanced token counts (packing.balance_ranks)
+        sampler = token_balanced(MATBatchSampler)(*args, length_of=dataset.token_length)
+    else:
+        sampler = MATBatchSampler(*args)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=partial(collate_av, seq_length=seq_length, pad_id=pad_id_of(tokenizer)),
+        collate_fn=collate_fn(seq_length, pad_id_of(tokenizer), spec),
         pin_memory=pin_memory,
         **worker_kwargs(num_workers),
     )
@@ -455,15 +490,20 @@ def build_eval_dataloader(
     feature_cache=None,
     num_workers: int = 2,
     backend: str = "cpu",
+    packing: bool = False,
+    fixed_shape: bool = False,
+    thd: bool = False,
 ) -> torch.utils.data.DataLoader:
     """The training loader's dataset, collate and feature cache over every validation sample once
-    (`EvalBatchSampler`); workers persist between validation passes."""
+    (`EvalBatchSampler`); workers persist between validation passes. `packing`: each
+    micro-batch's samples packed into at most `micro_batch_size` rows (a list of one)."""
     dataset = _dataset(samples, tokenizer, model_cfg, backend=backend, index=index, feature_cache=feature_cache,
                        max_length=seq_length)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=EvalBatchSampler(len(samples), micro_batch_size, dp_rank, dp_size),
-        collate_fn=partial(collate_av, seq_length=seq_length, pad_id=pad_id_of(tokenizer)),
+        collate_fn=collate_fn(seq_length, pad_id_of(tokenizer),
+                              packing_spec(seq_length, micro_batch_size, fixed_shape, tokenizer, thd) if packing else None),
         persistent_workers=num_workers > 0,
         **worker_kwargs(num_workers),
     )
@@ -486,6 +526,10 @@ def layout_of(model_cfg) -> modality.TokenLayout:
     from nemo_avllm.model.provider import avllm_config
 
     return avllm_config(model_cfg).layout()
+
+
+def packing_spec(seq_length: int, rows: int, fixed_shape: bool, tokenizer, thd: bool = False) -> PackingSpec:
+    return make_spec(seq_length, rows, fixed_shape, thd, pad_id_of(tokenizer))
 
 
 def pad_id_of(tokenizer) -> int:

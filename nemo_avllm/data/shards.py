@@ -489,16 +489,17 @@ def build_shard_loader(
     backend: str = "cpu",
     max_length: int | None = None,
     pin_memory: bool = False,
+    collate=None,
     **stream_kw,
 ) -> torch.utils.data.DataLoader:
     """ShardStream + collate for one data-parallel rank (`stream_kw`: ratios, derive_views,
     dp_rank, dp_size, seed, consumed_samples, shuffle_buffer, max_epochs, schedule,
-    schedule_split, max_steps)."""
+    schedule_split, max_steps); `collate`: instead of `collate_av` (packing: `dataset.collate_fn`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     stream = ShardStream(path, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg, backend),
                          global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
                          max_length=max_length or seq_length, model_cfg=model_cfg, **stream_kw)
     return torch.utils.data.DataLoader(
         stream, batch_size=None, pin_memory=pin_memory,
-        collate_fn=partial(collate_av, seq_length=seq_length, pad_id=pad_id_of(tokenizer)),
+        collate_fn=collate or partial(collate_av, seq_length=seq_length, pad_id=pad_id_of(tokenizer)),
         **worker_kwargs(num_workers))

@@ -199,11 +199,16 @@ class AVLLM(MegatronModule):
         audio: torch.Tensor | None = None,
         features: EncoderFeatures | None = None,
         runtime_gather_output: bool | None = None,
+        packed=None,
     ) -> torch.Tensor:
         """Per-token loss [b, s] when `labels` are given (last stage), else logits / hidden states.
 
         `features` (cached encoder outputs) replaces running the encoders on `video`/`audio`.
-        Later pipeline stages need no `input_ids` (their input is the previous stage's output)."""
+        Later pipeline stages need no `input_ids` (their input is the previous stage's output).
+        `packed` (`data.packing.PackedRows`): `input_ids`/media are per sample, `labels` and the
+        result are the packed rows [R, S]; see `_forward_packed`."""
+        if packed is not None:
+            return self._forward_packed(packed, input_ids, labels, video, audio, features, runtime_gather_output)
         if position_ids is None and input_ids is not None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
         decoder_input = None
@@ -221,6 +226,46 @@ class AVLLM(MegatronModule):
             labels=labels,
             runtime_gather_output=runtime_gather_output,
         )
+
+    def _forward_packed(self, packed, input_ids, labels, video, audio, features, runtime_gather_output):
+        """Packed rows: encoders and embedding run per sample (exactly as unpacked), the
+        embeddings are gathered into rows, and attention stays inside each sample: megatron's
+        THD `PackedSeqParams` with Transformer Engine (rows flattened to one [R*S, 1] sequence,
+        RoPE restarting per `cu_seqlens` segment), a block-diagonal causal mask and per-sample
+        RoPE positions with the local spec."""
+        from megatron.core import tensor_parallel
+
+        thd = self.cfg.transformer_impl == "transformer_engine"
+        if not thd and self.config.masked_softmax_fusion:
+            raise ValueError("packed sequences with the local layer spec need model fusions off for the masked "
+                             "softmax (its fused causal kernel ignores the block mask); use Transformer Engine")
+        R, S = packed.rows, packed.length
+        decoder_input = None
+        if self.pre_process:
+            feats = features if features is not None else self.encode(input_ids, video, audio)
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+            emb = self.embed(input_ids, pos, feats)  # [L, n, h]
+            sp = self.config.sequence_parallel
+            if sp:  # embed scattered the per-sample layout; rows are scattered instead
+                emb = tensor_parallel.gather_from_sequence_parallel_region(emb, tensor_parallel_output_grad=False)
+            decoder_input = packed.pack(emb)  # [S, R, h]
+            if thd:
+                decoder_input = decoder_input.transpose(0, 1).reshape(R * S, 1, -1)
+            if sp:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        if labels is not None:
+            labels = labels.clamp(min=0)
+            if thd:
+                labels = labels.reshape(1, R * S)
+        if thd:
+            out = self.llm(input_ids=None, position_ids=None, attention_mask=None, decoder_input=decoder_input,
+                           labels=labels, packed_seq_params=packed.packed_seq_params(),
+                           runtime_gather_output=runtime_gather_output)
+            return out.reshape(R, S) if labels is not None else out
+        positions = packed.position_ids()
+        return self.llm(input_ids=None, position_ids=positions, attention_mask=packed.attention_mask(),
+                        decoder_input=decoder_input, labels=labels, runtime_gather_output=runtime_gather_output,
+                        rope_position_ids=positions)
 
 
 def _scatter_rows(rows: torch.Tensor, idx: torch.Tensor, batch: int) -> torch.Tensor:

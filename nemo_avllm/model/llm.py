@@ -323,10 +323,8 @@ def impl_only_key(key: str) -> bool:
 
 
 def build_gpt(llm: LLMConfig, config, impl: str = "local", pre_process: bool = True, post_process: bool = True):
-    """One pipeline stage of the LLM as a megatron-core `GPTModel`."""
-    from megatron.core.models.gpt import GPTModel
-
-    return build_with_megatron_linears(config, lambda: GPTModel(
+    """One pipeline stage of the LLM as a megatron-core `GPTModel` (`RopePositionsGPT`)."""
+    return build_with_megatron_linears(config, lambda: _gpt_class()(
         config=config,
         transformer_layer_spec=layer_spec(impl),
         vocab_size=llm.padded_vocab_size,
@@ -340,3 +338,39 @@ def build_gpt(llm: LLMConfig, config, impl: str = "local", pre_process: bool = T
         # the multimodal splice happens on the full sequence; AVLLM scatters it itself
         scatter_embedding_sequence_parallel=False,
     ))
+
+
+_GPT_CLASS = None
+
+
+def _gpt_class():
+    """`GPTModel` whose RoPE can follow per-token position ids. megatron's RoPE uses positions
+    0..s-1 of the row (or restarts per `cu_seqlens` segment in THD); packed rows on the local spec
+    (bshd with a block mask) need positions that restart per sample: `forward(...,
+    rope_position_ids=[b, s])`. Same parameters and checkpoint keys as `GPTModel`."""
+    global _GPT_CLASS
+    if _GPT_CLASS is not None:
+        return _GPT_CLASS
+    from megatron.core.models.gpt import GPTModel
+
+    class RopePositionsGPT(GPTModel):
+        _rope_position_ids = None
+
+        def forward(self, *args, rope_position_ids=None, **kwargs):
+            self._rope_position_ids = rope_position_ids
+            try:
+                return super().forward(*args, **kwargs)
+            finally:
+                self._rope_position_ids = None
+
+        def _preprocess(self, *args, **kwargs):
+            out = super()._preprocess(*args, **kwargs)
+            pos = self._rope_position_ids
+            if pos is None or out[1] is None:
+                return out
+            table = self.rotary_pos_emb(pos.shape[1])  # [s, 1, 1, d]
+            freqs = table[:, 0, 0][pos.t().to(table.device)].unsqueeze(2)  # [s, b, 1, d]
+            return (out[0], freqs, *out[2:])
+
+    _GPT_CLASS = RopePositionsGPT
+    return _GPT_CLASS

@@ -5,15 +5,18 @@ of the data, so only TP rank 0 reads the micro-batch (decoding, tokenising) and 
 tensors to the other TP ranks. The first stage needs the tokens and the media (embedding,
 encoders), the last one the labels and loss mask, middle stages nothing: their input arrives from
 the previous stage. Media stay on TP rank 0, which runs the frozen encoders for its group
-(`AVLLM.encode` broadcasts their outputs). `reads_data()` says whether this rank builds a data
-loader at all.
+(`AVLLM.encode` broadcasts their outputs). With packed sequences every stage needs the packed
+layout (`cu_seqlens`, `pack_shape`: attention in every layer), so every stage reads.
+`reads_data()` says whether this rank builds a data loader at all. `step_source` hands out one
+optimizer step's micro-batches: the loader's packed list of the step, or one loader item each.
 """
 
 from __future__ import annotations
 
 import torch
 
-FIRST_STAGE_KEYS = ("input_ids", "position_ids", "video", "audio", "features")
+FIRST_STAGE_KEYS = ("input_ids", "position_ids", "video", "audio", "features", "pack_index")
+ALL_STAGE_KEYS = ("cu_seqlens", "pack_shape")  # packed rows (data.packing.PackedRows)
 # media stay on TP rank 0: it runs the frozen encoders and broadcasts their outputs (AVLLM.encode)
 SOURCE_ONLY_KEYS = ("video", "audio")
 LAST_STAGE_KEYS = ("labels", "loss_mask", "groups")  # groups: validation rows by modality (step.row_groups)
@@ -22,7 +25,8 @@ INFO_KEYS = ("ids", "modality", "bad_media")  # small Python lists: counting and
 
 def stage_keys(first: bool, last: bool) -> tuple[str, ...]:
     """Batch entries a pipeline stage uses."""
-    return (FIRST_STAGE_KEYS if first else ()) + (LAST_STAGE_KEYS if last else ()) + (INFO_KEYS if first else ())
+    return (FIRST_STAGE_KEYS if first else ()) + (LAST_STAGE_KEYS if last else ()) + ALL_STAGE_KEYS \
+        + (INFO_KEYS if first else ())
 
 
 def _stage() -> tuple[bool, bool]:
@@ -31,12 +35,38 @@ def _stage() -> tuple[bool, bool]:
     return ps.is_pipeline_first_stage(ignore_virtual=True), ps.is_pipeline_last_stage(ignore_virtual=True)
 
 
-def reads_data() -> bool:
-    """True on the ranks that read micro-batches: TP rank 0 of the first and of the last stage."""
+def reads_data(packing: bool = False) -> bool:
+    """True on the ranks that read micro-batches: TP rank 0 of the first and of the last stage
+    (of every stage with `packing`)."""
     from megatron.core import parallel_state as ps
 
     first, last = _stage()
-    return ps.get_tensor_model_parallel_rank() == 0 and (first or last)
+    return ps.get_tensor_model_parallel_rank() == 0 and (first or last or packing)
+
+
+def step_source(first_item, fetch, num_microbatches) -> tuple[int, object]:
+    """(number of micro-batches, a function returning the next one) for one optimizer step.
+
+    `first_item`: the step's first loader item on the ranks that read (None elsewhere); a
+    list is a packed step (`data.packing.collate_packed`: all micro-batches of the step, their
+    number set by the data), anything else one micro-batch, `fetch()` giving the others
+    (`num_microbatches()` of them in all). The TP ranks that do not read learn the count from TP
+    rank 0."""
+    from megatron.core import parallel_state as ps
+
+    packed = isinstance(first_item, list)
+    count = len(first_item) if packed else None
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        header = [(packed, count)]
+        torch.distributed.broadcast_object_list(header, src=ps.get_tensor_model_parallel_src_rank(),
+                                                group=ps.get_tensor_model_parallel_group())
+        packed, count = header[0]
+        if ps.get_tensor_model_parallel_rank() != 0:
+            return (count if packed else num_microbatches()), lambda: None
+    if packed:
+        return count, iter(first_item).__next__
+    pending = [first_item]
+    return num_microbatches(), lambda: pending.pop() if pending else fetch()
 
 
 def _flatten(batch: dict, keys) -> tuple[list, dict, dict]:
@@ -82,7 +112,9 @@ def stage_batch(batch: dict | None, device: torch.device | None = None) -> dict:
     tp = ps.get_tensor_model_parallel_world_size()
     src_rank = ps.get_tensor_model_parallel_rank() == 0
     if src_rank and batch is None:
-        raise ValueError("stage_batch: TP rank 0 of a stage that uses data got no micro-batch")
+        if first or last:
+            raise ValueError("stage_batch: TP rank 0 of a stage that uses data got no micro-batch")
+        batch = {}  # a middle stage of an unpacked run: nothing to read
     if tp == 1:
         specs, tensors, info = _flatten(batch, keys)
         return _unflatten({p: t.to(device) if device is not None else t for p, t in tensors.items()}, info)

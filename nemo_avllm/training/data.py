@@ -93,10 +93,11 @@ class TrainData:
         from nemo_avllm.data.dataset import build_dataloader
         from nemo_avllm.training.broadcast import reads_data
 
-        if not reads_data():
+        m, d = self.cfg.model, self.cfg.model.data
+        packing = bool(d.get("packing", False))
+        if not reads_data(packing):
             return _Epochs([None])
 
-        m, d = self.cfg.model, self.cfg.model.data
         kw = dict(
             global_batch_size=int(m.global_batch_size),
             micro_batch_size=int(m.micro_batch_size),
@@ -114,14 +115,21 @@ class TrainData:
             # the run's step count (trainer.max_steps, or what max_epochs gives when it is -1)
             max_steps=getattr(model, "max_steps_for_schedule", None) or int(self.cfg.trainer.get("max_steps", -1)),
         )
+        pack = self.packing()
         if self.shards is not None:
+            from nemo_avllm.data.dataset import collate_fn, packing_spec
             from nemo_avllm.data.shards import build_shard_loader
 
+            if packing:  # the stream hands out a step's share at once; collate packs it
+                spec = packing_spec(kw["seq_length"], int(m.micro_batch_size), pack["fixed_shape"], self.tokenizer,
+                                    pack["thd"])
+                kw.update(micro_batch_size=kw["global_batch_size"] // kw["dp_size"],
+                          collate=collate_fn(kw["seq_length"], spec.pad_id, spec))
             dl = build_shard_loader(str(d.shards), self.tokenizer, m, **kw)  # endless: epochs advance inside
             plan = dl.dataset.plan
         else:
             dl = build_dataloader(self.samples, self.tokenizer, m, index=d.get("index"),
-                                  feature_cache=self.feature_cache(), **kw)
+                                  feature_cache=self.feature_cache(), **pack, **kw)
             plan = dl.batch_sampler.plan
         log.info("%s", plan.describe())
         return _Epochs(dl)
@@ -145,7 +153,18 @@ class TrainData:
             feature_cache=self.feature_cache(),
             num_workers=int(d.get("num_workers", 2)),
             backend=d.get("decode_backend", "auto"),
+            **self.packing(),
         )
+
+    def packing(self) -> dict:
+        """model.data.packing and the layout it takes: fixed micro-batch shapes with pipeline
+        parallelism, Transformer Engine's THD when the model runs TE layers (`data.packing.make_spec`)."""
+        from nemo_avllm.model.llm import resolve_transformer_impl
+
+        m = self.cfg.model
+        return {"packing": bool(m.data.get("packing", False)),
+                "fixed_shape": int(m.get("pipeline_model_parallel_size", 1)) > 1,
+                "thd": resolve_transformer_impl(m.get("transformer_impl", "auto")) == "transformer_engine"}
 
 
 class _Epochs:

@@ -156,6 +156,15 @@ class AVLLMModel(ModelPT):
             raise RuntimeError("no training data: the entry point must set model.train_loader_factory")
         return self.train_loader_factory(self, self.consumed_samples)
 
+    def schedule_shape(self) -> tuple[int, int]:
+        """(seq_length, micro_batch_size) of the activations pipeline stages exchange."""
+        seq_length, mbs = int(self._cfg.seq_length), int(self._cfg.micro_batch_size)
+        if not self._cfg.data.get("packing", False):
+            return seq_length, mbs
+        from nemo_avllm.data.packing import schedule_shape
+
+        return schedule_shape(seq_length, mbs, self.avllm.cfg.transformer_impl == "transformer_engine")
+
     # --- one step ----------------------------------------------------------------------------
     def training_step(self, dataloader_iter):
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -163,16 +172,23 @@ class AVLLMModel(ModelPT):
         from nemo_avllm.training.step import forward_step
 
         t0 = time.perf_counter()
-        n_mb = self.num_microbatches
         stats = {"samples": 0, "tokens": 0, "V": 0, "A": 0, "AV": 0}
+        waited = [0.0]  # data-stall telemetry: time spent waiting for the loader
+
+        def fetch():
+            t = time.perf_counter()
+            batch = next(dataloader_iter)
+            waited[0] += time.perf_counter() - t
+            return batch[0] if isinstance(batch, tuple) else batch  # Lightning: (batch, idx, dl_idx)
+
+        # a packed step is one loader item (its micro-batches); unpacked, one item per micro-batch
+        n_mb, source = broadcast.step_source(fetch(), fetch, lambda: self.num_microbatches)
+        seq_length, mbs = self.schedule_shape()
 
         def microbatches():
             for _ in range(n_mb):
-                batch = next(dataloader_iter)
-                if isinstance(batch, tuple):  # Lightning yields (batch, batch_idx, dataloader_idx)
-                    batch = batch[0]
                 # read on TP rank 0 of the stages that use data, broadcast to the other TP ranks
-                batch = broadcast.stage_batch(batch, distributed.device())
+                batch = broadcast.stage_batch(source(), distributed.device())
                 if "input_ids" in batch:
                     _count(batch, stats)
                 yield batch
@@ -184,8 +200,8 @@ class AVLLMModel(ModelPT):
             data_iterator=microbatches(),
             model=[self.module],
             num_microbatches=n_mb,
-            seq_length=int(self._cfg.seq_length),
-            micro_batch_size=int(self._cfg.micro_batch_size),
+            seq_length=seq_length,
+            micro_batch_size=mbs,
             forward_only=False,
         )
         loss = self._reduce_loss(losses)
@@ -220,6 +236,9 @@ class AVLLMModel(ModelPT):
                 "consumed_samples": float(self.consumed_samples),
                 "skipped_steps": float(self.skipped_steps),
                 "step_time_s": dt,
+                "data_wait_s": waited[0],
+                "compute_s": dt - waited[0],
+                "micro_batches": float(n_mb),
         }
         self.log_dict(
             self.last_metrics,
@@ -248,8 +267,7 @@ class AVLLMModel(ModelPT):
         dropout off; the same numbers on every rank."""
         if self._val_loader is None:
             self._val_loader = self.val_loader_factory(self)
-        return validation_losses(self.module, self._val_loader, int(self._cfg.seq_length),
-                                 int(self._cfg.micro_batch_size))
+        return validation_losses(self.module, self._val_loader, *self.schedule_shape())
 
     def _skip_or_stop(self, problem: str, step: int) -> None:
         """`model.nan_policy`: skip the optimizer step (weights and schedule unchanged), or stop;
@@ -304,15 +322,15 @@ def validation_losses(module, loader, seq_length: int, micro_batch_size: int) ->
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from nemo_avllm.training.step import GROUPS, row_groups, validation_forward_step
+    from nemo_avllm.training.step import GROUPS, validation_forward_step, validation_targets
 
     real_rows = loader.batch_sampler.real_rows
 
     def microbatches():
         for batch, real in zip(loader, real_rows):
-            batch["loss_mask"][real:] = False  # padding rows of the last micro-batch
-            batch["groups"] = row_groups(batch["input_ids"])  # the last stage has no input_ids
-            yield broadcast.stage_batch(batch, distributed.device())
+            if isinstance(batch, list):  # packed: an eval micro-batch packs into one
+                (batch,) = batch
+            yield broadcast.stage_batch(validation_targets(batch, real), distributed.device())
 
     sums = torch.zeros(len(GROUPS), 2, dtype=torch.float64)
     if real_rows:  # a data-parallel rank may have no validation sample

@@ -12,6 +12,7 @@ from functools import partial
 import torch
 
 from nemo_avllm import modality
+from nemo_avllm.data.packing import PackedRows
 from nemo_avllm.model.avllm import EncoderFeatures
 from nemo_avllm.model.loss import masked_token_loss
 
@@ -32,13 +33,37 @@ def row_groups(input_ids: torch.Tensor) -> torch.Tensor:
     return vis + 2 * aud
 
 
+def token_groups(batch: dict) -> torch.Tensor:
+    """Index into GROUPS of every loss position [B, S], by the sample it belongs to: a packed row
+    holds samples of several groups (`sample_of_token`), an unpacked row is one sample."""
+    groups = row_groups(batch["input_ids"])
+    owner = batch.get("sample_of_token")
+    if owner is None:
+        return groups.unsqueeze(1).expand_as(batch["loss_mask"])
+    return groups[owner.clamp(min=0)]
+
+
+def validation_targets(batch: dict, real: int) -> dict:
+    """An evaluation micro-batch (packed or not) with the loss groups set and the repeated
+    samples that pad the last one (`EvalBatchSampler`: samples `real` and after) masked out."""
+    owner = batch.get("sample_of_token")
+    if owner is None:
+        batch["loss_mask"][real:] = False
+    else:
+        fake = batch["item_order"] >= real  # per sample of the packed micro-batch
+        batch["loss_mask"] &= (owner >= 0) & ~fake[owner.clamp(min=0)]
+    batch["groups"] = token_groups(batch)  # the last stage has no input_ids
+    return batch
+
+
 def group_loss_func(loss_mask: torch.Tensor, groups: torch.Tensor, output_tensor: torch.Tensor):
-    """Megatron's 3-tuple with per-group sums: "groups" is [len(GROUPS), 2] = (loss sum, tokens)."""
+    """Megatron's 3-tuple with per-group sums: "groups" is [len(GROUPS), 2] = (loss sum, tokens).
+    `groups` [B, S]: the group of every position's sample."""
     mask = loss_mask.float()
-    per_row = torch.stack([(output_tensor.float() * mask).sum(-1), mask.sum(-1)], dim=-1)  # [B, 2]
-    sums = torch.zeros(len(GROUPS), 2, dtype=per_row.dtype, device=per_row.device)
-    sums.index_add_(0, groups.to(per_row.device), per_row.detach())
-    total = per_row.sum(0)
+    per_token = torch.stack([(output_tensor.float() * mask).flatten(), mask.flatten()], dim=-1)  # [B*S, 2]
+    sums = torch.zeros(len(GROUPS), 2, dtype=per_token.dtype, device=per_token.device)
+    sums.index_add_(0, groups.to(per_token.device).flatten(), per_token.detach())
+    total = per_token.sum(0)
     return total[0], total[1].int(), {"groups": sums}
 
 
@@ -54,7 +79,8 @@ def validation_forward_step(data_iterator, model):
 
 def _forward(data_iterator, model):
     """A micro-batch holds what this pipeline stage uses (`training.broadcast.stage_keys`): tokens
-    and media on the first stage, labels and loss mask on the last, nothing in between."""
+    and media on the first stage, labels and loss mask on the last, nothing in between (but
+    the packed layout, `data.packing.PackedRows`, which every stage's attention needs)."""
     batch = next(data_iterator) or {}
     features = batch.get("features")
     if isinstance(features, dict):
@@ -66,6 +92,7 @@ def _forward(data_iterator, model):
         video=batch.get("video"),
         audio=batch.get("audio"),
         features=features,
+        packed=PackedRows.from_batch(batch),
     )
     loss_mask = batch.get("loss_mask")
     if loss_mask is None and batch.get("labels") is not None:

@@ -5,11 +5,15 @@ contract: micro-batches of this data-parallel rank, starting at `consumed` sampl
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from nemo_avllm import modality
 from nemo_avllm.data.collate import collate_tokens
 from nemo_avllm.data.conversation import TokenizedSample
+from nemo_avllm.data.dataset import collate_av
+from nemo_avllm.data.packing import collate_packed, make_spec
 
 
 class _Pseudo:
@@ -48,6 +52,8 @@ class SyntheticData:
         ids = [1] + q + exp + a + [2]
         labels = [modality.IGNORE_INDEX] * (1 + len(q) + len(exp)) + a + [2]
         return {
+            "id": f"synthetic{i}",
+            "modality": {"<VIS>": "V", "<AUD>": "A", "<AUD_VIS>": "AV"}[tok],
             "tokens": TokenizedSample(ids, labels),
             "video": torch.randn(layout.num_frames, 3, self.image_size, self.image_size, generator=g),
             "audio": 0.1 * torch.randn(layout.num_audio_segments, 480000, generator=g),
@@ -72,6 +78,7 @@ class SyntheticData:
             batch["audio"] = torch.stack([it["audio"] for it in items])
             return batch
 
+        packed = model._cfg.data.get("packing", False) and self.nan_at_sample is None and not self.nan_grad_at_samples
         if self.mat:
             from nemo_avllm.data.mat_sampler import MATBatchSampler
 
@@ -82,11 +89,20 @@ class SyntheticData:
                 split=float(d.modality_schedule_split), max_steps=model.max_steps_for_schedule)
 
             def gen_mat():
+                step = []  # with packing: the rank's share of a step, packed as one loader item
                 while True:
                     for mb in sampler:
-                        yield collate([i for i, _ in mb])
+                        if not packed:
+                            yield collate([i for i, _ in mb])
+                            continue
+                        step += [i for i, _ in mb]
+                        if len(step) == per_rank:
+                            yield self._pack(model, step)
+                            step = []
 
             return _Loader(gen_mat)
+        if packed:
+            return _Loader(partial(self._packed, model, consumed))
 
         def gen():
             start = consumed
@@ -102,6 +118,25 @@ class SyntheticData:
                 start += gbs
 
         return _Loader(gen)
+
+
+    def _packed(self, model, consumed: int):
+        """With model.data.packing: one item per step, this rank's share packed like the real
+        loader packs it (`data.packing.collate_packed`)."""
+        from megatron.core import parallel_state as ps
+
+        gbs, dp, rank = int(model._cfg.global_batch_size), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        per_rank = gbs // dp
+        start = consumed
+        while True:
+            yield self._pack(model, [(start + rank * per_rank + j) % self.num_samples for j in range(per_rank)])
+            start += gbs
+
+    def _pack(self, model, idx: list[int]) -> dict:
+        cfg = model._cfg
+        spec = make_spec(self.seq_length, int(cfg.micro_batch_size), int(cfg.get("pipeline_model_parallel_size", 1)) > 1,
+                         model.avllm.cfg.transformer_impl == "transformer_engine")
+        return collate_packed([self.sample(i, model.layout) for i in idx], spec, partial(collate_av, pad_id=0))
 
 
 class _Loader:

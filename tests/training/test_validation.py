@@ -24,7 +24,8 @@ def test_eval_batches_cover_every_sample_once_over_data_parallel_ranks():
     assert ranks[0].real_rows == [2, 2, 1] and ranks[1].real_rows == [2, 2]
 
 
-def test_validation_loss_per_modality_equals_the_per_sample_losses(dist1, media_data, tokenizer):
+@pytest.mark.parametrize("packing", [False, True])
+def test_validation_loss_per_modality_equals_the_per_sample_losses(dist1, media_data, tokenizer, packing):
     from nemo_avllm.data.manifest import validate_manifest
     from nemo_avllm.model.loss import masked_token_loss
     from nemo_avllm.model.provider import build_model
@@ -39,10 +40,15 @@ def test_validation_loss_per_modality_equals_the_per_sample_losses(dist1, media_
     optim.freeze_for_stage(model, ["projectors", "llm"])
     ddp = optim.wrap_ddp(model, use_distributed_optimizer=False)
     model.config.calculate_per_token_loss = True
-    # 9 samples in micro-batches of 2: the last one is padded, and the padding must not count
-    loader = build_eval_dataloader(samples, tokenizer, cfg, micro_batch_size=2, seq_length=SEQ, num_workers=0,
-                                   backend="cpu")
-    got = validation_losses(ddp, loader, SEQ, 2)
+    # 9 samples in micro-batches of 2: the last one is padded, and the padding must not count.
+    # Packed: rows of 2 x SEQ, so samples of different modalities share a row (grouped by sample)
+    seq = 2 * SEQ if packing else SEQ
+    loader = build_eval_dataloader(samples, tokenizer, cfg, micro_batch_size=2, seq_length=seq, num_workers=0,
+                                   backend="cpu", packing=packing)
+    if packing:
+        rows = [set(row.tolist()) - {-1} for (b,) in loader for row in b["sample_of_token"]]
+        assert any(len(r) == 2 for r in rows), rows
+    got = validation_losses(ddp, loader, seq, 2)
     assert ddp.training  # back in training mode
 
     sums = {}
