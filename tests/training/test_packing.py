@@ -3,13 +3,11 @@ inside a sample, and the packing plan is what the bench and the loader share."""
 
 from __future__ import annotations
 
-from functools import partial
 
 import pytest
 import torch
 
 from nemo_avllm import config, modality
-from nemo_avllm.data.collate import collate_tokens
 from nemo_avllm.data.conversation import TokenizedSample
 from nemo_avllm.data.dataset import collate_av
 from nemo_avllm.data.packing import PackedRows, PackingSpec, collate_packed, first_fit_decreasing, useful_fraction
