@@ -3,7 +3,6 @@ inside a sample, and the packing plan is what the bench and the loader share."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
