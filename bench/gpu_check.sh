@@ -119,6 +119,13 @@ if [ "$TE" = 1 ]; then
 fi
 bench stage2-local "${S2[@]}" --impl local --mix mat
 bench stage1-local "${S1[@]}" --impl local --mix mat
+# packed vs padded at 7B width on the stage's real length mix (tokens/s and MFU on useful tokens)
+if [ "$TE" = 1 ]; then
+    bench stage2-te-padded "${S2[@]}" --impl transformer_engine --global-batch 16 --packing off
+    bench stage2-te-packed "${S2[@]}" --impl transformer_engine --global-batch 16 --packing on
+fi
+bench stage2-local-padded "${S2[@]}" --impl local --global-batch 16 --packing off
+bench stage2-local-packed "${S2[@]}" --impl local --global-batch 16 --packing on
 
 if [ "$DALI" = 1 ]; then
     if time_left; then

@@ -26,7 +26,8 @@ def test_gpu_check_script_lints_and_fits_one_device_call():
     pytest_line = next(line for line in text.splitlines() if "-m pytest" in line)
     assert " -ra " in pytest_line and 'timeout "$TEST_S"' in pytest_line, pytest_line
     benches = [line for line in text.splitlines() if re.match(r"\s*(\[.*\] && )?bench \S+ \"\$\{S[12]\[@\]\}\"", line)]
-    assert benches and all("--mix mat" in b for b in benches), benches
+    assert benches and all("--mix mat" in b or "--packing" in b for b in benches), benches
+    assert any("--packing on" in b for b in benches) and any("--packing off" in b for b in benches)
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="checks the no-GPU answer")

@@ -3,13 +3,10 @@ inside a sample, and the packing plan is what the bench and the loader share."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 
 from nemo_avllm import config, modality
-from nemo_avllm.data.collate import collate_tokens
 from nemo_avllm.data.conversation import TokenizedSample
 from nemo_avllm.data.dataset import collate_av
 from nemo_avllm.data.packing import PackedRows, PackingSpec, collate_packed, first_fit_decreasing, useful_fraction
@@ -91,6 +88,22 @@ def test_packed_loss_and_grads_equal_unpacked(model):
     for name in grads_u:
         diff = (grads_u[name] - grads_p[name]).abs().max().item()
         assert diff < 1e-5, f"{name}: packed and unpacked gradients differ by {diff}"
+
+
+def test_packed_rows_under_activation_recompute(dist1):
+    """Stage 2 recomputes activations: the block mask and per-sample RoPE positions reach the
+    recomputed layers (same loss and gradients as the packed run without recompute)."""
+    from nemo_avllm.model.provider import build_model
+
+    runs = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        m = build_model(config.load_model("tiny", ["build_encoders=false", f"activations_checkpoint={recompute}"]))
+        packed = collate_packed(_items(m), PackingSpec(seq_length=SEQ, rows_per_micro_batch=2), collate_av)
+        runs.append(_loss_and_grads(m, packed))
+    assert runs[0][0] == pytest.approx(runs[1][0], abs=1e-6)
+    for name, g in runs[0][1].items():
+        assert torch.allclose(g, runs[1][1][name], atol=1e-6), name
 
 
 def test_one_sample_does_not_see_another_in_its_row(model):
