@@ -118,7 +118,6 @@ if [ "$TE" = 1 ]; then
     bench stage1-te "${S1[@]}" --impl transformer_engine --mix mat
 fi
 bench stage2-local "${S2[@]}" --impl local --mix mat
-bench stage1-local "${S1[@]}" --impl local --mix mat
 # packed vs padded at 7B width on the stage's real length mix (tokens/s and MFU on useful tokens)
 if [ "$TE" = 1 ]; then
     bench stage2-te-padded "${S2[@]}" --impl transformer_engine --global-batch 16 --packing off
@@ -126,6 +125,7 @@ if [ "$TE" = 1 ]; then
 fi
 bench stage2-local-padded "${S2[@]}" --impl local --global-batch 16 --packing off
 bench stage2-local-packed "${S2[@]}" --impl local --global-batch 16 --packing on
+bench stage1-local "${S1[@]}" --impl local --mix mat
 
 if [ "$DALI" = 1 ]; then
     if time_left; then
