@@ -296,9 +296,30 @@ class ChatClient:
         if hit is not None:
             self.usage.add(stage, hit["prompt_tokens"], hit["completion_tokens"], cached=True)
             return hit["parsed"] if expect_json else hit["text"].strip()
-        tries = int(self.cfg.get("json_retries", 2)) + 1 if expect_json else 1
-        ask = list(messages)
-        p_all = c_all = 0  # tokens of every attempt: what a rerun would have paid (cost per video)
+        if not expect_json:
+            text, _, p_all, c_all = self._ask(stage, messages, None, 1)
+            parsed = None
+        else:
+            def read_json(reply: str):
+                value = parse_json_reply(reply)
+                if validate is not None:
+                    validate(value)
+                return value
+
+            tries = int(self.cfg.get("json_retries", 2)) + 1
+            try:
+                text, parsed, p_all, c_all = self._ask(stage, messages, read_json, tries)
+            except UnusableReply as e:
+                raise LLMError(f"{stage}: the reply is not the JSON asked for after {tries} tries ({e.__cause__})") from e.__cause__
+        if cache is not None:
+            self._put(cache, name, stage, messages, text, parsed, p_all, c_all)
+        return parsed if expect_json else text.strip()
+
+    def _ask(self, stage: str, messages: list[dict], parse, tries: int):
+        """Send `messages`; with `parse`, re-ask (showing the model its reply) until `parse(text)`
+        reads it, `tries` times at most, then raise `UnusableReply`. Returns (text, parsed,
+        prompt tokens, completion tokens of every attempt: what a rerun would have paid)."""
+        ask, p_all, c_all = list(messages), 0, 0
         for attempt in range(tries):
             try:
                 text, p, c = self._send(ask)
@@ -307,28 +328,26 @@ class ChatClient:
                 raise
             self.usage.add(stage, p, c, cached=False)
             p_all, c_all = p_all + p, c_all + c
-            if not expect_json:
-                parsed = None
-                break
+            if parse is None:
+                return text, None, p_all, c_all
             try:
-                parsed = parse_json_reply(text)
-                if validate is not None:
-                    validate(parsed)
-                break
+                return text, parse(text), p_all, c_all
             except ValueError as e:
                 if attempt == tries - 1:
                     self.usage.count("failures")
-                    raise LLMError(f"{stage}: the reply is not the JSON asked for after {tries} tries ({e})") from e
+                    raise UnusableReply(f"{stage}: no usable reply after {tries} tries ({e}); last: {text[:200]!r}") from e
                 self.usage.count("json_retries")
                 ask = list(messages) + [
                     {"role": "assistant", "content": text},
-                    {"role": "user", "content": f"That reply could not be used ({e}). Reply again with the JSON only."},
+                    {"role": "user", "content": f"That reply could not be used ({e}). Reply again in the format asked for only."},
                 ]
-        if cache is not None:
-            cache.put(name, {"stage": stage, "model": str(self.cfg.model), "prompt_version": self.prompt_version,
-                             "messages": messages, "text": text, "parsed": parsed, "prompt_tokens": p_all,
-                             "completion_tokens": c_all})
-        return parsed if expect_json else text.strip()
+        raise AssertionError("unreachable")
+
+    def _put(self, cache: JsonDir, name: str, stage: str, messages: list[dict], text: str, parsed, p_all: int,
+             c_all: int) -> None:
+        cache.put(name, {"stage": stage, "model": str(self.cfg.model), "prompt_version": self.prompt_version,
+                         "messages": messages, "text": text, "parsed": parsed, "prompt_tokens": p_all,
+                         "completion_tokens": c_all})
 
     def _chat_parsed(self, stage: str, messages: list[dict], cache: JsonDir | None, parse, variant: int):
         name = self._cache_name(stage, messages, False, variant)
@@ -340,30 +359,7 @@ class ChatClient:
                 return value
             except ValueError:
                 pass  # an unreadable reply cached by an older version: ask again
-        tries = int(self.cfg.get("json_retries", 2)) + 1
-        ask, p_all, c_all = list(messages), 0, 0
-        for attempt in range(tries):
-            try:
-                text, p, c = self._send(ask)
-            except LLMError:
-                self.usage.count("failures")
-                raise
-            self.usage.add(stage, p, c, cached=False)
-            p_all, c_all = p_all + p, c_all + c
-            try:
-                value = parse(text)
-                break
-            except ValueError as e:
-                if attempt == tries - 1:
-                    self.usage.count("failures")
-                    raise UnusableReply(f"{stage}: no usable reply after {tries} tries ({e}); last: {text[:200]!r}") from e
-                self.usage.count("json_retries")
-                ask = list(messages) + [
-                    {"role": "assistant", "content": text},
-                    {"role": "user", "content": f"That reply could not be used ({e}). Reply again in the format asked for only."},
-                ]
+        text, value, p_all, c_all = self._ask(stage, messages, parse, int(self.cfg.get("json_retries", 2)) + 1)
         if cache is not None:
-            cache.put(name, {"stage": stage, "model": str(self.cfg.model), "prompt_version": self.prompt_version,
-                             "messages": messages, "text": text, "parsed": None, "prompt_tokens": p_all,
-                             "completion_tokens": c_all})
+            self._put(cache, name, stage, messages, text, None, p_all, c_all)
         return value
