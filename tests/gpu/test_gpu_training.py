@@ -18,15 +18,6 @@ needs_cuda = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (megatron's fu
 SEQ, MBS, GBS = 128, 2, 4
 
 
-@pytest.fixture(scope="module")
-def gpu_dist():
-    from nemo_avllm.runtime import distributed
-
-    distributed.initialize(1, 1, seed=1234)
-    yield
-    distributed.destroy()
-
-
 def stage2_cfg(*overrides: str, recompute: bool = False):
     return config.load("stage2_finetune", [
         "model=tiny", "model.params_dtype=bf16", "model.build_encoders=false", f"model.seq_length={SEQ}",
@@ -69,7 +60,7 @@ def step(ddp, opt, data, forward_only: bool = False) -> float:
     return float(total[0] / total[1])
 
 
-def test_bf16_training_steps_with_fusions_and_overlaps(gpu_dist):
+def test_bf16_training_steps_with_fusions_and_overlaps(dist1):
     cfg = stage2_cfg()
     model, ddp, opt = build(cfg)
     c = model.config
@@ -83,7 +74,7 @@ def test_bf16_training_steps_with_fusions_and_overlaps(gpu_dist):
     assert {p.device.type for p in model.parameters()} == {DEVICE.type}
 
 
-def test_recompute_gives_the_same_loss(gpu_dist):
+def test_recompute_gives_the_same_loss(dist1):
     plain, ddp, opt = build(stage2_cfg())
     state = {k: v.clone() for k, v in plain.state_dict().items() if isinstance(v, torch.Tensor)}
     data = batches(plain, seed=1)
@@ -95,7 +86,7 @@ def test_recompute_gives_the_same_loss(gpu_dist):
     assert got == pytest.approx(ref, rel=1e-3, abs=1e-3)
 
 
-def test_distributed_optimizer_save_load_reshard(gpu_dist, tmp_path):
+def test_distributed_optimizer_save_load_reshard(dist1, tmp_path):
     from nemo_avllm.model.parallel_layout import local_tensors
     from nemo_avllm.training import checkpoint, optim
     from tests.conftest import REPO, torchrun
@@ -118,7 +109,7 @@ def test_distributed_optimizer_save_load_reshard(gpu_dist, tmp_path):
 
 
 @needs_cuda
-def test_transformer_engine_layers_match_local_layers(gpu_dist, tmp_path):
+def test_transformer_engine_layers_match_local_layers(dist1, tmp_path):
     from nemo_avllm.model import llm
     from nemo_avllm.model.provider import build_model
     from nemo_avllm.training import checkpoint
