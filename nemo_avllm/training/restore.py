@@ -50,12 +50,17 @@ def clear_finished(run_dir, rank_zero: bool = True) -> None:
 
 def check_finished(ckpt: Path, model_cfg) -> None:
     """Refuse a checkpoint of a training run folder (`<run>/checkpoints/<name>`) whose run did not
-    record that it finished at this checkpoint's step."""
+    record that it finished at this checkpoint's step; also a run folder itself (no intact
+    checkpoint in it to resolve to) without the record."""
     ckpt = Path(ckpt)
-    if ckpt.parent.name != "checkpoints" or model_cfg.get("allow_unfinished_restore", False):
+    if model_cfg.get("allow_unfinished_restore", False):
         return
-    record = ckpt.parent.parent / FINISHED
-    m = re.search(r"step[=_](\d+)", ckpt.name)
+    if ckpt.parent.name == "checkpoints":
+        record, m = ckpt.parent.parent / FINISHED, re.search(r"step[=_](\d+)", ckpt.name)
+    elif (ckpt / "checkpoints").is_dir():
+        record, m = ckpt / FINISHED, None
+    else:
+        return
     try:
         done = json.loads(record.read_text())
     except (OSError, ValueError):

@@ -23,7 +23,8 @@ def _configured(*overrides: str, max_steps: int = 2):
 
     cfg = config.load("stage1_pretrain", [
         "model=tiny", "model.params_dtype=bf16", "model.micro_batch_size=2", "model.global_batch_size=4",
-        "model.seq_length=64", "model.optim.warmup_ratio=0", "model.optim.sched=constant", *overrides])
+        "model.seq_length=64", "model.optim.warmup_ratio=0", "model.optim.sched=constant",
+        "model.data.packing=false", *overrides])  # micro-batches fed straight to megatron's schedule
     model = AVLLMModel(cfg.model)
     model.max_steps_for_schedule = max_steps
     model.configure_model()
