@@ -64,8 +64,8 @@ def aggregate(runs: list[dict]) -> dict:
 
 
 def seeds_table(agg: dict) -> str:
-    """The demo's table (`nemo_avllm.demo.run.table`) with "mean [min–max]" cells."""
-    from nemo_avllm.demo.run import table
+    """The demo's table (`nemo_avllm.demo.pipeline.table`) with "mean [min–max]" cells."""
+    from nemo_avllm.demo.pipeline import table
 
     def cell(values: list[float]) -> str:
         return f"{100 * sum(values) / len(values):.0f}% [{100 * min(values):.0f}–{100 * max(values):.0f}]"

@@ -60,9 +60,9 @@ def step(args) -> dict:
     import torch  # noqa: F401
 
     from nemo_avllm import config
-    from nemo_avllm.export import hf_model  # noqa: F401  (before megatron's CPU shims)
-    from nemo_avllm.export.export_hf import export_hf
-    from nemo_avllm.export.import_hf import import_hf
+    from nemo_avllm.hf import hf_model  # noqa: F401  (before megatron's CPU shims)
+    from nemo_avllm.hf.export_hf import export_hf
+    from nemo_avllm.hf.import_hf import import_hf
 
     base = _rss_mb()
     t = time.perf_counter()
@@ -92,7 +92,7 @@ def hf_llama(folder: Path, overrides: list[str], dtype) -> None:
 
     from nemo_avllm import config
     from nemo_avllm.config import to_dict
-    from nemo_avllm.export import llama_bridge
+    from nemo_avllm.hf import llama_bridge
     from nemo_avllm.model.llm import LLMConfig
 
     name, *rest = overrides

@@ -26,7 +26,7 @@ def main(new_tokens: int = 32, repeats: int = 3) -> None:
     from nemo_avllm.model.provider import build_model
     from nemo_avllm.runtime import distributed
     from tests.conftest import TOKENIZER_TEXTS
-    from tests.export.worker import scale_
+    from tests.hf.worker import scale_
 
     distributed.initialize(1, 1, seed=0)
     tok = load_tokenizer(train_sentencepiece(TOKENIZER_TEXTS, tempfile.mkdtemp(), vocab_size=512))

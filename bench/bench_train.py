@@ -120,7 +120,7 @@ def run_model(args) -> str:
     from nemo_avllm.runtime import distributed
     from nemo_avllm.training import optim
     from nemo_avllm.training.step import forward_step
-    from nemo_avllm.training.synthetic import synthetic_batches
+    from nemo_avllm.training.synthetic_batches import synthetic_batches
 
     distributed.initialize(1, 1, seed=1234)
     gpu = distributed.has_gpu()
@@ -227,13 +227,13 @@ def run_pipeline(args) -> list[str]:
     from nemo_avllm.data.features import build_feature_cache
     from nemo_avllm.data.prepare import prepare
     from nemo_avllm.data.tokenizer import train_sentencepiece
-    from nemo_avllm.demo import synthetic
+    from nemo_avllm.demo import clips
     from nemo_avllm.training.callbacks import read_metrics
     from nemo_avllm.training.train import train
 
     work = Path(args.workdir)
-    paths = synthetic.generate(work / "data", args.clips, 0, seed=1)
-    train_sentencepiece(synthetic.corpus(paths), work / "tokenizer", vocab_size=512)
+    paths = clips.generate(work / "data", args.clips, 0, seed=1)
+    train_sentencepiece(clips.corpus(paths), work / "tokenizer", vocab_size=512)
     prepare(str(paths["stage2"]), work / "prepared", progress=False)
     build_feature_cache(work / "prepared", work / "features", config.load_model("tiny", ["allow_random_init=true"]), index=work / "prepared",
                         dtype="fp32", progress=False)

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
 
     from nemo_avllm import config
     from nemo_avllm.data.media import normalize_frames, segment_audio
-    from nemo_avllm.demo import synthetic as S
+    from nemo_avllm.demo import clips as S
     from nemo_avllm.model.encoders import AudioEncoder, VisionEncoder
     from nemo_avllm.model.provider import avllm_config
 

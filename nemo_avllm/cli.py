@@ -28,14 +28,14 @@ TASKS = {
     "train": ("nemo_avllm.training.train:main", "stage1_pretrain"),
     "prepare": ("nemo_avllm.data.prepare_cli:run", "prepare"),
     "features": ("nemo_avllm.data.features:run", "features"),
-    "demo": ("nemo_avllm.demo.run:main", "demo"),
-    "import-hf": ("nemo_avllm.export.import_hf:run", "import_hf"),
-    "export-hf": ("nemo_avllm.export.export_hf:run", "export_hf"),
-    "launch": ("nemo_avllm.launch.run:main", "launch"),
+    "demo": ("nemo_avllm.demo.pipeline:main", "demo"),
+    "import-hf": ("nemo_avllm.hf.import_hf:run", "import_hf"),
+    "export-hf": ("nemo_avllm.hf.export_hf:run", "export_hf"),
+    "launch": ("nemo_avllm.launch.submit:main", "launch"),
     "curate": ("nemo_avllm.curation.pipeline:run", "curate"),
-    "generate": ("nemo_avllm.inference.run:generate", "generate"),
-    "chat": ("nemo_avllm.inference.run:chat", "generate"),
-    "evaluate": ("nemo_avllm.evaluation.run:main", "evaluate"),
+    "generate": ("nemo_avllm.inference.tasks:generate", "generate"),
+    "chat": ("nemo_avllm.inference.tasks:chat", "generate"),
+    "evaluate": ("nemo_avllm.evaluation.evaluate:main", "evaluate"),
 }
 
 USAGE = f"""usage: avllm TASK [--config-name NAME] [key=value ...]

@@ -73,8 +73,8 @@ def test_frames_and_segments_are_plain_overrides_through_cache_training_and_expo
     """T=8, K=3 (the tiny demo model has T=4, K=2): `avllm features`, `avllm train` and
     `avllm export-hf` with nothing but `model.num_frames` / `model.num_audio_segments` set."""
     from nemo_avllm.data.features import FeatureCache, build_feature_cache
-    from nemo_avllm.export.export_hf import export_hf
-    from nemo_avllm.export.hf_model import AVLLMForConditionalGeneration
+    from nemo_avllm.hf.export_hf import export_hf
+    from nemo_avllm.hf.hf_model import AVLLMForConditionalGeneration
 
     out = audio_ablation
     enc = out / "audio_encoder" / "tiny_demo" / "encoders"
@@ -129,7 +129,7 @@ def test_training_strategy_settings_reach_the_stage_configs(tmp_path):
     data_cfg = (REPO / "conf" / "data" / "av_instruct.yaml").read_text()
     if "modality_schedule" not in data_cfg:
         pytest.skip("needs model.data.modality_schedule (branch i10mat)")
-    from nemo_avllm.demo import ablation, run
+    from nemo_avllm.demo import ablation, pipeline
 
     cfg = config.load("demo", ["ablation=training_strategy", "ablations.modality_schedule_split=0.25"])
     stages = ablation._stages_with_schedule(cfg)
@@ -138,7 +138,7 @@ def test_training_strategy_settings_reach_the_stage_configs(tmp_path):
     seen = {}
     for label, model, model_over, stage_over in ablation.settings(cfg):
         scfg = ablation.setting_cfg(cfg, tmp_path / label, model, model_over, stage_over, tuple(stages))
-        s2 = run._stage_cfg(scfg, 2, tmp_path, paths, str(tmp_path))
+        s2 = pipeline._stage_cfg(scfg, 2, tmp_path, paths, str(tmp_path))
         seen[label] = (s2.model.data.modality_schedule, s2.model.data.modality_schedule_split)
         assert s2.model.data.feature_cache == str(tmp_path / label / "features")
     assert seen == {"mat": ("mat", 0.25), "pt1": ("pt1", 0.25), "pt2": ("pt2", 0.25)}

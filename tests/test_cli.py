@@ -206,9 +206,9 @@ def test_readme_override_examples_run_as_printed(tmp_path):
 
 
 def test_prepare_then_features_from_the_command_line(tmp_path):
-    from nemo_avllm.demo import synthetic
+    from nemo_avllm.demo import clips
 
-    paths = synthetic.generate(tmp_path / "data", 6, 0, seed=3)
+    paths = clips.generate(tmp_path / "data", 6, 0, seed=3)
     (tmp_path / "data" / "videos" / "broken.mp4").write_bytes(b"\x00" * 100)
     with open(paths["stage2"], "a") as f:
         f.write(json.dumps({"id": "bad", "video": "videos/broken.mp4",

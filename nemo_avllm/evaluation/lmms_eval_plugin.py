@@ -44,7 +44,7 @@ class AVLLM(lmms):
         `max_batch_size`, which only bounds "auto", is not used)."""
         super().__init__()
         from nemo_avllm.inference.backends import HFBackend
-        from nemo_avllm.inference.run import MODALITY_CHOICES
+        from nemo_avllm.inference.tasks import MODALITY_CHOICES
 
         if kwargs:
             raise ValueError(f"--model_args for avllm: unknown {sorted(kwargs)}; known: pretrained, dtype, device, "
@@ -86,7 +86,7 @@ class AVLLM(lmms):
                         f"audio file path, a PIL image, or an audio dict with 'array' and 'sampling_rate'")
 
     def _question(self, req: Instance, contexts: str, doc_to_visual, doc_id, task, split):
-        from nemo_avllm.inference.run import Question, choose_modality, question_turn
+        from nemo_avllm.inference.tasks import Question, choose_modality, question_turn
 
         visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else []
         visuals = [v for v in (visuals or []) if v is not None]
@@ -109,7 +109,7 @@ class AVLLM(lmms):
 
     # --- lmms-eval's interface ----------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        from nemo_avllm.inference.run import answer_batch
+        from nemo_avllm.inference.tasks import answer_batch
 
         out: list[str] = [""] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -126,7 +126,7 @@ class AVLLM(lmms):
         return out
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        from nemo_avllm.inference.run import load_inputs
+        from nemo_avllm.inference.tasks import load_inputs
 
         out = []
         for req in requests:

@@ -167,7 +167,7 @@ def train(cfg: DictConfig, data=None):
     by default it is built from `cfg.model.data`."""
     validate(cfg)  # before the heavy imports: a bad setting is reported in a second
     check_launch(cfg)
-    from nemo_avllm.training.model import AVLLMModel
+    from nemo_avllm.training.lightning_module import AVLLMModel
 
     if cfg.model.get("data") and cfg.model.data.get("feature_cache") and cfg.model.get("build_encoders", True):
         # training reads cached encoder outputs: never build (or load) the frozen encoders

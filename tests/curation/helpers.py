@@ -48,7 +48,7 @@ def tiny_clap(folder: Path) -> Path:
     from transformers import ClapConfig, ClapModel, RobertaTokenizer
 
     from nemo_avllm import config
-    from nemo_avllm.export.encoders_bridge import clap_audio_config
+    from nemo_avllm.hf.encoders_bridge import clap_audio_config
     from nemo_avllm.model.encoders.audio import AudioEncoderConfig
 
     a = config.to_dict(config.load_model("tiny").audio)

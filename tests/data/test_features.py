@@ -187,7 +187,7 @@ def test_training_from_the_cache_gives_the_loss_of_running_the_encoders(data, cf
 
 def test_feature_stats_are_mean_and_std_over_every_cached_token(cache_dir):
     """What `projector_init=feature_stats` folds into the projectors."""
-    from nemo_avllm.training.model import feature_stats
+    from nemo_avllm.training.lightning_module import feature_stats
 
     cache = FeatureCache(cache_dir)
     stats = feature_stats(cache)

@@ -22,7 +22,7 @@ def exported_tokenizer(tokenizer_dir, tmp_path_factory):
     from transformers import AutoTokenizer
 
     from nemo_avllm.data.tokenizer import load_tokenizer
-    from nemo_avllm.export.export_hf import hf_tokenizer
+    from nemo_avllm.hf.export_hf import hf_tokenizer
 
     folder = tmp_path_factory.mktemp("export")
     tok = load_tokenizer(tokenizer_dir)

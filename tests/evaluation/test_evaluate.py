@@ -16,7 +16,7 @@ from tests.media_factory import make_clip, tone
 
 def test_evaluate_music_avqa_resumes(ckpt, tmp_path):  # noqa: F811
     from nemo_avllm import config
-    from nemo_avllm.evaluation.run import compare, main
+    from nemo_avllm.evaluation.evaluate import compare, main
 
     ann = tmp_path / "avqa-test.json"
     shutil.copy(FIXTURES / "music_avqa/avqa-test.head150.json", ann)
@@ -69,7 +69,7 @@ def test_run_folder_is_bound_to_what_answered(ckpt, tmp_path):  # noqa: F811
 
     from nemo_avllm import config
     from nemo_avllm.errors import UserError
-    from nemo_avllm.evaluation.run import compare, main
+    from nemo_avllm.evaluation.evaluate import compare, main
 
     ann = tmp_path / "avqa-test.json"
     shutil.copy(FIXTURES / "music_avqa/avqa-test.head150.json", ann)

@@ -196,7 +196,7 @@ def test_consistency_pairs_two_phrasings(server, tmp_path, monkeypatch):
 def test_evaluate_scores_with_the_judge_from_config(server, tmp_path, monkeypatch):
     """`avllm evaluate`'s scoring step builds the judge from conf/evaluate.yaml's keys."""
     from nemo_avllm import config
-    from nemo_avllm.evaluation.run import headline, score
+    from nemo_avllm.evaluation.evaluate import headline, score
 
     monkeypatch.setenv("JUDGE_KEY", "sk-test")
     cfg = config.load("evaluate", ["benchmark=activitynet_qa", f"judge.client.base_url={server.url}",

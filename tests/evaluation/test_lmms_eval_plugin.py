@@ -61,7 +61,7 @@ def registry(plugin_path):
 
 @pytest.fixture(scope="module")
 def export(ckpt, tmp_path_factory):  # noqa: F811
-    from nemo_avllm.export.export_hf import export_hf
+    from nemo_avllm.hf.export_hf import export_hf
 
     return export_hf(ckpt, tmp_path_factory.mktemp("lmms") / "hf")
 
@@ -85,7 +85,7 @@ def test_generate_until_and_loglikelihood(registry, export, backend, media, tmp_
     from nemo_avllm import modality
     from nemo_avllm.evaluation.lmms_eval_plugin import AVLLM
     from nemo_avllm.inference.engine import SamplingConfig
-    from nemo_avllm.inference.run import Question, answer_batch, load_inputs, question_turn
+    from nemo_avllm.inference.tasks import Question, answer_batch, load_inputs, question_turn
 
     cls = registry.get_model("avllm")
     assert cls is AVLLM and "avllm" in registry.list_available_models()
@@ -157,7 +157,7 @@ def test_lmms_eval_cli(plugin_path, export, backend, media, tmp_path):  # noqa: 
     import shutil
 
     from nemo_avllm.inference.engine import SamplingConfig
-    from nemo_avllm.inference.run import Question, answer_batch, question_turn
+    from nemo_avllm.inference.tasks import Question, answer_batch, question_turn
 
     exe = shutil.which("lmms-eval", path=os.path.dirname(sys.executable))
     assert exe, "the lmms-eval command is missing next to python; run scripts/setup.sh"

@@ -32,7 +32,7 @@ def _manifest(tmp_path):
 
 
 def test_demo_asks_the_whole_question(tmp_path):
-    from nemo_avllm.demo.run import held_out_question
+    from nemo_avllm.demo.pipeline import held_out_question
 
     video, question, answer = held_out_question(_manifest(tmp_path))
     assert (video, question, answer) == ((tmp_path / "videos/c1.mp4").resolve(), "Would you call the tone high or low?", "high")

@@ -32,7 +32,7 @@ def _evaluate(capsys, *args) -> tuple[int, str]:
     set-up and pytest's capture do not mix; test_exit_code_2 runs the real command once)."""
     from nemo_avllm import config
     from nemo_avllm.errors import UserError
-    from nemo_avllm.evaluation.run import main
+    from nemo_avllm.evaluation.evaluate import main
 
     try:
         return main(config.load("evaluate", [cli.quote_override(str(a)) for a in args])), ""

@@ -38,7 +38,7 @@ def build(cfg, state: dict | None = None):
 
 
 def batches(model, seed: int = 0):
-    from nemo_avllm.training.synthetic import synthetic_batches
+    from nemo_avllm.training.synthetic_batches import synthetic_batches
 
     return synthetic_batches(model, GBS // MBS, MBS, SEQ, DEVICE, encoders=False, dtype=torch.bfloat16, seed=seed,
                              mix="mat")

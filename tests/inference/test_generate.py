@@ -21,7 +21,7 @@ import torch
 
 from nemo_avllm import modality
 from tests.conftest import REPO, torchrun
-from tests.export.worker import scale_, tiny_cfg
+from tests.hf.worker import scale_, tiny_cfg
 from tests.media_factory import make_audio_file, make_clip, make_image, tone
 
 QUESTION = "What colour is the square?"
@@ -72,7 +72,7 @@ def _cfg(**kw):
 
 
 def test_modality_comes_from_the_file(media):
-    from nemo_avllm.inference.run import choose_modality
+    from nemo_avllm.inference.tasks import choose_modality
 
     assert choose_modality(media["av"]) == modality.AUD_VIS_TOKEN
     assert choose_modality(media["silent"]) == modality.VIS_TOKEN
@@ -111,7 +111,7 @@ def test_kv_cache_equals_no_cache_batched(backend, tokenizer):
 
 def test_stop_strings_and_streaming(backend, media):
     from nemo_avllm.inference.engine import SamplingConfig
-    from nemo_avllm.inference.run import Question, answer_batch, question_turn
+    from nemo_avllm.inference.tasks import Question, answer_batch, question_turn
 
     q = Question("0", str(media["av"]), None, [question_turn(QUESTION, modality.AUD_VIS_TOKEN)], modality.AUD_VIS_TOKEN)
     pieces = []
@@ -127,7 +127,7 @@ def test_stop_strings_and_streaming(backend, media):
 
 
 def test_manifest_to_jsonl(backend, ckpt, media, tmp_path):
-    from nemo_avllm.inference.run import generate
+    from nemo_avllm.inference.tasks import generate
 
     man = tmp_path / "q.jsonl"
     rows = [{"id": "a", "video": str(media["av"]), "question": QUESTION},
@@ -144,10 +144,10 @@ def test_manifest_to_jsonl(backend, ckpt, media, tmp_path):
 
 def test_export_generates_the_same_tokens(backend, ckpt, media, tmp_path):
     """transformers `generate` on the export folder = megatron KV-cache generation (greedy)."""
-    from nemo_avllm.export.export_hf import export_hf
+    from nemo_avllm.hf.export_hf import export_hf
     from nemo_avllm.inference.backends import HFBackend
     from nemo_avllm.inference.engine import SamplingConfig
-    from nemo_avllm.inference.run import Question, answer_batch, question_turn
+    from nemo_avllm.inference.tasks import Question, answer_batch, question_turn
 
     hf = HFBackend(export_hf(ckpt, tmp_path / "hf"))
     qs = [Question(str(i), str(media[k]), None, [question_turn(QUESTION if k != "audio" else "Describe it.", t)], t)
@@ -168,7 +168,7 @@ def test_cli_generate_and_chat(backend, ckpt, media):
     """`avllm generate` streams the engine's answer; `avllm chat` driven through stdin answers
     turn 2 from the whole conversation, as generate does for the same conversation."""
     from nemo_avllm.inference.engine import SamplingConfig
-    from nemo_avllm.inference.run import Question, answer_batch, question_turn
+    from nemo_avllm.inference.tasks import Question, answer_batch, question_turn
 
     s = SamplingConfig(max_new_tokens=8)
     first = [question_turn(QUESTION, modality.AUD_VIS_TOKEN)]
@@ -230,7 +230,7 @@ def test_checkpoint_without_encoder_weights_needs_them_named(tmp_path, dist1, to
 
 
 def test_bad_manifest_lines_name_line_and_field(tmp_path, media):
-    from nemo_avllm.inference.run import read_manifest
+    from nemo_avllm.inference.tasks import read_manifest
 
     man = tmp_path / "q.jsonl"
     man.write_text(json.dumps({"id": "a", "video": str(media["av"]), "question": QUESTION}) + "\n"

@@ -127,7 +127,7 @@ def test_a_stage_config_comes_back_from_its_overrides():
     from omegaconf import OmegaConf
 
     from nemo_avllm import config
-    from nemo_avllm.launch.run import stage_overrides
+    from nemo_avllm.launch.submit import stage_overrides
 
     launch_cfg = config.load("launch", ["model@stage2.model=vicuna13b", "stage2.model.tensor_model_parallel_size=2",
                                         "stage2.model.trainable=[projectors]", "stage2.model.data.mat_ratios.A=0.4",

@@ -13,7 +13,7 @@ from nemo_avllm import modality
 
 def test_a_micro_batch_without_a_modality_still_gives_every_projector_a_zero_gradient(dist1, tiny_cfg):
     from nemo_avllm.model.provider import build_model
-    from nemo_avllm.training.synthetic import synthetic_batches
+    from nemo_avllm.training.synthetic_batches import synthetic_batches
 
     tiny_cfg.build_encoders = False
     model = build_model(tiny_cfg)

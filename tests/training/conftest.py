@@ -12,23 +12,23 @@ import pytest
 def media_data(tmp_path_factory) -> dict[str, Path]:
     """ffmpeg-made H.264/AAC clips: `train` (stage-1 manifest of 8 clips) and `validation`
     (3 other clips with audio, each asked as <VIS>, <AUD> and <AUD_VIS>: 9 samples)."""
-    from nemo_avllm.demo import synthetic
+    from nemo_avllm.demo import clips
 
     root = tmp_path_factory.mktemp("media")
-    paths = synthetic.generate(root, 12, 0, seed=4)
+    paths = clips.generate(root, 12, 0, seed=4)
     lines = Path(paths["stage1"]).read_text().splitlines()
     train = root / "train.jsonl"
     train.write_text("\n".join(lines[:8]) + "\n")
-    clips = [json.loads(line) for line in Path(paths["clips"]).read_text().splitlines()][8:]
-    held = [c for c in clips if c["spec"]["has_audio"]][:3]
+    rows_of_clips = [json.loads(line) for line in Path(paths["clips"]).read_text().splitlines()][8:]
+    held = [c for c in rows_of_clips if c["spec"]["has_audio"]][:3]
     assert len(held) == 3, "seed 4 should give 3 held-out clips with audio"
     rows = []
     for c in held:
-        spec = synthetic.ClipSpec(**c["spec"])
+        spec = clips.ClipSpec(**c["spec"])
         for tok in ("<VIS>", "<AUD>", "<AUD_VIS>"):
             rows.append({"id": f"{c['id']}{tok}", "video": c["video"],
                          "conversations": [{"from": "human", "value": f"{tok} Describe it."},
-                                           {"from": "gpt", "value": synthetic.description(spec, tok)}]})
+                                           {"from": "gpt", "value": clips.description(spec, tok)}]})
     validation = root / "validation.jsonl"
     validation.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"train": train, "validation": validation}

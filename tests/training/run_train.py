@@ -12,7 +12,7 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
     from nemo_avllm import config
     from nemo_avllm.training.train import train
-    from tests.training.synthetic import SyntheticData
+    from tests.training.deterministic_data import SyntheticData
 
     nan_at, nan_grad_at, mat = None, (), False
     while argv and argv[0] in ("--nan-at", "--nan-grad-at", "--mat"):

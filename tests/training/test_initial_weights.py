@@ -19,7 +19,7 @@ from nemo_avllm.training.train import validate
 def _configured(*overrides: str, max_steps: int = 2):
     """An `AVLLMModel` configured in this process as the training entry point configures it
     (bf16 tiny model, micro-batch 2, global batch 4, constant lr)."""
-    from nemo_avllm.training.model import AVLLMModel
+    from nemo_avllm.training.lightning_module import AVLLMModel
 
     cfg = config.load("stage1_pretrain", [
         "model=tiny", "model.params_dtype=bf16", "model.micro_batch_size=2", "model.global_batch_size=4",
@@ -38,7 +38,7 @@ def _global_step(model, forward_only: bool = False) -> float:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nemo_avllm.training.step import forward_step
-    from tests.training.synthetic import SyntheticData
+    from tests.training.deterministic_data import SyntheticData
 
     batches = iter(SyntheticData(seq_length=64).loader(model, 0))
     model.module.zero_grad_buffer()
@@ -122,7 +122,7 @@ def test_stage1_without_an_imported_llm_is_refused():
 @pytest.fixture(scope="module")
 def llm_only_checkpoint(tmp_path_factory, dist1) -> Path:
     """What `avllm import-hf` writes: the LLM's tensors only."""
-    from nemo_avllm.export.common import empty_model
+    from nemo_avllm.hf.common import empty_model
 
     path = tmp_path_factory.mktemp("imported") / "ckpt"
     checkpoint.save(path, empty_model(config.load_model("tiny"), llm_only=True))

@@ -8,7 +8,7 @@ import torch
 
 from nemo_avllm import config
 from nemo_avllm.training import optim
-from tests.training.synthetic import SyntheticData
+from tests.training.deterministic_data import SyntheticData
 
 
 def _loss_and_grads(recompute: bool):

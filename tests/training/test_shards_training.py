@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from nemo_avllm.demo import synthetic
+from nemo_avllm.demo import clips
 from tests.conftest import REPO
 from tests.training import helpers
 from tests.training.conftest import DROPOUT
@@ -27,14 +27,14 @@ def shards(media_data, tmp_path_factory):
     """8 clips with sound: AV samples with per-modality `views`, V and A samples; prepared and
     sharded by the real CLI."""
     root = media_data["train"].parent
-    clips = [json.loads(line) for line in (root / "clips.jsonl").read_text().splitlines()][:8]
+    rows_of_clips = [json.loads(line) for line in (root / "clips.jsonl").read_text().splitlines()][:8]
     rows = []
-    for k, c in enumerate(clips):
-        spec = synthetic.ClipSpec(**c["spec"])
+    for k, c in enumerate(rows_of_clips):
+        spec = clips.ClipSpec(**c["spec"])
 
         def conv(tok):
             return [{"from": "human", "value": f"{tok} Describe it."},
-                    {"from": "gpt", "value": synthetic.description(spec, tok)}]
+                    {"from": "gpt", "value": clips.description(spec, tok)}]
 
         tok = ("<AUD_VIS>", "<VIS>", "<AUD>")[k % 3]
         row = {"id": c["id"], "video": str(root / c["video"]), "conversations": conv(tok)}

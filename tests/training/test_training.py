@@ -18,7 +18,7 @@ def _one_step(model_cfg, trainable):
 
     from nemo_avllm.model.provider import build_model
     from nemo_avllm.training.step import forward_step
-    from tests.training.synthetic import SyntheticData
+    from tests.training.deterministic_data import SyntheticData
 
     torch.manual_seed(0)
     model = build_model(model_cfg)

@@ -30,7 +30,7 @@ def test_validation_loss_per_modality_equals_the_per_sample_losses(dist1, media_
     from nemo_avllm.model.loss import masked_token_loss
     from nemo_avllm.model.provider import build_model
     from nemo_avllm.runtime import distributed
-    from nemo_avllm.training.model import validation_losses
+    from nemo_avllm.training.lightning_module import validation_losses
 
     cfg = config.load_model("tiny")
     samples, _ = validate_manifest(media_data["validation"], tokenizer=tokenizer, layout=layout_of(cfg), max_length=SEQ)

@@ -132,10 +132,10 @@ class AudioEncoder(FrozenEncoder):
     def load_checkpoint(self, path: str) -> None:
         """laion_clap weights (630k-audioset layout `module.audio_branch.*`, or HTSAT alone) or Hugging
         Face CLAP weights (`ClapAudioModel`/`ClapModel`: a file or a model folder), mapped to laion
-        names by `nemo_avllm.export.encoders_bridge`. HF checkpoints lack laion's log-mel front end
+        names by `nemo_avllm.hf.encoders_bridge`. HF checkpoints lack laion's log-mel front end
         (a fixed function of this config, kept as built) and its AudioSet head (unused)."""
-        from nemo_avllm.export.encoders_bridge import HTSAT_NOT_IN_HF, is_hf_clap, laion_htsat
-        from nemo_avllm.export.tensor_files import read_state_dict
+        from nemo_avllm.hf.encoders_bridge import HTSAT_NOT_IN_HF, is_hf_clap, laion_htsat
+        from nemo_avllm.hf.tensor_files import read_state_dict
 
         raw = read_state_dict(path)
         missing, unexpected = self.htsat.load_state_dict(laion_htsat(raw), strict=False)

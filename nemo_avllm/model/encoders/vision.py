@@ -76,9 +76,9 @@ class VisionEncoder(FrozenEncoder):
     def load_checkpoint(self, path: str) -> None:
         """open_clip weights (a full CLIP state dict with `visual.*`, or the visual tower alone) or
         Hugging Face CLIP weights (`CLIPVisionModel[WithProjection]`/`CLIPModel`: a file or a model
-        folder), mapped to open_clip names by `nemo_avllm.export.encoders_bridge`."""
-        from nemo_avllm.export.encoders_bridge import open_clip_visual
-        from nemo_avllm.export.tensor_files import read_state_dict
+        folder), mapped to open_clip names by `nemo_avllm.hf.encoders_bridge`."""
+        from nemo_avllm.hf.encoders_bridge import open_clip_visual
+        from nemo_avllm.hf.tensor_files import read_state_dict
 
         sd = open_clip_visual(read_state_dict(path))
         missing, unexpected = self.visual.load_state_dict(sd, strict=False)

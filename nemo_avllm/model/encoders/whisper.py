@@ -150,8 +150,8 @@ class WhisperAudioEncoder(FrozenEncoder):
         `WhisperForConditionalGeneration`, or a bare `WhisperEncoder` as `avllm export-hf` writes
         it); the decoder, if any, is dropped. Loads strictly: every encoder tensor must be there
         with this config's shape."""
-        from nemo_avllm.export.encoders_bridge import whisper_encoder_weights
-        from nemo_avllm.export.tensor_files import read_state_dict
+        from nemo_avllm.hf.encoders_bridge import whisper_encoder_weights
+        from nemo_avllm.hf.tensor_files import read_state_dict
 
         sd = whisper_encoder_weights(read_state_dict(path), str(path))
         own = self.whisper.state_dict()

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from nemo_avllm.export import hf_model  # noqa: F401  (transformers models before megatron's CPU shims)
-from tests.export.worker import tiny_cfg, tiny_hf_llama
+from nemo_avllm.hf import hf_model  # noqa: F401  (transformers models before megatron's CPU shims)
+from tests.hf.worker import tiny_cfg, tiny_hf_llama
 
 TOL = 1e-4
 MHA = ("llm.num_query_groups=4",)  # the tiny LLM has 4 heads; the default config uses 2 KV groups
@@ -32,7 +32,7 @@ def ids():
 
 @pytest.mark.parametrize("overrides", [(), MHA], ids=["gqa", "mha"])
 def test_imported_checkpoint_gives_hf_logits(tmp_path, dist1, ids, overrides):
-    from nemo_avllm.export.import_hf import import_hf
+    from nemo_avllm.hf.import_hf import import_hf
 
     hf = tiny_hf_llama(tmp_path / "hf", overrides)
     cfg = tiny_cfg(overrides)
@@ -52,8 +52,8 @@ def test_rope_layout_is_not_permuted(tmp_path, dist1, ids):
     HF's conversion script undoes) gives different logits. So megatron (rotary_interleaved=False)
     and HF agree on rotate_half with the rows as HF stores them."""
     from nemo_avllm.config import to_dict
-    from nemo_avllm.export import llama_bridge
-    from nemo_avllm.export.tensor_files import HFWeights
+    from nemo_avllm.hf import llama_bridge
+    from nemo_avllm.hf.tensor_files import HFWeights
     from nemo_avllm.model import parallel_layout
     from nemo_avllm.model.llm import LLMConfig
     from nemo_avllm.model.provider import build_model
@@ -88,7 +88,7 @@ def test_sharded_bin_and_safetensors_import_the_same(tmp_path, dist1):
     safetensors give tensor-equal checkpoints."""
     from safetensors.torch import load_file
 
-    from nemo_avllm.export.import_hf import import_hf
+    from nemo_avllm.hf.import_hf import import_hf
     from nemo_avllm.model import parallel_layout
     from nemo_avllm.model.provider import build_model
     from nemo_avllm.training import checkpoint
@@ -126,8 +126,8 @@ def test_hf_megatron_hf_is_exact(tmp_path, dist1, tokenizer_dir, ids):
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
-    from nemo_avllm.export.export_hf import export_hf
-    from nemo_avllm.export.import_hf import import_hf
+    from nemo_avllm.hf.export_hf import export_hf
+    from nemo_avllm.hf.import_hf import import_hf
 
     hf = tiny_hf_llama(tmp_path / "hf")
     for f in tokenizer_dir.iterdir():  # a complete HF folder: weights + tokenizer

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import nemo_avllm  # noqa: F401  (registers the Auto classes)
-from nemo_avllm.export import hf_model
+from nemo_avllm.hf import hf_model
 from tests.conftest import REPO, torchrun
-from tests.export.worker import av_batch, scale_, tiny_cfg
+from tests.hf.worker import av_batch, scale_, tiny_cfg
 
 WORKER = REPO / "tests" / "export" / "worker.py"
 TOL = 1e-4
@@ -46,7 +46,7 @@ def trained(tmp_path_factory, dist1, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def exported(trained):
-    from nemo_avllm.export.export_hf import export_hf
+    from nemo_avllm.hf.export_hf import export_hf
 
     return export_hf(trained["dir"] / "ckpt_tp1", trained["dir"] / "hf_tp1")
 
@@ -70,7 +70,7 @@ def test_tp1_export_gives_megatron_logits(trained, exported):
 
 @pytest.mark.distributed
 def test_tp2_pp2_export_gives_megatron_logits(trained, tokenizer_dir):
-    from nemo_avllm.export.export_hf import export_hf
+    from nemo_avllm.hf.export_hf import export_hf
 
     d = trained["dir"]
     torchrun(WORKER, 4, "--mode", "save", "--tp", "2", "--pp", "2", "--weights", str(d / "weights.pt"),

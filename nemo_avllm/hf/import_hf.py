@@ -20,15 +20,15 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from nemo_avllm.config import to_dict
-from nemo_avllm.export import llama_bridge
-from nemo_avllm.export.common import (
+from nemo_avllm.hf import llama_bridge
+from nemo_avllm.hf.common import (
     DTYPE_NAMES,
     dtype_name,
     empty_model,
     single_process,
     staged_folder,
 )
-from nemo_avllm.export.tensor_files import HFWeights
+from nemo_avllm.hf.tensor_files import HFWeights
 from nemo_avllm.model.llm import LLMConfig
 
 log = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_avllm.export import hf_model  # noqa: F401  (transformers models before megatron's CPU shims)
+from nemo_avllm.hf import hf_model  # noqa: F401  (transformers models before megatron's CPU shims)
 from tests.conftest import REPO, torchrun
-from tests.export.worker import tiny_cfg, tiny_hf_llama
+from tests.hf.worker import tiny_cfg, tiny_hf_llama
 
 pytestmark = pytest.mark.distributed
 WORKER = REPO / "tests" / "export" / "worker.py"
@@ -17,7 +17,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory, dist1):
-    from nemo_avllm.export.import_hf import import_hf
+    from nemo_avllm.hf.import_hf import import_hf
 
     d = tmp_path_factory.mktemp("import_parallel")
     hf = tiny_hf_llama(d / "hf")

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_avllm.export import hf_model  # noqa: F401  (transformers models before megatron's CPU shims)
-from tests.export.worker import tiny_cfg, tiny_hf_llama
+from nemo_avllm.hf import hf_model  # noqa: F401  (transformers models before megatron's CPU shims)
+from tests.hf.worker import tiny_cfg, tiny_hf_llama
 from tests.training import helpers
 
 
@@ -17,8 +17,8 @@ from tests.training import helpers
 def test_stage1_from_import_then_export_an_intermediate_checkpoint(tmp_path, dist1, tokenizer_dir):
     from safetensors.torch import load_file
 
-    from nemo_avllm.export.export_hf import export_hf
-    from nemo_avllm.export.import_hf import import_hf
+    from nemo_avllm.hf.export_hf import export_hf
+    from nemo_avllm.hf.import_hf import import_hf
 
     tiny_hf_llama(tmp_path / "hf")
     imported = import_hf(tmp_path / "hf", tmp_path / "imported", tiny_cfg())

@@ -2,7 +2,7 @@
 
 The checkpoint is read into a TP=1/PP=1 model (dist checkpointing reshards on load, so every
 saved layout works, and optimizer state is never read), then each component is written in its
-public format (layout: `nemo_avllm.export.hf_model`): the LLM as `LlamaForCausalLM`, the encoders
+public format (layout: `nemo_avllm.hf.hf_model`): the LLM as `LlamaForCausalLM`, the encoders
 as `CLIPVisionModelWithProjection` and `ClapAudioModel` (HTSAT) or `WhisperEncoder`, the projectors, the config (T, N, K, token
 ids, preprocessing) and the tokenizer with `<VIS>`, `<AUD>`, `<AUD_VIS>` added as special tokens.
 Safetensors only.
@@ -23,8 +23,8 @@ import torch
 
 from nemo_avllm.config import to_dict
 from nemo_avllm.errors import UserError
-from nemo_avllm.export import encoders_bridge, llama_bridge
-from nemo_avllm.export.common import (
+from nemo_avllm.hf import encoders_bridge, llama_bridge
+from nemo_avllm.hf.common import (
     DTYPE_NAMES,
     dtype_name,
     empty_model,
@@ -33,7 +33,7 @@ from nemo_avllm.export.common import (
     single_process,
     staged_folder,
 )
-from nemo_avllm.export.tensor_files import write_safetensors
+from nemo_avllm.hf.tensor_files import write_safetensors
 from nemo_avllm.modality import MODALITY_TOKENS
 from nemo_avllm.model.llm import LLMConfig
 
@@ -163,7 +163,7 @@ def export_hf(
     """Write the Hugging Face folder of `checkpoint` to `out`; returns `out`."""
     # transformers' model modules must be imported before megatron's CPU shims are applied
     # (`single_process`): the shims replace torch.cuda.Stream, which they use in annotations.
-    from nemo_avllm.export import hf_model  # noqa: F401
+    from nemo_avllm.hf import hf_model  # noqa: F401
     from nemo_avllm.model.parallel_layout import local_tensors
     from nemo_avllm.training import checkpoint as dist_ckpt
 
@@ -209,7 +209,7 @@ def export_hf(
 
 def _write_llm(folder: Path, llm: LLMConfig, full: dict, dtype: torch.dtype, tok) -> None:
     """llm/: a plain LlamaForCausalLM folder with the LLM's own tokenizer."""
-    from nemo_avllm.export.hf_model import LLM_DIR
+    from nemo_avllm.hf.hf_model import LLM_DIR
 
     d = folder / LLM_DIR
     d.mkdir()
@@ -223,7 +223,7 @@ def _write_llm(folder: Path, llm: LLMConfig, full: dict, dtype: torch.dtype, tok
 def _write_avllm(folder: Path, cfg, full: dict, dtype: torch.dtype, tok) -> None:
     """vision/, audio/, projectors, config.json and the tokenizer with the modality tokens."""
     from nemo_avllm import modality
-    from nemo_avllm.export import hf_model
+    from nemo_avllm.hf import hf_model
     from nemo_avllm.model.provider import avllm_config
 
     section = avllm_config(cfg)

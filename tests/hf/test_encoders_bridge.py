@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_avllm.export import encoders_bridge
-from nemo_avllm.export.hf_model import LogMel
-from tests.export.worker import tiny_cfg
+from nemo_avllm.hf import encoders_bridge
+from nemo_avllm.hf.hf_model import LogMel
+from tests.hf.worker import tiny_cfg
 
 TOL = 1e-5
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import nemo_avllm  # noqa: F401  (registers the Auto classes)
-from nemo_avllm.export import hf_model
+from nemo_avllm.hf import hf_model
 from nemo_avllm.model.encoders.vision import CLIP_MEAN, CLIP_STD
-from tests.export.worker import tiny_cfg
+from tests.hf.worker import tiny_cfg
 
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.1, 0.2, 0.9)}
 QUESTION = [{"from": "human", "value": "<VIS> What colour is the video?"}]
@@ -67,7 +67,7 @@ def trained(tmp_path_factory, dist1, tokenizer, tokenizer_dir):
 def test_exported_model_answers_about_the_video(trained, tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nemo_avllm.export.export_hf import export_hf
+    from nemo_avllm.hf.export_hf import export_hf
     from nemo_avllm.inference.generate import greedy_generate, prompt_ids
 
     model, d = trained

@@ -20,7 +20,7 @@ MODEL_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModel")
 
 
 def _register_config(module) -> None:
-    from nemo_avllm.export.hf_config import AVLLMConfig
+    from nemo_avllm.hf.hf_config import AVLLMConfig
 
     module.AutoConfig.register(AVLLMConfig.model_type, AVLLMConfig, exist_ok=True)
 
@@ -33,7 +33,7 @@ class DeferredAVLLM:
 
     @staticmethod
     def real():
-        from nemo_avllm.export.hf_model import AVLLMForConditionalGeneration
+        from nemo_avllm.hf.hf_model import AVLLMForConditionalGeneration
 
         return AVLLMForConditionalGeneration
 
@@ -47,7 +47,7 @@ class DeferredAVLLM:
 
 
 def _register_models(module) -> None:
-    from nemo_avllm.export.hf_config import AVLLMConfig
+    from nemo_avllm.hf.hf_config import AVLLMConfig
 
     DeferredAVLLM.config_class = AVLLMConfig
     for name in MODEL_AUTO_CLASSES:

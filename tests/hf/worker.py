@@ -50,7 +50,7 @@ def tiny_hf_llama(folder: Path, overrides=(), **save_kwargs):
     from transformers import LlamaForCausalLM
 
     from nemo_avllm.config import to_dict
-    from nemo_avllm.export import llama_bridge
+    from nemo_avllm.hf import llama_bridge
     from nemo_avllm.model.llm import LLMConfig
 
     llm = LLMConfig.from_dict(to_dict(tiny_cfg(overrides).llm))

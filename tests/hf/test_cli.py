@@ -11,7 +11,7 @@ import sys
 import torch
 
 from tests.conftest import REPO
-from tests.export.worker import tiny_hf_llama
+from tests.hf.worker import tiny_hf_llama
 
 
 def _run(args, timeout=600):

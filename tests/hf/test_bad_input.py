@@ -11,10 +11,10 @@ import shutil
 
 import pytest
 
-from nemo_avllm.export import hf_model
-from nemo_avllm.export.llama_bridge import ConfigMismatchError
+from nemo_avllm.hf import hf_model
+from nemo_avllm.hf.llama_bridge import ConfigMismatchError
 from tests.conftest import REPO
-from tests.export.worker import tiny_cfg, tiny_hf_llama
+from tests.hf.worker import tiny_cfg, tiny_hf_llama
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def _edited(hf_dir, tmp_path, **changes):
 
 
 def _import(src, tmp_path, overrides=()):
-    from nemo_avllm.export.import_hf import import_hf
+    from nemo_avllm.hf.import_hf import import_hf
 
     return import_hf(src, tmp_path / "ckpt", tiny_cfg(overrides))
 
@@ -52,7 +52,7 @@ def test_no_weights_at_all(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(FileNotFoundError, match="holds no weights: expected one of model.safetensors"):
-        from nemo_avllm.export.tensor_files import HFWeights
+        from nemo_avllm.hf.tensor_files import HFWeights
 
         HFWeights(tmp_path / "empty")
 
@@ -116,13 +116,13 @@ def test_tokenizer_without_modality_tokens(tokenizer):
 
 @pytest.fixture(scope="module")
 def imported(hf_dir, tmp_path_factory, dist1):
-    from nemo_avllm.export.import_hf import import_hf
+    from nemo_avllm.hf.import_hf import import_hf
 
     return import_hf(hf_dir, tmp_path_factory.mktemp("imported") / "ckpt", tiny_cfg())
 
 
 def test_export_refuses_a_non_empty_folder(imported, tmp_path, tokenizer_dir):
-    from nemo_avllm.export.export_hf import export_hf
+    from nemo_avllm.hf.export_hf import export_hf
 
     out = tmp_path / "out"
     out.mkdir()
@@ -135,7 +135,7 @@ def test_export_refuses_a_non_empty_folder(imported, tmp_path, tokenizer_dir):
 
 
 def test_export_of_an_llm_only_checkpoint_needs_llm_only(imported, tmp_path, tokenizer_dir):
-    from nemo_avllm.export.export_hf import MissingWeightsError, export_hf
+    from nemo_avllm.hf.export_hf import MissingWeightsError, export_hf
 
     with pytest.raises(MissingWeightsError, match=r"lacks 6 projector tensors.*export it with llm_only=true"):
         export_hf(imported, tmp_path / "out", tokenizer=str(tokenizer_dir))

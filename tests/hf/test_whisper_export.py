@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import nemo_avllm  # noqa: F401  (registers the Auto classes)
-from nemo_avllm.export import hf_model
-from tests.export.worker import av_batch, scale_, tiny_cfg
+from nemo_avllm.hf import hf_model
+from tests.hf.worker import av_batch, scale_, tiny_cfg
 
 TOL = 1e-4
 
@@ -39,7 +39,7 @@ def trained(tmp_path_factory, dist1, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def exported(trained):
-    from nemo_avllm.export.export_hf import export_hf
+    from nemo_avllm.hf.export_hf import export_hf
 
     return export_hf(trained["dir"] / "ckpt", trained["dir"] / "hf")
 

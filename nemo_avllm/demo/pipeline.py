@@ -1,6 +1,6 @@
 """`avllm demo`: the whole recipe in miniature, on CPU, from nothing.
 
-1. a synthetic audio-visual dataset made with ffmpeg (`nemo_avllm.demo.synthetic`), or any
+1. a synthetic audio-visual dataset made with ffmpeg (`nemo_avllm.demo.clips`), or any
    manifest in the documented format via `train_manifest=`/`eval_manifest=`;
 2. a small sentencepiece tokenizer trained on its text;
 3. `prepare` (probe, FLAC side-cars, index) and `features` (frozen tiny CLIP/CLAP outputs cached);
@@ -159,7 +159,7 @@ TOKENS = ("<VIS>", "<AUD>", "<AUD_VIS>")
 def table(results: dict, cell=lambda acc, n: f"{100 * acc:.0f}% (n={n})") -> str:
     """Markdown table: accuracy per family x modality token; under a reasoning family, one row per
     part of its answer (each observation, the verdict). `cell(value, count)` writes a cell."""
-    from nemo_avllm.demo.synthetic import CHANCE, FAMILIES
+    from nemo_avllm.demo.clips import CHANCE, FAMILIES
 
     lines = ["| question family | chance | " + " | ".join(f"`{t}`" for t in TOKENS) + " |",
              "|---|---|" + "---|" * len(TOKENS)]
@@ -183,7 +183,7 @@ def table(results: dict, cell=lambda acc, n: f"{100 * acc:.0f}% (n={n})") -> str
 def check_bars(results: dict, bars) -> list[str]:
     """What misses the demo's bars (conf/demo.yaml `bars`): every family with a token that can
     answer it at or above its bar; audio families asked with <VIS> only near chance."""
-    from nemo_avllm.demo.synthetic import AUDIO_FAMILIES, CHANCE
+    from nemo_avllm.demo.clips import AUDIO_FAMILIES, CHANCE
 
     misses = []
     for key, acc in sorted(results["accuracy"].items()):
@@ -269,16 +269,16 @@ def prepare_data(cfg: DictConfig, out: Path) -> dict:
     paths {"stage1", "stage2", "eval"}."""
     from nemo_avllm.data.prepare import prepare
     from nemo_avllm.data.tokenizer import train_sentencepiece
-    from nemo_avllm.demo import synthetic
+    from nemo_avllm.demo import clips
 
     if cfg.get("train_manifest"):
         paths = {"stage1": Path(cfg.train_manifest), "stage2": Path(cfg.get("stage2_manifest") or cfg.train_manifest),
                  "eval": Path(cfg.eval_manifest)}
     else:
         print(f"[demo] generating {cfg.num_train} training and {cfg.num_eval} held-out clips with ffmpeg")
-        paths = synthetic.generate(out / "data", cfg.num_train, cfg.num_eval, seed=cfg.seed, workers=cfg.num_workers or 2)
+        paths = clips.generate(out / "data", cfg.num_train, cfg.num_eval, seed=cfg.seed, workers=cfg.num_workers or 2)
     print("[demo] training the tokenizer")
-    train_sentencepiece(synthetic.corpus(paths), out / "tokenizer", vocab_size=int(cfg.tokenizer_vocab))
+    train_sentencepiece(clips.corpus(paths), out / "tokenizer", vocab_size=int(cfg.tokenizer_vocab))
     print("[demo] prepare: probing clips, writing FLAC side-cars")
     sources = [str(paths["stage1"]), str(paths["stage2"]), str(paths["eval"])]
     print(prepare(sources, out / "prepared", num_workers=max(1, cfg.num_workers or 2), progress=cfg.progress_bar))
@@ -318,7 +318,7 @@ def held_out_question(eval_manifest: Path) -> tuple[Path, str, str]:
 def ask_one_clip(checkpoint: Path, eval_manifest: Path) -> str:
     """`avllm generate` on one held-out clip with sound, from the raw file (as a user would)."""
     from nemo_avllm import config
-    from nemo_avllm.inference.run import generate
+    from nemo_avllm.inference.tasks import generate
 
     video, question, answer = held_out_question(eval_manifest)
     print(f"[demo] avllm generate checkpoint=\"'{checkpoint}'\" input={video} question=\"{question}\"")

@@ -1,6 +1,6 @@
 """The Audio-Visual LLM as a Hugging Face model: what `avllm export-hf` folders load into.
 
-Folder layout (written by `nemo_avllm.export.export_hf`, and by `save_pretrained`):
+Folder layout (written by `nemo_avllm.hf.export_hf`, and by `save_pretrained`):
 
     config.json               AVLLMConfig: sub-configs, T, N, K, token ids, preprocessing
     generation_config.json
@@ -39,7 +39,7 @@ from transformers import (
 )
 
 from nemo_avllm import modality
-from nemo_avllm.export.hf_config import AVLLMConfig
+from nemo_avllm.hf.hf_config import AVLLMConfig
 
 LLM_DIR, VISION_DIR, AUDIO_DIR = "llm", "vision", "audio"
 PROJECTORS_FILE = "projectors.safetensors"

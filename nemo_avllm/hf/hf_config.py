@@ -2,7 +2,7 @@
 
 Kept apart from the model and free of model imports: transformers may import its Auto modules
 while its own model modules are half-imported, and the config is registered at that moment
-(`nemo_avllm.export.auto_register`). The sub-config classes are looked up when first used."""
+(`nemo_avllm.hf.auto_register`). The sub-config classes are looked up when first used."""
 
 from __future__ import annotations
 

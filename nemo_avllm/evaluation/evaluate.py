@@ -153,7 +153,7 @@ def bind_run_dir(out: Path, identity: dict) -> None:
 def _turns(item: benchmarks.EvalItem, kind: str, token: str, bench) -> list[dict]:
     """The conversation asked: earlier dialog turns (AVSD) then the question, the modality token
     in the first human turn (as `avllm generate` puts it)."""
-    from nemo_avllm.inference.run import question_turn
+    from nemo_avllm.inference.tasks import question_turn
 
     if kind == "choice":
         q = metrics.choice_prompt(item.question, item.options or [])
@@ -201,7 +201,7 @@ def read_predictions(out: Path) -> dict[str, dict]:
 
 def predict(cfg, backend, items, out: Path) -> dict:
     """Answer this rank's share of `items` not answered yet; returns counts."""
-    from nemo_avllm.inference.run import Question, answer_batch, choose_modality, sampling_config
+    from nemo_avllm.inference.tasks import Question, answer_batch, choose_modality, sampling_config
 
     bench = cfg.benchmark
     kind = benchmarks.READERS[bench.reader].kind
