@@ -3,7 +3,7 @@ holds the formulas and how parameters are counted).
 
     python bench/memory_plan.py --config stage2_finetune --tp 2 --dp 4 [--pp 1] [--micro-batch 4]
         [--seq-length 2048] [--recompute on|off] [--no-encoders] [--no-flash-attention] [--gpu-gib 40]
-    python bench/memory_plan.py --table        # the README's table: stages 1/2 x TP1/DP8, TP2/DP4
+    python bench/memory_plan.py --table        # the table in docs/training.md: stages 1/2 x TP1/DP8, TP2/DP4
 
 Defaults come from conf/<config>.yaml. Prints one machine-readable line per component (GiB per
 GPU, most loaded pipeline stage), then the total; with --gpu-gib also whether it fits, and exits
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=True,
                     help="fused/flash attention (Transformer Engine on GPU nodes); off adds the a*s^2 softmax term")
     ap.add_argument("--gpu-gib", type=float, help="GPU memory in GiB: also print whether the plan fits")
-    ap.add_argument("--table", action="store_true", help="print the README's markdown table and exit")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of docs/training.md and exit")
     args = ap.parse_args(argv)
     if args.table:
         print(table(args.model))

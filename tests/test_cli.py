@@ -191,10 +191,10 @@ def test_multirun_runs_each_job_in_the_current_folder(tmp_path):
     assert (tmp_path / "a" / "index.jsonl").is_file() and (tmp_path / "b" / "index.jsonl").is_file()
 
 
-def test_readme_override_examples_run_as_printed(tmp_path):
-    """The README's Overrides commands, as printed (plus --cfg job: compose and print, no export)."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("### Overrides", 1)[1].split("\n## ", 1)[0]
+def test_docs_override_examples_run_as_printed(tmp_path):
+    """docs/cli.md's Overrides commands, as printed (plus --cfg job: compose and print, no export)."""
+    doc = (REPO / "docs" / "cli.md").read_text()
+    section = doc.split("## Overrides", 1)[1].split("\n## ", 1)[0]
     commands = [line for line in section.split("```bash", 1)[1].split("```", 1)[0].splitlines() if line.startswith("avllm ")]
     assert len(commands) == 3 and any("step=1000" in c and "\"" not in c for c in commands)
     for command in commands:
@@ -229,7 +229,7 @@ def test_prepare_then_features_from_the_command_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The README's main job, at toy size: data -> stage 1 -> stage 2 -> evaluation table."""
+    """The main job (`make demo`, docs/demo.md), at toy size: data -> stage 1 -> stage 2 -> evaluation table."""
     tmp_path = tmp_path_factory.mktemp("demo")
     out = _run(["demo", f"out_dir={tmp_path}", "num_train=40", "num_eval=4", "progress_bar=false",
                 "stage1.trainer.max_steps=1", "stage2.trainer.max_steps=3", *TOY_BATCH])  # 1 step: warm-up clamps
@@ -250,7 +250,7 @@ def test_demo_runs_end_to_end(demo):
 
 def test_demo_is_deterministic_for_a_seed(tmp_path):
     """The same seed (and thread count) gives the same clips, encoders, features, losses and answers:
-    the README's multi-seed table can be re-run. (The random encoders once followed whatever the
+    docs/demo.md's multi-seed table can be re-run. (The random encoders once followed whatever the
     global RNG held, so every run cached other features.)"""
     def run(name):
         out = tmp_path / name
@@ -271,7 +271,7 @@ def test_demo_is_deterministic_for_a_seed(tmp_path):
 
 def test_evaluate_the_demo_checkpoint_v_vs_av(demo):
     """The demo checkpoint on its held-out clips written as a MUSIC-AVQA benchmark, evaluated as
-    the README says: with each clip's own token, then visual-only (<VIS>), then side by side."""
+    docs/demo.md says: with each clip's own token, then visual-only (<VIS>), then side by side."""
     from nemo_avllm.demo.benchmark import evaluate_commands
 
     tmp_path, _ = demo

@@ -25,7 +25,7 @@ import torch
 from tests.conftest import REPO
 from tests.inference.test_generate import QUESTION, backend, ckpt, media  # noqa: F401  (fixtures)
 
-pytest.importorskip("lmms_eval", reason="lmms-eval is installed by scripts/setup.sh (pip --no-deps; see README)")
+pytest.importorskip("lmms_eval", reason="lmms-eval is installed by scripts/setup.sh (pip --no-deps; see docs/evaluation.md)")
 
 
 def _declared_entry_point() -> str:

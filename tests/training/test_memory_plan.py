@@ -157,7 +157,7 @@ def test_table_has_both_stages_and_layouts():
         ("stage1_pretrain", "1 x 1 x 8"), ("stage1_pretrain", "2 x 1 x 4"),
         ("stage2_finetune", "1 x 1 x 8"), ("stage2_finetune", "2 x 1 x 4")]
     assert body[2][-2].strip() == "no"  # stage 2 at TP1 does not fit 40 GiB either way
-    assert "\n".join(rows) in (REPO / "README.md").read_text()  # the README's table is this tool's output
+    assert "\n".join(rows) in (REPO / "docs" / "training.md").read_text()  # the doc's table is this output
 
 
 def test_capacity_override_is_checked_before_any_task():
