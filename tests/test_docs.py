@@ -33,16 +33,23 @@ def test_readme_is_a_front_page():
     assert len(lines) <= 250, f"README.md has {len(lines)} lines; move details to docs/"
 
 
+def anchors(md: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as '-'."""
+    text = re.sub(r"```.*?```", "", md.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
 @pytest.mark.parametrize("doc", [README, *DOCS], ids=lambda p: str(p.relative_to(REPO)))
-def test_every_relative_link_points_to_a_file(doc):
+def test_every_relative_link_points_to_a_file_and_heading(doc):
     missing = []
     for target in LINK.findall(doc.read_text()):
-        if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
-            continue  # a URL or an anchor in the same file
-        path = (doc.parent / target.split("#", 1)[0]).resolve()
-        if not path.exists():
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):
+            continue  # a URL
+        file, _, anchor = target.partition("#")
+        path = (doc.parent / file).resolve() if file else doc
+        if not path.exists() or (anchor and path.suffix == ".md" and anchor not in anchors(path)):
             missing.append(target)
-    assert not missing, f"{doc.relative_to(REPO)} links to files that do not exist: {missing}"
+    assert not missing, f"{doc.relative_to(REPO)} links to files or headings that do not exist: {missing}"
 
 
 def test_no_file_cites_a_document_the_repository_does_not_hold():
@@ -57,6 +64,22 @@ def test_no_file_cites_a_document_the_repository_does_not_hold():
                 line = text[:text.index(name)].count("\n") + 1
                 cites.append(f"{path.relative_to(REPO)}:{line}: {name}")
     assert not cites, "cited documents that are not in the repository:\n" + "\n".join(cites)
+
+
+def test_every_readme_section_a_file_names_is_in_the_readme():
+    """`README: Data`, `README "Known limits"`: a pointer into the README names one of its headings
+    (details moved to docs/ are cited by their docs/ file)."""
+    headings = [h.strip().lower() for h in re.findall(r"^#+ (.+)$", README.read_text(), re.M)]
+    cite = re.compile(r"README(?::\s*|\s+\\?\")([A-Z][\w ]*[\w])")
+    stale = []
+    for path in tracked_text_files():
+        if path.resolve() == Path(__file__).resolve():
+            continue
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            for section in cite.findall(line):
+                if not any(h.startswith(section.lower()) for h in headings):
+                    stale.append(f"{path.relative_to(REPO)}:{n}: README {section!r}")
+    assert not stale, "README sections that are not in README.md:\n" + "\n".join(stale)
 
 
 def test_the_readme_sample_path_names_at_most_six_files_that_exist():
