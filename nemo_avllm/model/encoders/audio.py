@@ -13,6 +13,8 @@ from types import SimpleNamespace
 import torch
 
 from nemo_avllm.model.encoders.frozen import FrozenEncoder, seeded_init
+from nemo_avllm.model.encoders.weights import HTSAT_NOT_IN_HF, is_hf_clap, laion_htsat
+from nemo_avllm.model.weight_files import read_state_dict
 
 # HTSAT-{tiny,base,large} as laion_clap builds them (clap_module/htsat.py: create_htsat_model).
 HTSAT_ARCHS = {
@@ -132,11 +134,8 @@ class AudioEncoder(FrozenEncoder):
     def load_checkpoint(self, path: str) -> None:
         """laion_clap weights (630k-audioset layout `module.audio_branch.*`, or HTSAT alone) or Hugging
         Face CLAP weights (`ClapAudioModel`/`ClapModel`: a file or a model folder), mapped to laion
-        names by `nemo_avllm.hf.encoders_bridge`. HF checkpoints lack laion's log-mel front end
+        names by `weights.laion_htsat`. HF checkpoints lack laion's log-mel front end
         (a fixed function of this config, kept as built) and its AudioSet head (unused)."""
-        from nemo_avllm.hf.encoders_bridge import HTSAT_NOT_IN_HF, is_hf_clap, laion_htsat
-        from nemo_avllm.hf.tensor_files import read_state_dict
-
         raw = read_state_dict(path)
         missing, unexpected = self.htsat.load_state_dict(laion_htsat(raw), strict=False)
         if is_hf_clap(raw):  # HF has no front end / AudioSet head: those stay as built
