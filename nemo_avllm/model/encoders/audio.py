@@ -1,4 +1,4 @@
-"""CLAP HTSAT audio encoder (laion_clap's HTSAT: `encoders/htsat.py`), frozen.
+"""CLAP HTSAT audio encoder (laion_clap's HTSAT: `encoders/htsat/`), frozen.
 
 Each of the K audio segments (48 kHz mono, CLAP's 480 000-sample window, repeat-padded by the
 data pipeline) becomes one embedding: HTSAT's pooled last hidden state, before CLAP's projection
@@ -22,28 +22,6 @@ HTSAT_ARCHS = {
     "base": dict(embed_dim=128, depths=(2, 2, 12, 2), num_heads=(4, 8, 16, 32)),
     "large": dict(embed_dim=256, depths=(2, 2, 12, 2), num_heads=(4, 8, 16, 32)),
 }
-
-
-def _htsat_module():
-    """laion_clap's own htsat.py, the reference `encoders/htsat.py` is tested against (laion-clap is a
-    test dependency only), without running `laion_clap/__init__.py`, which downloads text tokenizers
-    at import (NOTES.md)."""
-    import importlib
-    import importlib.util
-    import os
-    import sys
-    import types
-
-    name = "_avllm_laion_clap_module"
-    if f"{name}.htsat" in sys.modules:
-        return sys.modules[f"{name}.htsat"]
-    spec = importlib.util.find_spec("laion_clap")
-    if spec is None or spec.origin is None:
-        raise ImportError("laion-clap is not installed: pip install laion-clap==1.1.7 (the test extra)")
-    pkg = types.ModuleType(name)
-    pkg.__path__ = [os.path.join(os.path.dirname(spec.origin), "clap_module")]
-    sys.modules[name] = pkg
-    return importlib.import_module(f"{name}.htsat")
 
 
 def preset_arch(cfg, presets: dict) -> dict:
@@ -93,7 +71,7 @@ class AudioEncoder(FrozenEncoder):
     def __init__(self, cfg: AudioEncoderConfig):
         super().__init__()
         arch = cfg.arch()
-        from nemo_avllm.model.encoders import htsat  # laion_clap's HTSAT code, without its package (numpy<2)
+        from nemo_avllm.model.encoders.htsat.model import HTSAT_Swin_Transformer  # laion_clap's code (numpy<2 free)
 
         self.cfg = cfg
         audio_cfg = SimpleNamespace(
@@ -109,7 +87,7 @@ class AudioEncoder(FrozenEncoder):
             enable_repeat_mode=False,
         )
         with seeded_init(cfg.init_seed):
-            self.htsat = htsat.HTSAT_Swin_Transformer(
+            self.htsat = HTSAT_Swin_Transformer(
                 spec_size=256,
                 patch_size=4,
                 patch_stride=(4, 4),
