@@ -25,17 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_avllm.demo.scoring import TOKENS, evaluate, table
-from nemo_avllm.demo.steps import (
-    check_out_dir,
-    dotted,
-    encoder_seed_overrides,
-    last_checkpoint,
-    prepare_data,
-    save_demo_encoders,
-    stage_cfg,
-    validate_stages,
-)
+from nemo_avllm.demo import scoring, steps
 from nemo_avllm.errors import UserError
 
 ABLATIONS = ("training_strategy", "modality", "audio_encoder", "frames", "segments")
@@ -109,20 +99,20 @@ def run_setting(cfg: DictConfig, out: Path, paths: dict, label: str, scfg: DictC
     t0 = time.time()
     d = out / str(cfg.ablation) / _slug(label)
     model_cfg = config.load_model(str(scfg.model), [f"allow_random_init={str(cfg.allow_random_init).lower()}",
-                                                    *encoder_seed_overrides(cfg, prefix=""),
-                                                    *dotted(model_over)])
-    model_cfg = save_demo_encoders(model_cfg, d / "encoders", cfg.seed)
+                                                    *steps.encoder_seed_overrides(cfg, prefix=""),
+                                                    *steps.dotted(model_over)])
+    model_cfg = steps.save_demo_encoders(model_cfg, d / "encoders", cfg.seed)
     print(f"[ablation] {label}: features")
     print(build_feature_cache(out / "prepared", d / "features", model_cfg, index=out / "prepared", dtype="fp32",
                               progress=cfg.progress_bar))
     restore = None
     for stage in (1, 2):
         print(f"[ablation] {label}: stage {stage}")
-        run_cfg = stage_cfg(scfg, stage, out, paths, restore)
+        run_cfg = steps.stage_cfg(scfg, stage, out, paths, restore)
         _, _, log_dir = train(run_cfg)
-        restore = str(last_checkpoint(Path(log_dir)))
+        restore = str(steps.last_checkpoint(Path(log_dir)))
     eval_cfg = OmegaConf.merge(run_cfg.model, {"build_encoders": False})
-    results = evaluate(eval_cfg, Path(restore), paths["eval"], out / "tokenizer", d / "features")
+    results = scoring.evaluate(eval_cfg, Path(restore), paths["eval"], out / "tokenizer", d / "features")
     results["seconds"] = time.time() - t0
     results["checkpoint"] = restore
     return results
@@ -139,12 +129,12 @@ def summary_table(ablation: str, rows: list[tuple[str, dict]]) -> str:
 
     mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
     pct = lambda v: "–" if v is None else f"{100 * v:.0f}%"  # noqa: E731
-    head = ["setting", *FAMILIES, *(f"`{t}`" for t in TOKENS), "all", "time"]
+    head = ["setting", *FAMILIES, *(f"`{t}`" for t in scoring.TOKENS), "all", "time"]
     lines = [f"### Ablation: {ablation}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for label, res in rows:
         acc = {k: v for k, v in res["accuracy"].items() if answerable(k)}
         fams = [pct(mean([v for k, v in acc.items() if k.startswith(f"{f}|")])) for f in FAMILIES]
-        toks = [pct(mean([v for k, v in acc.items() if k.endswith(f"|{t}")])) for t in TOKENS]
+        toks = [pct(mean([v for k, v in acc.items() if k.endswith(f"|{t}")])) for t in scoring.TOKENS]
         lines.append(f"| {label} | " + " | ".join([*fams, *toks, pct(mean(list(acc.values()))),
                                                     f"{res['seconds']:.0f} s"]) + " |")
     return "\n".join(lines)
@@ -162,15 +152,15 @@ def run_ablation(cfg: DictConfig) -> int:
     setting_cfgs = []
     for label, model, model_over, stage_over in plan:
         scfg = setting_cfg(cfg, out / str(cfg.ablation) / _slug(label), model, model_over, stage_over, schedule_stages)
-        validate_stages(scfg, out)  # every setting's stage configs, before any data is made
+        steps.validate_stages(scfg, out)  # every setting's stage configs, before any data is made
         setting_cfgs.append(scfg)
     out.mkdir(parents=True, exist_ok=True)
-    check_out_dir(out, cfg)
-    paths = prepare_data(cfg, out)
+    steps.check_out_dir(out, cfg)
+    paths = steps.prepare_data(cfg, out)
     rows = [(label, run_setting(cfg, out, paths, label, scfg, model_over))
             for (label, _, model_over, _), scfg in zip(plan, setting_cfgs)]
     if cfg.ablation == "modality":
-        md = f"### Ablation: modality\n\n{table(rows[0][1])}"
+        md = f"### Ablation: modality\n\n{scoring.table(rows[0][1])}"
     else:
         md = summary_table(str(cfg.ablation), rows)
     budget = f"stage 1: {cfg.stage1.trainer.max_steps} steps, stage 2: {cfg.stage2.trainer.max_steps} steps"

@@ -27,10 +27,8 @@ def open_clip_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif name == "proj":
             out["visual_projection.weight"] = t.t()
         else:
-            new = rename(name, CLIP_RENAMES)
-            if new is None:
-                raise KeyError(f"open_clip vision tensor {name!r} has no HF CLIP counterpart (unsupported ViT variant?)")
-            out[new] = t
+            out[rename(name, CLIP_RENAMES,
+                       "open_clip vision tensor {name!r} has no HF CLIP counterpart (unsupported ViT variant?)")] = t
     return out
 
 
@@ -74,10 +72,8 @@ def laion_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for part, chunk in zip(("query", "key", "value"), t.chunk(3, dim=0)):
                 out[f"audio_encoder.layers.{stage}.blocks.{block}.attention.self.{part}.{kind}"] = chunk
             continue
-        new = rename(name, CLAP_RENAMES)
-        if new is None:
-            raise KeyError(f"laion HTSAT tensor {name!r} has no HF ClapAudioModel counterpart (fusion checkpoint?)")
-        out[new] = t
+        out[rename(name, CLAP_RENAMES,
+                   "laion HTSAT tensor {name!r} has no HF ClapAudioModel counterpart (fusion checkpoint?)")] = t
     return out
 
 

@@ -62,14 +62,15 @@ def _pattern(fmt: str) -> re.Pattern:
     return re.compile("^" + body + ("" if fmt.endswith((".", "_")) else "$"))
 
 
-def rename(name: str, rules, reverse: bool = False) -> str | None:
-    """`name` under the first matching rule (open_clip/laion -> HF, or back with `reverse`)."""
+def rename(name: str, rules, unknown: str, reverse: bool = False) -> str:
+    """`name` under the first matching rule (open_clip/laion -> HF, or back with `reverse`); a name
+    no rule matches is a KeyError saying `unknown` (a format string of `name`)."""
     for a, b in rules:
         src, dst = (b, a) if reverse else (a, b)
         m = _pattern(src).match(name)
         if m:
             return dst.format(**m.groupdict()) + name[m.end():]
-    return None
+    raise KeyError(unknown.format(name=name))
 
 
 # ---- HF CLIP -> open_clip ------------------------------------------------------------------------
@@ -86,10 +87,7 @@ def hf_to_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif name == "visual_projection.weight":
             out["proj"] = t.t()
         else:
-            new = rename(name, CLIP_RENAMES, reverse=True)
-            if new is None:
-                raise KeyError(f"HF CLIP tensor {name!r} has no open_clip counterpart")
-            out[new] = t
+            out[rename(name, CLIP_RENAMES, "HF CLIP tensor {name!r} has no open_clip counterpart", reverse=True)] = t
     for (layer, kind), parts in qkv.items():
         if set(parts) != set("qkv"):
             raise KeyError(f"HF CLIP layer {layer}: {kind} of q/k/v incomplete ({sorted(parts)})")
@@ -125,10 +123,7 @@ def hf_to_laion(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             stage, block, part, kind = m.groups()
             qkv.setdefault((stage, block, kind), {})[part] = t
             continue
-        new = rename(name, CLAP_RENAMES, reverse=True)
-        if new is None:
-            raise KeyError(f"HF CLAP tensor {name!r} has no laion HTSAT counterpart")
-        out[new] = t
+        out[rename(name, CLAP_RENAMES, "HF CLAP tensor {name!r} has no laion HTSAT counterpart", reverse=True)] = t
     for (stage, block, kind), parts in qkv.items():
         if set(parts) != {"query", "key", "value"}:
             raise KeyError(f"HF CLAP stage {stage} block {block}: {kind} of query/key/value incomplete ({sorted(parts)})")
