@@ -14,7 +14,7 @@ from nemo_avllm.hf import hf_model
 from tests.conftest import REPO, torchrun
 from tests.hf.worker import av_batch, scale_, tiny_cfg
 
-WORKER = REPO / "tests" / "export" / "worker.py"
+WORKER = REPO / "tests" / "hf" / "worker.py"
 TOL = 1e-4
 
 
