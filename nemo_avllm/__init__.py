@@ -1,8 +1,4 @@
 """nemo_avllm: NeMo/Megatron-style training stack for the Audio-Visual LLM.
 
-Importing the package registers the exported Hugging Face model (`model_type: avllm`) with
-transformers' Auto classes without importing transformers (`nemo_avllm.hf.auto_register`)."""
-
-from nemo_avllm.hf import auto_register as _auto_register
-
-_auto_register.install()
+Importing the package imports nothing else: every CLI task imports it. Loading an exported folder
+with transformers' Auto classes needs `import nemo_avllm.hf` first (it registers `model_type: avllm`)."""

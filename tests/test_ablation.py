@@ -129,7 +129,7 @@ def test_training_strategy_settings_reach_the_stage_configs(tmp_path):
     data_cfg = (REPO / "conf" / "data" / "av_instruct.yaml").read_text()
     if "modality_schedule" not in data_cfg:
         pytest.skip("needs model.data.modality_schedule (branch i10mat)")
-    from nemo_avllm.demo import ablation, pipeline
+    from nemo_avllm.demo import ablation, steps
 
     cfg = config.load("demo", ["ablation=training_strategy", "ablations.modality_schedule_split=0.25"])
     stages = ablation._stages_with_schedule(cfg)
@@ -138,7 +138,7 @@ def test_training_strategy_settings_reach_the_stage_configs(tmp_path):
     seen = {}
     for label, model, model_over, stage_over in ablation.settings(cfg):
         scfg = ablation.setting_cfg(cfg, tmp_path / label, model, model_over, stage_over, tuple(stages))
-        s2 = pipeline._stage_cfg(scfg, 2, tmp_path, paths, str(tmp_path))
+        s2 = steps.stage_cfg(scfg, 2, tmp_path, paths, str(tmp_path))
         seen[label] = (s2.model.data.modality_schedule, s2.model.data.modality_schedule_split)
         assert s2.model.data.feature_cache == str(tmp_path / label / "features")
     assert seen == {"mat": ("mat", 0.25), "pt1": ("pt1", 0.25), "pt2": ("pt2", 0.25)}

@@ -154,7 +154,7 @@ def load_labels(spec: str) -> list[str]:
 
 def audio_encoder_config(clap_audio_config, checkpoint: str):
     """The project's `AudioEncoderConfig` for the audio tower of an HF CLAP model (inverse of
-    `export.encoders_bridge.clap_audio_config`)."""
+    `nemo_avllm.hf.encoders_bridge.clap_audio_config`)."""
     from nemo_avllm.model.encoders.audio import AudioEncoderConfig
 
     ac = clap_audio_config

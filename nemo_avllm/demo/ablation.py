@@ -2,7 +2,7 @@
 
 One synthetic data set (or your manifests), one tokenizer and one `prepare`; then, per setting,
 the frozen encoders' feature cache, stage 1, stage 2 and the held-out evaluation, all with the
-demo's own functions (`nemo_avllm.demo.pipeline`) and the same step budget (`stage1.trainer.max_steps`,
+demo's own steps (`nemo_avllm.demo.steps`, `nemo_avllm.demo.scoring`) and the same step budget (`stage1.trainer.max_steps`,
 `stage2.trainer.max_steps`: lower them for a quick run). Every setting is scored on the same
 held-out questions; one table per ablation is printed and written to `<out_dir>/results.md`
 (raw numbers in `results.json`, each setting's runs under `<out_dir>/<ablation>/<setting>/`).
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_avllm.demo import scoring, steps
 from nemo_avllm.errors import UserError
 
 ABLATIONS = ("training_strategy", "modality", "audio_encoder", "frames", "segments")
@@ -67,14 +68,14 @@ def _slug(label: str) -> str:
 
 
 def _quoted(d):
-    """Path values quoted for Hydra overrides (`pipeline._dotted` writes values as they are)."""
+    """Path values quoted for Hydra overrides (`steps.dotted` writes values as they are)."""
     return {k: _quoted(v) if isinstance(v, dict) else (f"'{v}'" if isinstance(v, Path) else v) for k, v in d.items()}
 
 
 def setting_cfg(cfg: DictConfig, folder: Path, model: str, model_over: dict, stage_over: dict,
                 stage_over_in: tuple[int, ...]) -> DictConfig:
     """The demo config of one setting: its model, its overrides in both stage sections, and its
-    own encoder files (`pipeline.save_demo_encoders` into folder/encoders), feature cache and run
+    own encoder files (`steps.save_demo_encoders` into folder/encoders), feature cache and run
     folder under `folder` (data and tokenizer are shared)."""
     own = {"model": {**model_over, "vision": {"checkpoint": folder / "encoders" / "vision.safetensors"},
                      "audio": {"checkpoint": folder / "encoders" / "audio.safetensors"},
@@ -93,26 +94,25 @@ def run_setting(cfg: DictConfig, out: Path, paths: dict, label: str, scfg: DictC
     out/<ablation>/<label>/."""
     from nemo_avllm import config
     from nemo_avllm.data.features import build_feature_cache
-    from nemo_avllm.demo import pipeline
     from nemo_avllm.training.train import train
 
     t0 = time.time()
     d = out / str(cfg.ablation) / _slug(label)
     model_cfg = config.load_model(str(scfg.model), [f"allow_random_init={str(cfg.allow_random_init).lower()}",
-                                                    *pipeline._encoder_seed_overrides(cfg, prefix=""),
-                                                    *pipeline._dotted(model_over)])
-    model_cfg = pipeline.save_demo_encoders(model_cfg, d / "encoders", cfg.seed)
+                                                    *steps.encoder_seed_overrides(cfg, prefix=""),
+                                                    *steps.dotted(model_over)])
+    model_cfg = steps.save_demo_encoders(model_cfg, d / "encoders", cfg.seed)
     print(f"[ablation] {label}: features")
     print(build_feature_cache(out / "prepared", d / "features", model_cfg, index=out / "prepared", dtype="fp32",
                               progress=cfg.progress_bar))
     restore = None
     for stage in (1, 2):
         print(f"[ablation] {label}: stage {stage}")
-        stage_cfg = pipeline._stage_cfg(scfg, stage, out, paths, restore)
-        _, _, log_dir = train(stage_cfg)
-        restore = str(pipeline._last_checkpoint(Path(log_dir)))
-    eval_cfg = OmegaConf.merge(stage_cfg.model, {"build_encoders": False})
-    results = pipeline.evaluate(eval_cfg, Path(restore), paths["eval"], out / "tokenizer", d / "features")
+        run_cfg = steps.stage_cfg(scfg, stage, out, paths, restore)
+        _, _, log_dir = train(run_cfg)
+        restore = str(steps.last_checkpoint(Path(log_dir)))
+    eval_cfg = OmegaConf.merge(run_cfg.model, {"build_encoders": False})
+    results = scoring.evaluate(eval_cfg, Path(restore), paths["eval"], out / "tokenizer", d / "features")
     results["seconds"] = time.time() - t0
     results["checkpoint"] = restore
     return results
@@ -121,7 +121,6 @@ def run_setting(cfg: DictConfig, out: Path, paths: dict, label: str, scfg: DictC
 def summary_table(ablation: str, rows: list[tuple[str, dict]]) -> str:
     """Markdown: one row per setting; accuracy per question family (mean over the tokens that can
     answer it: audio families asked with `<VIS>` alone are left out), per token, and overall."""
-    from nemo_avllm.demo.pipeline import TOKENS
     from nemo_avllm.demo.clips import AUDIO_FAMILIES, FAMILIES
 
     def answerable(key: str) -> bool:
@@ -130,12 +129,12 @@ def summary_table(ablation: str, rows: list[tuple[str, dict]]) -> str:
 
     mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
     pct = lambda v: "–" if v is None else f"{100 * v:.0f}%"  # noqa: E731
-    head = ["setting", *FAMILIES, *(f"`{t}`" for t in TOKENS), "all", "time"]
+    head = ["setting", *FAMILIES, *(f"`{t}`" for t in scoring.TOKENS), "all", "time"]
     lines = [f"### Ablation: {ablation}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for label, res in rows:
         acc = {k: v for k, v in res["accuracy"].items() if answerable(k)}
         fams = [pct(mean([v for k, v in acc.items() if k.startswith(f"{f}|")])) for f in FAMILIES]
-        toks = [pct(mean([v for k, v in acc.items() if k.endswith(f"|{t}")])) for t in TOKENS]
+        toks = [pct(mean([v for k, v in acc.items() if k.endswith(f"|{t}")])) for t in scoring.TOKENS]
         lines.append(f"| {label} | " + " | ".join([*fams, *toks, pct(mean(list(acc.values()))),
                                                     f"{res['seconds']:.0f} s"]) + " |")
     return "\n".join(lines)
@@ -143,8 +142,6 @@ def summary_table(ablation: str, rows: list[tuple[str, dict]]) -> str:
 
 def run_ablation(cfg: DictConfig) -> int:
     """`avllm demo ablation=NAME` (module docstring)."""
-    from nemo_avllm.demo import pipeline
-
     t0 = time.time()
     plan = settings(cfg)
     schedule_stages = tuple(_stages_with_schedule(cfg)) if cfg.ablation == "training_strategy" else (1, 2)
@@ -155,15 +152,15 @@ def run_ablation(cfg: DictConfig) -> int:
     setting_cfgs = []
     for label, model, model_over, stage_over in plan:
         scfg = setting_cfg(cfg, out / str(cfg.ablation) / _slug(label), model, model_over, stage_over, schedule_stages)
-        pipeline.validate_stages(scfg, out)  # every setting's stage configs, before any data is made
+        steps.validate_stages(scfg, out)  # every setting's stage configs, before any data is made
         setting_cfgs.append(scfg)
     out.mkdir(parents=True, exist_ok=True)
-    pipeline._check_out_dir(out, cfg)
-    paths = pipeline.prepare_data(cfg, out)
+    steps.check_out_dir(out, cfg)
+    paths = steps.prepare_data(cfg, out)
     rows = [(label, run_setting(cfg, out, paths, label, scfg, model_over))
             for (label, _, model_over, _), scfg in zip(plan, setting_cfgs)]
     if cfg.ablation == "modality":
-        md = f"### Ablation: modality\n\n{pipeline.table(rows[0][1])}"
+        md = f"### Ablation: modality\n\n{scoring.table(rows[0][1])}"
     else:
         md = summary_table(str(cfg.ablation), rows)
     budget = f"stage 1: {cfg.stage1.trainer.max_steps} steps, stage 2: {cfg.stage2.trainer.max_steps} steps"

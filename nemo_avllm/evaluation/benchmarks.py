@@ -80,14 +80,18 @@ def _list(data, path) -> list:
     return data
 
 
+def _entries(annotations) -> list[tuple[object, str]]:
+    """The entries of a JSON-array annotation file, each with where it is (`file[i]`, for errors)."""
+    return [(e, f"{annotations}[{i}]") for i, e in enumerate(_list(_load_json(annotations), annotations))]
+
+
 # ------------------------------------------------------------------------------------------
 # Video QA (Table 2)
 # ------------------------------------------------------------------------------------------
 def read_msrvtt_qa(annotations: str, video_ext: str = "mp4", **_) -> list[EvalItem]:
     """MSRVTT-QA `{answer, category_id, id, question, video_id}`; clips are `video<video_id>`."""
     items = []
-    for i, e in enumerate(_list(_load_json(annotations), annotations)):
-        w = f"{annotations}[{i}]"
+    for e, w in _entries(annotations):
         vid = _field(e, "video_id", w, int)
         items.append(EvalItem(str(_field(e, "id", w, int)), f"video{vid}.{video_ext}", _field(e, "question", w, str),
                               _field(e, "answer", w, str), meta={"category_id": e.get("category_id")}))
@@ -114,8 +118,7 @@ def read_msvd_qa(annotations: str, mapping: str, video_ext: str = "avi", **_) ->
     """MSVD-QA `{answer, id, question, video_id}`; `video_id` -> clip name via youtube_mapping."""
     names = read_msvd_mapping(mapping)
     items = []
-    for i, e in enumerate(_list(_load_json(annotations), annotations)):
-        w = f"{annotations}[{i}]"
+    for e, w in _entries(annotations):
         vid = _field(e, "video_id", w, int)
         if vid not in names:
             raise AnnotationError(f"{w}: video_id {vid} is not in the mapping {mapping}; use the youtube_mapping.txt of the same release")
@@ -129,8 +132,7 @@ def read_videochatgpt(annotations: str, video_ext: str = "mp4", **_) -> list[Eva
     `{video_name, Q, A}`, or `consistency_qa.json` entries `{video_name, Q1, Q2, A}`: one question
     asked two ways, two items with `meta["pair"]` (the judge's consistency dimension pairs them)."""
     items = []
-    for i, e in enumerate(_list(_load_json(annotations), annotations)):
-        w = f"{annotations}[{i}]"
+    for i, (e, w) in enumerate(_entries(annotations)):
         video = f"{_field(e, 'video_name', w, str)}.{video_ext}"
         answer = _field(e, "A", w, str)
         if isinstance(e, dict) and "Q1" in e:
@@ -185,8 +187,7 @@ def read_music_avqa(annotations: str, video_ext: str = "mp4", **_) -> list[EvalI
     anser}`; `type` and `templ_values` are JSON strings; questions the authors deleted
     (`question_deleted: 1`) are left out, as in their own evaluation."""
     items = []
-    for i, e in enumerate(_list(_load_json(annotations), annotations)):
-        w = f"{annotations}[{i}]"
+    for e, w in _entries(annotations):
         if int(_field(e, "question_deleted", w)) == 1:
             continue
         try:
@@ -247,8 +248,7 @@ def read_avssd(annotations: str, **_) -> list[EvalItem]:
     """AVSSD (SAVE Bench) `{image: [mp4, wav], question, answer}`; the clip name (VGGSound
     `<youtube id>_<start:06d>`) is the id; files are looked up by base name in the video root."""
     items = []
-    for i, e in enumerate(_list(_load_json(annotations), annotations)):
-        w = f"{annotations}[{i}]"
+    for e, w in _entries(annotations):
         media = _field(e, "image", w, list)
         if len(media) != 2:
             raise AnnotationError(f"{w}: 'image' must be [video .mp4, audio .wav], got {media}")
@@ -306,8 +306,7 @@ def read_mvbench(annotations: str, subset: str | None = None, **_) -> list[EvalI
     under `<video root>/<video>` (give the subset's folder as the root)."""
     subset = subset or Path(annotations).stem
     items = []
-    for i, e in enumerate(_list(_load_json(annotations), annotations)):
-        w = f"{annotations}[{i}]"
+    for i, (e, w) in enumerate(_entries(annotations)):
         options = [str(c) for c in _field(e, "candidates", w, list)]
         answer = str(_field(e, "answer", w))
         if answer not in options:
@@ -342,8 +341,7 @@ def read_msrvtt_caption(annotations: str, video_ext: str = "mp4", **_) -> list[E
 def read_vatex_caption(annotations: str, video_ext: str = "mp4", **_) -> list[EvalItem]:
     """VATEX `[{videoID, enCap: [10 sentences], chCap: [...]}]`."""
     items = []
-    for i, e in enumerate(_list(_load_json(annotations), annotations)):
-        w = f"{annotations}[{i}]"
+    for e, w in _entries(annotations):
         vid = _field(e, "videoID", w, str)
         items.append(EvalItem(vid, f"{vid}.{video_ext}", "", [str(c) for c in _field(e, "enCap", w, list)]))
     return items
@@ -352,8 +350,7 @@ def read_vatex_caption(annotations: str, video_ext: str = "mp4", **_) -> list[Ev
 def read_valor_caption(annotations: str, video_ext: str = "mp4", **_) -> list[EvalItem]:
     """VALOR-32K `[{video_id: "<yt>_<start>_<end>", desc}]`, one audio-visual description each."""
     items = []
-    for i, e in enumerate(_list(_load_json(annotations), annotations)):
-        w = f"{annotations}[{i}]"
+    for e, w in _entries(annotations):
         vid = _field(e, "video_id", w, str)
         items.append(EvalItem(vid, f"{vid}.{video_ext}", "", [_field(e, "desc", w, str)]))
     return items

@@ -1,6 +1,6 @@
 """`avllm evaluate benchmark=NAME`: zero-shot evaluation on one of the paper's benchmarks.
 
-Before any model is loaded (a mistake ends in one line naming the key or file, exit code 2):
+Before any model is loaded (`preflight.py`; a mistake ends in one line naming the key or file, exit code 2):
 1. read the official annotation files (`benchmarks.py`); check every video exists under the
    benchmark's `video_root`: none found stops the run (naming the folder and the file pattern
    tried); missing ones are counted and listed in `missing_videos.txt`, never silently dropped;
@@ -24,10 +24,7 @@ sets finished runs side by side with the paper's numbers, partial runs marked.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
-import logging
-import re
 import sys
 from pathlib import Path
 
@@ -36,118 +33,12 @@ from omegaconf import OmegaConf
 from nemo_avllm import modality
 from nemo_avllm.data.media import MediaError
 from nemo_avllm.errors import UserError
-from nemo_avllm.evaluation import benchmarks, metrics
-
-log = logging.getLogger(__name__)
+from nemo_avllm.evaluation import benchmarks, metrics, preflight
 
 # The paper's own numbers ("Ours", Tables 2-4): QA/choice accuracy %, captions CIDEr, FAVDBench BLEU-1.
 PAPER = {"msrvtt_qa": 60.4, "msvd_qa": 72.1, "activitynet_qa": 50.6, "avsd": 53.4, "avssd": 48.3,
          "music_avqa": 47.9, "vatex_cap": 51.4, "valor_cap": 30.3, "avsd_cap": 76.8, "nextqa": 59.7,
          "mvbench": 44.6, "favdbench": 26.1}
-
-
-def _items(bench) -> list[benchmarks.EvalItem]:
-    if bench.get("reader") not in benchmarks.READERS:
-        raise UserError(f"benchmark.reader={bench.get('reader')}: unknown; choose one of {', '.join(benchmarks.READERS)}")
-    kwargs = {k: bench[k] for k in benchmarks.READERS[bench.reader].files if bench.get(k) is not None}
-    kwargs.update({k: bench[k] for k in ("video_ext", "subset") if bench.get(k) is not None})
-    try:
-        items = benchmarks.read(bench.reader, **kwargs)
-    except benchmarks.AnnotationError as e:
-        raise UserError(f"benchmark.{'/'.join(benchmarks.READERS[bench.reader].files)}: {e}") from e
-    if not items:
-        raise UserError(f"benchmark.annotations: {kwargs} hold no questions; give the benchmark's annotation file")
-    return items
-
-
-def check_media(bench, items: list[benchmarks.EvalItem]) -> tuple[list, list[str]]:
-    """(items whose media exist, missing media paths). None found is the user's mistake (the
-    folder, the extension or NExT-QA's mapping): refused, naming the folder and the pattern tried."""
-    root = Path(bench.video_root)
-    files = lambda it: [root / it.video] + ([root / it.audio] if it.audio else [])  # noqa: E731
-    missing = sorted({str(f) for it in items for f in files(it) if not f.is_file()})
-    gone = set(missing)
-    present = [it for it in items if not any(str(f) in gone for f in files(it))]
-    if not present:
-        where = (f"benchmark.video_root={root} does not exist" if not root.is_dir() else
-                 f"none of the {len(items)} questions' media are under benchmark.video_root={root}")
-        hint = "benchmark.video_root, benchmark.video_ext"
-        if "mapping" in bench and not bench.get("mapping"):
-            hint += ", or benchmark.mapping (NExT-QA's map_vid_vidorID.json for the official <dir>/<id> layout)"
-        raise UserError(f"{where} (pattern tried: {root / items[0].video}); set {hint}")
-    return present, missing
-
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def model_identity(cfg) -> dict:
-    """The model a run's answers come from: resolved folder and training step (a step in the
-    checkpoint's state, else in its folder name)."""
-    if cfg.get("hf"):
-        folder = Path(cfg.hf)
-        if not (folder / "config.json").is_file():
-            raise UserError(f"hf={folder}: not an export-hf folder (no config.json)")
-        return {"hf": str(folder.resolve()), "step": None}
-    if not cfg.get("checkpoint"):
-        raise UserError("give exactly one of checkpoint=<dist checkpoint folder> or hf=<export-hf folder>")
-    from nemo_avllm.training import checkpoint as ck
-
-    path = Path(cfg.checkpoint)
-    if not ck.is_checkpoint(path):
-        raise UserError(f"checkpoint={path}: not a dist checkpoint folder (no metadata.json)")
-    step = None
-    try:
-        step = (ck.load_common(path).get("lightning") or {}).get("global_step")
-    except Exception as e:  # noqa: BLE001 (the folder name may still say it)
-        log.warning("could not read the step of %s: %s", path, e)
-    if step is None:
-        m = re.search(r"step[=_](\d+)", path.name)
-        step = int(m.group(1)) if m else None
-    return {"checkpoint": str(path.resolve()), "step": None if step is None else int(step)}
-
-
-def run_identity(cfg, model: dict | None = None) -> dict:
-    """What produces a run's answers; a run folder holds answers of one identity only."""
-    bench = cfg.benchmark
-    files = {k: {"path": str(Path(bench[k]).resolve()), "sha256": _sha256(bench[k])}
-             for k in benchmarks.READERS[bench.reader].files if bench.get(k)}
-    from nemo_avllm.data.conversation import ConversationTemplate
-
-    return {"model": model or model_identity(cfg),
-            "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
-            "benchmark": {"name": bench.name, "reader": bench.reader, "files": files, "video_ext": bench.get("video_ext"),
-                          "subset": bench.get("subset")},
-            "prompt": {"answer_hint": bench.get("answer_hint"), "caption_prompt": bench.get("caption_prompt"),
-                       "visual_only": bool(cfg.visual_only), "modality": cfg.get("modality", "auto"),
-                       "template": ConversationTemplate().prompt_text([{"from": "human", "value": "{q}"}], True)}}
-
-
-def _differences(old, new, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [f"{prefix[:-1]}: {json.dumps(old)} then, {json.dumps(new)} now"]
-
-
-def bind_run_dir(out: Path, identity: dict) -> None:
-    """Refuse a folder whose answers came from anything else (one line naming the difference)."""
-    bound = out / "run.json"
-    answered = any(f.stat().st_size for f in out.glob("predictions.rank*.jsonl"))
-    if bound.is_file():
-        diff = _differences(json.loads(bound.read_text()), identity)
-        if diff and answered:
-            raise UserError(f"{out} holds answers of another run ({'; '.join(diff[:3])}); set run_name=<new name> "
-                            f"(or another out_dir), or delete the folder to start over")
-    elif answered:
-        raise UserError(f"{out} holds answers with no record of the checkpoint and settings that produced them "
-                        f"(no run.json); set run_name=<new name> (or another out_dir), or delete the folder")
-    out.mkdir(parents=True, exist_ok=True)
-    bound.write_text(json.dumps(identity, indent=1))
 
 
 def _turns(item: benchmarks.EvalItem, kind: str, token: str, bench) -> list[dict]:
@@ -422,13 +313,13 @@ def write_results(cfg, out: Path, items, present, missing: list[str], preds: dic
 def score_predictions(cfg) -> int:
     """`predictions=FILE`: score an existing predictions file; no model is loaded."""
     bench = cfg.benchmark
-    items = _items(bench)
+    items = preflight.read_items(bench)
     path = Path(cfg.predictions)
     preds = read_prediction_file(path, items, bench.name)
     run_folder = path if path.is_dir() else path.parent
     bound = run_folder / "run.json"
     identity = json.loads(bound.read_text()) if bound.is_file() else {
-        "model": {"predictions": str(path.resolve()), "sha256": None if path.is_dir() else _sha256(path)}}
+        "model": {"predictions": str(path.resolve()), "sha256": None if path.is_dir() else preflight.file_sha256(path)}}
     out = Path(cfg.out_dir) / cfg.run_name if cfg.get("run_name") else (
         path if path.is_dir() else path.with_name(path.stem + ".scored"))
     out.mkdir(parents=True, exist_ok=True)
@@ -446,11 +337,11 @@ def main(cfg) -> int:
     bench = cfg.benchmark
     out = Path(cfg.out_dir) / (cfg.get("run_name") or f"{bench.name}{'_vis' if cfg.visual_only else ''}")
     # everything that can be wrong is checked before the model loads
-    items = _items(bench)
-    present, missing = check_media(bench, items)
-    identity = run_identity(cfg)
+    items = preflight.read_items(bench)
+    present, missing = preflight.check_media(bench, items)
+    identity = preflight.run_identity(cfg)
     judge = build_judge(cfg)
-    bind_run_dir(out, identity)
+    preflight.bind_run_dir(out, identity)
     (out / "missing_videos.txt").write_text("".join(m + "\n" for m in missing))
     if missing:
         print(f"[evaluate] {len(missing)} media files missing under {bench.video_root} (listed in {out / 'missing_videos.txt'}); "

@@ -1,7 +1,7 @@
 """Register the Hugging Face classes with transformers' Auto classes, at no import cost.
 
-`import nemo_avllm` must stay light (every CLI task imports it; importing transformers takes
-seconds), yet after it `AutoConfig` / `AutoModelForCausalLM` / `AutoModel.from_pretrained` must
+`import nemo_avllm.hf` (which calls `install`) must stay light (the export and import tasks
+import it; importing transformers takes seconds), yet after it `AutoConfig` / `AutoModelForCausalLM` / `AutoModel.from_pretrained` must
 know `model_type: avllm`, with no `trust_remote_code`. So registration waits for transformers: if
 its Auto modules are imported already it happens at once, otherwise an import hook runs it right
 after each is first imported. The model is registered through a stand-in that imports the real

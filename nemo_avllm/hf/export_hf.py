@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from nemo_avllm.config import to_dict
 from nemo_avllm.errors import UserError
 from nemo_avllm.hf import encoders_bridge, llama_bridge
 from nemo_avllm.hf.common import (
@@ -81,14 +80,15 @@ def _write_encoder(folder: Path, hf_cfg, tensors: dict, dtype) -> None:
     hf_cfg.torch_dtype = dtype
     hf_cfg.save_pretrained(folder)
 
-def _encoder(kind: str, cfg, saved: set[str], fallback: str | None, dtype: torch.dtype):
-    """The vision/audio encoder to export: its weights come from the checkpoint when training
-    built it, else from an encoder checkpoint file (training on cached features never has them)."""
-    from nemo_avllm.model.encoders import VisionEncoder, build_audio_encoder
-    from nemo_avllm.model.provider import avllm_config
+def _encoder(kind: str, section, saved: set[str], fallback: str | None, dtype: torch.dtype):
+    """The vision/audio encoder of `section` (the typed model config) to export: its weights come
+    from the checkpoint when training built it, else from an encoder checkpoint file (training on
+    cached features never has them)."""
+    import dataclasses
 
-    section = avllm_config(cfg)
-    enc_cfg = section.vision if kind == "vision" else section.audio
+    from nemo_avllm.model.encoders import VisionEncoder, build_audio_encoder
+
+    enc_cfg = dataclasses.replace(section.vision if kind == "vision" else section.audio)  # its checkpoint is set here
     in_ckpt = any(k.startswith(VISION_PREFIX if kind == "vision" else AUDIO_PREFIXES[enc_cfg.type]) for k in saved)
     path = fallback or enc_cfg.checkpoint
     if not in_ckpt and not path:
@@ -165,6 +165,7 @@ def export_hf(
     # (`single_process`): the shims replace torch.cuda.Stream, which they use in annotations.
     from nemo_avllm.hf import hf_model  # noqa: F401
     from nemo_avllm.model.parallel_layout import local_tensors
+    from nemo_avllm.model.provider import avllm_config
     from nemo_avllm.training import checkpoint as dist_ckpt
 
     ckpt = Path(checkpoint)
@@ -172,7 +173,8 @@ def export_hf(
     cfg.tensor_model_parallel_size = cfg.pipeline_model_parallel_size = 1
     cfg.transformer_impl = "local"  # checkpoint keys are the same for both layer specs
     cfg.build_encoders = False
-    llm = LLMConfig.from_dict(to_dict(cfg.llm))
+    section = avllm_config(cfg)  # the typed model config, read once
+    llm = section.llm
     ckpt_dtype = DTYPE_NAMES[cfg.get("params_dtype", "fp32")]
     out_dtype = DTYPE_NAMES[dtype_name(dtype, cfg.get("params_dtype", "fp32"))]
     tok = _tokenizer(tokenizer or cfg.get("tokenizer"))
@@ -191,7 +193,7 @@ def export_hf(
         encoders = {}
         if not llm_only:
             for kind, fallback in (("vision", vision_checkpoint), ("audio", audio_checkpoint)):
-                enc, from_ckpt = _encoder(kind, cfg, saved, fallback, ckpt_dtype)
+                enc, from_ckpt = _encoder(kind, section, saved, fallback, ckpt_dtype)
                 encoders[kind] = enc
                 if from_ckpt:
                     setattr(model, kind, enc)  # loaded with the model below
@@ -201,7 +203,7 @@ def export_hf(
             full.update({f"{kind}.{n}": t.detach() for n, t in enc.state_dict().items()})
         _write_llm(tmp, llm, full, out_dtype, tok)
         if not llm_only:
-            _write_avllm(tmp, cfg, full, out_dtype, tok)
+            _write_avllm(tmp, section, full, out_dtype, tok)
         del model, full, encoders
     log.info("exported %s -> %s", ckpt, out)
     return Path(out)
@@ -220,13 +222,11 @@ def _write_llm(folder: Path, llm: LLMConfig, full: dict, dtype: torch.dtype, tok
     tok.save_pretrained(d)
 
 
-def _write_avllm(folder: Path, cfg, full: dict, dtype: torch.dtype, tok) -> None:
-    """vision/, audio/, projectors, config.json and the tokenizer with the modality tokens."""
+def _write_avllm(folder: Path, section, full: dict, dtype: torch.dtype, tok) -> None:
+    """vision/, audio/, projectors, config.json and the tokenizer with the modality tokens, from
+    `section` (the typed model config)."""
     from nemo_avllm import modality
     from nemo_avllm.hf import hf_model
-    from nemo_avllm.model.provider import avllm_config
-
-    section = avllm_config(cfg)
     geo = section.vision.geometry()
     # vision: open_clip -> CLIPVisionModelWithProjection; audio: laion HTSAT -> ClapAudioModel, or WhisperEncoder
     vision_cfg = encoders_bridge.clip_vision_config(section.vision)

@@ -28,7 +28,7 @@ from nemo_avllm.hf.common import (
     single_process,
     staged_folder,
 )
-from nemo_avllm.hf.tensor_files import HFWeights
+from nemo_avllm.model.weight_files import HFWeights
 from nemo_avllm.model.llm import LLMConfig
 
 log = logging.getLogger(__name__)

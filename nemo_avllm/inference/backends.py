@@ -111,8 +111,7 @@ class HFBackend:
     def __init__(self, folder: str | Path, dtype: str | None = None, device: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        import nemo_avllm  # noqa: F401  (registers the Auto classes)
-        from nemo_avllm.hf import hf_model
+        from nemo_avllm.hf import hf_model  # importing nemo_avllm.hf registers the Auto classes
 
         kwargs = {"dtype": {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]} if dtype else {}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

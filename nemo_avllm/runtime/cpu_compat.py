@@ -1,6 +1,6 @@
 """megatron-core on a machine without a CUDA device: the one place that makes it work.
 
-megatron-core assumes CUDA in a few dozen places (see ../shared/NOTES.md). Rather than forking
+megatron-core assumes CUDA in a few dozen places, of the kinds listed below. Rather than forking
 it, `apply()` bends those assumptions once per process, and only when `torch.cuda.is_available()`
 is False, so the same training code runs on a laptop, in CI and on a GPU cluster:
 

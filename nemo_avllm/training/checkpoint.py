@@ -6,37 +6,31 @@ at TP=1/PP=2 (resharding is dist_checkpointing's job); everything that is not a 
 sibling `<name>.tmp-<pid>` folder and renames it into place only after every rank finished, so a
 kill during a save leaves the previous checkpoint untouched and loadable.
 
-Training checkpoints also hold every rank's RNG states (Python, NumPy, torch CPU/CUDA, megatron's
-tracker), one object per (PP, TP) rank as Megatron-LM saves them, so a resumed run draws the same
-dropout masks as the uninterrupted one. They are restored only at the TP/PP they were saved at
-(the streams of other ranks do not exist there).
+Training checkpoints also hold every rank's RNG states (`rng_state`). A save first checks that
+it fits on disk (`checkpoint_space`).
 
 Reading one never runs code (`safe_load`): every read here goes through `safe_load.reading`, and
-what a save stores besides tensors is plain data (`plain`), so it loads with `weights_only=True`."""
+what a save stores besides tensors is plain data (`safe_load.plain`), so it loads with `weights_only=True`."""
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from nemo_avllm.errors import UserError
 from nemo_avllm.model.llm import impl_only_key
-from nemo_avllm.training import safe_load
-from nemo_avllm.training.safe_load import DamagedCheckpointError, UnsafeCheckpointError  # noqa: F401
+from nemo_avllm.runtime.processes import process_gone
+from nemo_avllm.training import rng_state, safe_load
+from nemo_avllm.training.checkpoint_space import DiskFullError, bytes_to_write, space_shortfall
 
 log = logging.getLogger(__name__)
 
 COMMON_KEY = "common"
-RNG_KEY = "rng_state"
-RNG_LAYOUT_KEY = "rng_layout"  # in the common state: the (TP, PP) the RNG states were saved at
 # What an LLM-only checkpoint (`avllm import-hf`) lacks of an AVLLM: `load(..., allow_missing=)`.
 NOT_IN_LLM_CHECKPOINT = ("proj_", "vision.", "audio.")
 # The distributed optimizer's state as each data-parallel rank's own bucket shards (Megatron-LM's
@@ -74,91 +68,6 @@ def model_sharded_state_dict(module) -> dict:
     return unwrap(module).sharded_state_dict(prefix="")
 
 
-def _tp_pp() -> dict:
-    from megatron.core import parallel_state as ps
-
-    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()}
-
-
-def get_rng_state() -> dict:
-    """This rank's RNG states: Python, NumPy, torch CPU (and CUDA), megatron's RNG tracker."""
-    from megatron.core import tensor_parallel
-
-    from nemo_avllm.runtime import distributed
-
-    state = {
-        "python": random.getstate(),
-        "numpy": plain(np.random.get_state()),
-        "torch": torch.get_rng_state(),
-        "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
-    }
-    if distributed.has_gpu():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
-    from nemo_avllm.runtime import distributed
-
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if distributed.has_gpu() and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def plain(obj):
-    """`obj` as tensors and plain Python data, what `torch.load(weights_only=True)` reads back:
-    OmegaConf containers as dicts/lists, NumPy arrays as tensors, paths and types as strings."""
-    from omegaconf import Container, OmegaConf
-
-    if isinstance(obj, Container):
-        return OmegaConf.to_container(obj, resolve=False)
-    if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
-        return type(obj)(plain(v) for v in obj)
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj.astype(np.int64) if obj.dtype == np.uint32 else obj.copy())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, type):
-        return f"{obj.__module__}.{obj.__qualname__}"
-    return obj
-
-
-def _check_plain(common: dict) -> None:
-    """Refuse, at save time, a common state that would not load with `weights_only=True` (rather
-    than a checkpoint that fails at resume, hours later)."""
-    buf = io.BytesIO()
-    torch.save(common, buf)
-    buf.seek(0)
-    try:
-        torch.load(buf, weights_only=True)
-    except Exception as e:
-        raise TypeError(f"checkpoint common state is not plain data (convert it with checkpoint.plain): "
-                        f"{str(e).splitlines()[-1][:300]}") from None
-
-
-def _rng_sharded(data) -> object:
-    """This rank's RNG states as a ShardedObject of shape (PP, TP); DP replicas share them."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    return ShardedObject(
-        RNG_KEY, data,
-        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
-        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
-        replica_id=ps.get_data_parallel_rank(),
-    )
-
-
 def save(path: str | Path, module, optimizer=None, common: dict | None = None, rng: bool = False) -> Path:
     """Save `module` (a megatron module or megatron DDP), `optimizer` and `common` to `path`;
     `rng=True` (training checkpoints) adds this rank's RNG states."""
@@ -171,10 +80,10 @@ def save(path: str | Path, module, optimizer=None, common: dict | None = None, r
     # the same temporary name on every rank: rank 0 picks it and broadcasts it, with the verdict
     # of the free-space check (every rank raises it, none is left waiting in a barrier)
     tmp = [str(path.parent / f"{path.name}.tmp-{_owner_tag()}"), None]
-    need = _bytes_to_write(state)
+    need = bytes_to_write(state)
     if _rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp[1] = _space_shortfall(path, need)
+        tmp[1] = space_shortfall(path, need)
         # leftovers of this checkpoint's saves that were killed midway, only those whose owner is gone
         for stale in [*path.parent.glob(f"{path.name}.tmp-*"), *path.parent.glob(f"{path.name}.old-*")]:
             if _owner_gone(stale):
@@ -187,19 +96,19 @@ def save(path: str | Path, module, optimizer=None, common: dict | None = None, r
     if _rank() == 0:
         tmp.mkdir(parents=True)
     _barrier()
-    state[COMMON_KEY] = plain(dict(common or {}))
+    state[COMMON_KEY] = safe_load.plain(dict(common or {}))
     if rng:
-        state[RNG_KEY] = _rng_sharded(get_rng_state())
-        state[COMMON_KEY][RNG_LAYOUT_KEY] = _tp_pp()
+        state[rng_state.KEY] = rng_state.sharded(rng_state.get_rng_state())
+        state[COMMON_KEY][rng_state.LAYOUT_KEY] = rng_state.tp_pp()
     if _rank() == 0:
-        _check_plain(state[COMMON_KEY])
+        safe_load.check_plain(state[COMMON_KEY])
     _sync_writer_queue()
     try:
         dist_checkpointing.save(state, str(tmp))
     except BaseException as e:  # torch's CheckpointException ("Worker failure") is a BaseException
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        short = _space_shortfall(path, need, failed="No space left on device" in f"{e}{e!r}{e.__cause__!r}")
+        short = space_shortfall(path, need, failed="No space left on device" in f"{e}{e!r}{e.__cause__!r}")
         if short:
             raise DiskFullError(short) from e
         raise
@@ -216,10 +125,6 @@ def save(path: str | Path, module, optimizer=None, common: dict | None = None, r
     return path
 
 
-class DiskFullError(UserError):
-    """Not enough free space for a checkpoint."""
-
-
 def _owner_tag() -> str:
     """`<pid>-<host>`: whose temporary folder this is (only its owner removes it while it lives)."""
     import socket
@@ -228,42 +133,9 @@ def _owner_tag() -> str:
 
 
 def _owner_gone(leftover: Path) -> bool:
-    from nemo_avllm.training.run_folder import process_gone
-
     tag = re.split(r"\.(?:tmp|old)-", leftover.name)[-1]
     pid, _, host = tag.partition("-")
     return pid.isdigit() and bool(host) and process_gone(int(pid), host)
-
-
-def _bytes_to_write(state: dict) -> int:
-    """Bytes all ranks together write for `state` (each tensor shard once)."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
-
-    n = sum(v.data.numel() * v.data.element_size() for v in nested_values(state)
-            if isinstance(v, ShardedTensor) and v.data is not None and is_main_replica(v.replica_id))
-    n += sum(v.data.numel() * v.data.element_size() for v in nested_values(state)
-             if not isinstance(v, ShardedTensor) and isinstance(getattr(v, "data", None), torch.Tensor))
-    if torch.distributed.is_initialized():
-        from nemo_avllm.runtime import distributed
-
-        t = torch.tensor([n], dtype=torch.int64, device=distributed.device())
-        torch.distributed.all_reduce(t)
-        n = int(t.item())
-    return n
-
-
-def _space_shortfall(path: Path, need: int, failed: bool = False) -> str | None:
-    """The one-line reason when the file system of `path` has less than `need` bytes (plus a
-    margin for metadata) free, or a write there `failed` for space (the disk filled meanwhile),
-    else None."""
-    need = int(need * 1.02) + (4 << 20)
-    free = shutil.disk_usage(path.parent).free
-    if free >= need and not failed:
-        return None
-    return (f"not enough disk space to save checkpoint {path}: it needs {need / 2**20:.0f} MiB free in "
-            f"{path.parent}, {free / 2**20:.0f} MiB are; free {max(need - free, 0) / 2**20:.0f} MiB there (the previous "
-            f"checkpoints are untouched), or move exp_manager.exp_dir to a larger disk")
 
 
 def failed_saves(checkpoint_dir: str | Path) -> list[Path]:
@@ -398,13 +270,13 @@ def _load(path, module, optimizer, allow_missing, rng) -> dict:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True, metadata=OPTIMIZER_METADATA)
     state[COMMON_KEY] = {}
     if rng:
-        saved_at = load_common(path).get(RNG_LAYOUT_KEY)
-        if saved_at == _tp_pp():
-            state[RNG_KEY] = _rng_sharded(None)
+        saved_at = load_common(path).get(rng_state.LAYOUT_KEY)
+        if saved_at == rng_state.tp_pp():
+            state[rng_state.KEY] = rng_state.sharded(None)
         else:
             rng = False
             log.warning("%s: RNG states %s; dropout draws will differ from the interrupted run's", path,
-                        f"saved at {saved_at}, not restored at {_tp_pp()}" if saved_at else "not in the checkpoint")
+                        f"saved at {saved_at}, not restored at {rng_state.tp_pp()}" if saved_at else "not in the checkpoint")
     loaded = read_tensors(path, state)
     _, unexpected = unwrap(module).load_state_dict(loaded["model"], strict=False)
     if unexpected:
@@ -415,7 +287,7 @@ def _load(path, module, optimizer, allow_missing, rng) -> dict:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
     if rng:
-        set_rng_state(loaded[RNG_KEY])
+        rng_state.set_rng_state(loaded[rng_state.KEY])
     return loaded.get(COMMON_KEY, {})
 
 

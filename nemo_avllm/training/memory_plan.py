@@ -136,7 +136,7 @@ _ARCH_KEYS = ("llm", "vision", "audio", "num_frames", "num_audio_segments", "par
 def _inventory(model_json: str) -> Inventory:
     from omegaconf import OmegaConf
 
-    from nemo_avllm.model.provider import DTYPES, avllm_config, build_model
+    from nemo_avllm.model.provider import DTYPES, build_model
 
     model_cfg = OmegaConf.merge(OmegaConf.create(json.loads(model_json)), {
         "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "transformer_impl": "local"})
@@ -150,7 +150,7 @@ def _inventory(model_json: str) -> Inventory:
         final_norm=_split(llm.decoder.final_layernorm.parameters()),
         output=_split(llm.output_layer.parameters()),
         projectors=_split([p for n, p in model.named_parameters() if n.startswith("proj_")]),
-        encoders=_encoder_params(avllm_config(model_cfg)),
+        encoders=_encoder_params(model.cfg),  # the typed config the model was built from
         param_bytes=torch.empty((), dtype=DTYPES[model_cfg.get("params_dtype", "fp32")]).element_size(),
         # the plan is for a GPU, where encoder_dtype auto means bf16
         encoder_bytes=torch.empty((), dtype=DTYPES["bf16" if enc_name == "auto" else enc_name]).element_size(),

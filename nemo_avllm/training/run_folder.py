@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from nemo_avllm.errors import UserError
+from nemo_avllm.runtime.processes import process_gone, start_time
 
 log = logging.getLogger(__name__)
 
@@ -35,30 +36,9 @@ class RunFolderBusyError(UserError):
     """Another run holds the run folder's lock."""
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def process_gone(pid: int, host: str, start: str | None = None) -> bool:
-    """True when the process `pid` on `host` surely no longer exists (only checkable on this host)."""
-    if host != socket.gethostname():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return start is not None and _start_time(pid) not in (None, start)
-
-
 def _owner() -> dict:
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "start": _start_time(pid),
+    return {"pid": pid, "host": socket.gethostname(), "start": start_time(pid),
             "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 

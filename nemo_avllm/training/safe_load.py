@@ -6,7 +6,7 @@ elsewhere (an imported LLM, a stage checkpoint) would be as trusted as code. `in
 every reader in this process safe (megatron's and torch's included): `.metadata` goes through
 an unpickler that admits only torch's checkpoint metadata classes, stored objects through
 `torch.load(weights_only=True)` (our checkpoints hold only tensors and plain data:
-`checkpoint.plain`). `reading(path)` wraps a read: a refused or damaged checkpoint becomes one
+`plain`). `reading(path)` wraps a read: a refused or damaged checkpoint becomes one
 `UserError` line naming the file, never a traceback from deep inside torch."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import re
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nemo_avllm.errors import UserError
@@ -217,3 +218,38 @@ def reading(path: str | Path):
         if where is None:
             raise  # not the files' fault
         raise DamagedCheckpointError(f"damaged checkpoint: {where}") from e
+
+
+def plain(obj):
+    """`obj` as tensors and plain Python data, what `torch.load(weights_only=True)` reads back:
+    OmegaConf containers as dicts/lists, NumPy arrays as tensors, paths and types as strings."""
+    from omegaconf import Container, OmegaConf
+
+    if isinstance(obj, Container):
+        return OmegaConf.to_container(obj, resolve=False)
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.astype(np.int64) if obj.dtype == np.uint32 else obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, type):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    return obj
+
+
+def check_plain(common: dict) -> None:
+    """Refuse, at save time, a common state that would not load with `weights_only=True` (rather
+    than a checkpoint that fails at resume, hours later)."""
+    buf = io.BytesIO()
+    torch.save(common, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+    except Exception as e:
+        raise TypeError(f"checkpoint common state is not plain data (convert it with safe_load.plain): "
+                        f"{str(e).splitlines()[-1][:300]}") from None

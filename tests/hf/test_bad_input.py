@@ -52,7 +52,7 @@ def test_no_weights_at_all(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(FileNotFoundError, match="holds no weights: expected one of model.safetensors"):
-        from nemo_avllm.hf.tensor_files import HFWeights
+        from nemo_avllm.model.weight_files import HFWeights
 
         HFWeights(tmp_path / "empty")
 

@@ -38,10 +38,12 @@ def test_import_then_export_from_the_command_line(tmp_path, tokenizer_dir):
 
 
 def test_importing_the_package_stays_light_and_registers_lazily():
-    """`import nemo_avllm` imports neither torch nor transformers, yet afterwards transformers'
-    Auto classes know `model_type: avllm` (registered when they are first imported)."""
-    _run(["-c", "import sys, nemo_avllm; assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)"])
-    code = ("import nemo_avllm\n"
+    """`import nemo_avllm.hf` imports neither torch nor transformers, yet afterwards transformers'
+    Auto classes know `model_type: avllm` (registered when they are first imported); `import
+    nemo_avllm` alone imports nothing of the package."""
+    _run(["-c", "import sys, nemo_avllm.hf; assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)"])
+    _run(["-c", "import sys, nemo_avllm; assert not [m for m in sys.modules if m.startswith('nemo_avllm.')], sorted(sys.modules)"])
+    code = ("import nemo_avllm.hf\n"
             "from transformers import AutoConfig, AutoModel, AutoModelForCausalLM\n"
             "c = AutoConfig.for_model('avllm')\n"
             "print(type(c).__name__, AutoModelForCausalLM._model_mapping[type(c)].real().__name__,"

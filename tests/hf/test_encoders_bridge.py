@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nemo_avllm.hf import encoders_bridge
+from nemo_avllm.model.encoders import weights
 from nemo_avllm.hf.hf_model import LogMel
 from tests.hf.worker import tiny_cfg
 
@@ -85,7 +86,7 @@ def test_clip_name_mapping_round_trips(section):
     model = CLIPVisionModelWithProjection(encoders_bridge.clip_vision_config(section.vision))
     missing, unexpected = model.load_state_dict(hf, strict=False)
     assert not unexpected and all(k.endswith("position_ids") for k in missing)
-    back = encoders_bridge.hf_to_open_clip(hf)
+    back = weights.hf_to_open_clip(hf)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
@@ -155,6 +156,6 @@ def test_clap_name_mapping_round_trips(section):
 
     missing, unexpected = ClapAudioModel(encoders_bridge.clap_audio_config(section.audio)).load_state_dict(hf, strict=False)
     assert not missing and not unexpected
-    back = encoders_bridge.hf_to_laion(hf)
-    kept = {k: v for k, v in sd.items() if not k.startswith(encoders_bridge.HTSAT_NOT_IN_HF)}
+    back = weights.hf_to_laion(hf)
+    kept = {k: v for k, v in sd.items() if not k.startswith(weights.HTSAT_NOT_IN_HF)}
     assert back.keys() == kept.keys() and all(torch.equal(back[k], kept[k]) for k in kept)

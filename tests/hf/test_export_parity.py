@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-import nemo_avllm  # noqa: F401  (registers the Auto classes)
+import nemo_avllm.hf  # noqa: F401  (registers the Auto classes)
 from nemo_avllm.hf import hf_model
 from tests.conftest import REPO, torchrun
 from tests.hf.worker import av_batch, scale_, tiny_cfg
 
-WORKER = REPO / "tests" / "export" / "worker.py"
+WORKER = REPO / "tests" / "hf" / "worker.py"
 TOL = 1e-4
 
 

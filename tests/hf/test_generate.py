@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import nemo_avllm  # noqa: F401  (registers the Auto classes)
+import nemo_avllm.hf  # noqa: F401  (registers the Auto classes)
 from nemo_avllm.hf import hf_model
 from nemo_avllm.model.encoders.vision import CLIP_MEAN, CLIP_STD
 from tests.hf.worker import tiny_cfg

@@ -11,7 +11,7 @@ from tests.conftest import REPO, torchrun
 from tests.hf.worker import tiny_cfg, tiny_hf_llama
 
 pytestmark = pytest.mark.distributed
-WORKER = REPO / "tests" / "export" / "worker.py"
+WORKER = REPO / "tests" / "hf" / "worker.py"
 TOL = 1e-4
 
 

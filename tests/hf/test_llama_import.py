@@ -53,7 +53,7 @@ def test_rope_layout_is_not_permuted(tmp_path, dist1, ids):
     and HF agree on rotate_half with the rows as HF stores them."""
     from nemo_avllm.config import to_dict
     from nemo_avllm.hf import llama_bridge
-    from nemo_avllm.hf.tensor_files import HFWeights
+    from nemo_avllm.model.weight_files import HFWeights
     from nemo_avllm.model import parallel_layout
     from nemo_avllm.model.llm import LLMConfig
     from nemo_avllm.model.provider import build_model

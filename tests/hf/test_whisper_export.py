@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import nemo_avllm  # noqa: F401  (registers the Auto classes)
+import nemo_avllm.hf  # noqa: F401  (registers the Auto classes)
 from nemo_avllm.hf import hf_model
 from tests.hf.worker import av_batch, scale_, tiny_cfg
 

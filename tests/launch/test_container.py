@@ -6,7 +6,7 @@ laion_clap (so that the laion-clap package, numpy<2, is not needed) is laion_cla
 
 from __future__ import annotations
 
-import difflib
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -55,16 +55,51 @@ def test_an_image_that_pins_a_version_pyproject_refuses_stops_the_build_in_one_l
     assert "\n" not in msg and msg.startswith("the base image pins megatron-core==0.15.0") and "BASE_IMAGE" in msg
 
 
-def test_htsat_is_laion_claps_code():
-    """encoders/htsat.py = laion_clap 1.1.7's clap_module/htsat.py with only the documented changes
-    (its two relative imports replaced; create_htsat_model left out). Module names, so checkpoints,
-    and outputs stay laion's (tests/training, tests/export load laion checkpoints through it)."""
-    from nemo_avllm.model.encoders import htsat
-    from nemo_avllm.model.encoders.audio import _htsat_module
+def _sources(path) -> dict[str, list[str]]:
+    """The source lines of each top-level definition of a file, and of each method as `Class.method`."""
+    src = Path(path).read_text()
+    out = {}
+    for node in ast.parse(src).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out[node.name] = [line.rstrip() for line in ast.get_source_segment(src, node).splitlines()]
+        if isinstance(node, ast.ClassDef):
+            for m in node.body:
+                if isinstance(m, ast.FunctionDef):
+                    out[f"{node.name}.{m.name}"] = [line.rstrip() for line in ast.get_source_segment(src, m).splitlines()]
+    return out
 
-    theirs = Path(_htsat_module().__file__).read_text().splitlines()
-    ours = Path(htsat.__file__).read_text().splitlines()
-    diff = list(difflib.ndiff(theirs[7:979], ours))
-    removed = [d[2:] for d in diff if d.startswith("- ")]
-    assert removed == ["from .utils import do_mixup, interpolate", "from .feature_fusion import iAFF, AFF, DAF"], removed
-    assert "create_htsat_model" in "\n".join(theirs[979:]) and "def create_htsat_model" not in "\n".join(ours)
+
+def _without_docstring(lines: list[str]) -> str:
+    fn = ast.parse("\n".join(lines)).body[0]
+    if isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant):
+        fn.body = fn.body[1:]
+    return ast.unparse(fn)
+
+
+def test_htsat_is_laion_claps_code():
+    """encoders/htsat/ (layers, swin, model) = laion_clap 1.1.7's clap_module/htsat.py, definition by
+    definition, with only the documented changes: create_htsat_model left out, do_mixup/interpolate
+    copied from its utils.py, and the resize step that starts reshape_wav2img and repeat_wat2img
+    written once (to_swin_size). Module names, so checkpoints, and outputs stay laion's
+    (tests/training, tests/hf load laion checkpoints through it)."""
+    from nemo_avllm.model.encoders.htsat import layers, model, swin
+    from tests.laion_reference import laion_htsat_module
+
+    reference = laion_htsat_module()
+    theirs = _sources(reference.__file__)
+    utils = _sources(Path(reference.__file__).with_name("utils.py"))
+    ours = {k: v for m in (layers, swin, model) for k, v in _sources(m.__file__).items()}
+    cls = "HTSAT_Swin_Transformer"
+    assert set(theirs) - set(ours) == {"create_htsat_model"}
+    assert set(ours) - set(theirs) == {"_no_fusion", "do_mixup", "interpolate", f"{cls}.to_swin_size"}
+    for name in ("do_mixup", "interpolate"):  # the same code, without utils.py's docstrings
+        assert _without_docstring(ours[name]) == _without_docstring(utils[name]), name
+    changed = {cls, f"{cls}.reshape_wav2img", f"{cls}.repeat_wat2img"}
+    for name in set(theirs) - changed - {"create_htsat_model"}:
+        assert ours[name] == theirs[name], name
+    resize = ours[f"{cls}.to_swin_size"][1:-1]  # its body without `def` and `return x`
+    assert ours[f"{cls}.to_swin_size"][-1] == "        return x"
+    for name in ("reshape_wav2img", "repeat_wat2img"):
+        t = theirs[f"{cls}.{name}"]
+        assert t[1 : 1 + len(resize)] == resize, name
+        assert ours[f"{cls}.{name}"] == [t[0], "        x = self.to_swin_size(x)", *t[1 + len(resize):]], name

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nemo_avllm import config
-from nemo_avllm.training import checkpoint
+from nemo_avllm.training import checkpoint, safe_load
 from tests.conftest import REPO
 
 
@@ -82,7 +82,7 @@ def test_crafted_stored_object_never_runs(tmp_path, dist1):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     dist_checkpointing.save({checkpoint.COMMON_KEY: {"step": 1, "x": _Payload(marker)}}, str(ckpt))
-    with pytest.raises(checkpoint.UnsafeCheckpointError, match=r"__0_0\.distcp: refused: object 'common_state.* holds .*exec"):
+    with pytest.raises(safe_load.UnsafeCheckpointError, match=r"__0_0\.distcp: refused: object 'common_state.* holds .*exec"):
         checkpoint.load_common(ckpt)
     assert not marker.exists()
 

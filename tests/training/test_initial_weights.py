@@ -15,6 +15,7 @@ import torch
 from nemo_avllm import config
 from nemo_avllm.training import checkpoint, restore
 from nemo_avllm.training.train import validate
+from tests.laion_reference import laion_htsat_module
 
 def _configured(*overrides: str, max_steps: int = 2):
     """An `AVLLMModel` configured in this process as the training entry point configures it
@@ -171,9 +172,7 @@ def _laion_clap_file(path: Path, laion_config: str) -> tuple[torch.nn.Module, di
     `laion_config` (laion_clap's model_configs/<name>.json), random weights, saved as laion_clap's
     training writes a CLAP checkpoint: {"state_dict": {"module.audio_branch.<name>": ...,
     "module.audio_projection.*", "module.text_branch.*", ...}, "epoch": ...}."""
-    from nemo_avllm.model.encoders.audio import _htsat_module
-
-    htsat = _htsat_module()  # laion_clap's clap_module/htsat.py, imported offline
+    htsat = laion_htsat_module()  # laion_clap's clap_module/htsat.py, imported offline
     spec = json.loads((Path(htsat.__file__).parent / "model_configs" / f"{laion_config}.json").read_text())
     torch.manual_seed(3)
     branch = htsat.create_htsat_model(SimpleNamespace(**spec["audio_cfg"])).eval()

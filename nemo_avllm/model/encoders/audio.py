@@ -1,4 +1,4 @@
-"""CLAP HTSAT audio encoder (laion_clap's HTSAT: `encoders/htsat.py`), frozen.
+"""CLAP HTSAT audio encoder (laion_clap's HTSAT: `encoders/htsat/`), frozen.
 
 Each of the K audio segments (48 kHz mono, CLAP's 480 000-sample window, repeat-padded by the
 data pipeline) becomes one embedding: HTSAT's pooled last hidden state, before CLAP's projection
@@ -13,6 +13,8 @@ from types import SimpleNamespace
 import torch
 
 from nemo_avllm.model.encoders.frozen import FrozenEncoder, seeded_init
+from nemo_avllm.model.encoders.weights import HTSAT_NOT_IN_HF, is_hf_clap, laion_htsat
+from nemo_avllm.model.weight_files import read_state_dict
 
 # HTSAT-{tiny,base,large} as laion_clap builds them (clap_module/htsat.py: create_htsat_model).
 HTSAT_ARCHS = {
@@ -20,28 +22,6 @@ HTSAT_ARCHS = {
     "base": dict(embed_dim=128, depths=(2, 2, 12, 2), num_heads=(4, 8, 16, 32)),
     "large": dict(embed_dim=256, depths=(2, 2, 12, 2), num_heads=(4, 8, 16, 32)),
 }
-
-
-def _htsat_module():
-    """laion_clap's own htsat.py, the reference `encoders/htsat.py` is tested against (laion-clap is a
-    test dependency only), without running `laion_clap/__init__.py`, which downloads text tokenizers
-    at import (NOTES.md)."""
-    import importlib
-    import importlib.util
-    import os
-    import sys
-    import types
-
-    name = "_avllm_laion_clap_module"
-    if f"{name}.htsat" in sys.modules:
-        return sys.modules[f"{name}.htsat"]
-    spec = importlib.util.find_spec("laion_clap")
-    if spec is None or spec.origin is None:
-        raise ImportError("laion-clap is not installed: pip install laion-clap==1.1.7 (the test extra)")
-    pkg = types.ModuleType(name)
-    pkg.__path__ = [os.path.join(os.path.dirname(spec.origin), "clap_module")]
-    sys.modules[name] = pkg
-    return importlib.import_module(f"{name}.htsat")
 
 
 def preset_arch(cfg, presets: dict) -> dict:
@@ -91,7 +71,7 @@ class AudioEncoder(FrozenEncoder):
     def __init__(self, cfg: AudioEncoderConfig):
         super().__init__()
         arch = cfg.arch()
-        from nemo_avllm.model.encoders import htsat  # laion_clap's HTSAT code, without its package (numpy<2)
+        from nemo_avllm.model.encoders.htsat.model import HTSAT_Swin_Transformer  # laion_clap's code (numpy<2 free)
 
         self.cfg = cfg
         audio_cfg = SimpleNamespace(
@@ -107,7 +87,7 @@ class AudioEncoder(FrozenEncoder):
             enable_repeat_mode=False,
         )
         with seeded_init(cfg.init_seed):
-            self.htsat = htsat.HTSAT_Swin_Transformer(
+            self.htsat = HTSAT_Swin_Transformer(
                 spec_size=256,
                 patch_size=4,
                 patch_stride=(4, 4),
@@ -132,11 +112,8 @@ class AudioEncoder(FrozenEncoder):
     def load_checkpoint(self, path: str) -> None:
         """laion_clap weights (630k-audioset layout `module.audio_branch.*`, or HTSAT alone) or Hugging
         Face CLAP weights (`ClapAudioModel`/`ClapModel`: a file or a model folder), mapped to laion
-        names by `nemo_avllm.hf.encoders_bridge`. HF checkpoints lack laion's log-mel front end
+        names by `weights.laion_htsat`. HF checkpoints lack laion's log-mel front end
         (a fixed function of this config, kept as built) and its AudioSet head (unused)."""
-        from nemo_avllm.hf.encoders_bridge import HTSAT_NOT_IN_HF, is_hf_clap, laion_htsat
-        from nemo_avllm.hf.tensor_files import read_state_dict
-
         raw = read_state_dict(path)
         missing, unexpected = self.htsat.load_state_dict(laion_htsat(raw), strict=False)
         if is_hf_clap(raw):  # HF has no front end / AudioSet head: those stay as built

@@ -1,9 +1,8 @@
-"""What makes an encoder frozen: no grads, always eval mode, weights from a local file only."""
+"""What makes an encoder frozen: no grads, always eval mode, reproducible initial weights."""
 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -49,19 +48,3 @@ def seeded_init(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         yield
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors file or a pickle-free torch checkpoint (`weights_only=True`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder checkpoint {path} does not exist; set the path or null for random init")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):  # common checkpoint wrappers
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    return sd

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from nemo_avllm.model.encoders.frozen import FrozenEncoder, seeded_init
+from nemo_avllm.model.encoders.weights import open_clip_visual
+from nemo_avllm.model.weight_files import read_state_dict
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -76,10 +78,7 @@ class VisionEncoder(FrozenEncoder):
     def load_checkpoint(self, path: str) -> None:
         """open_clip weights (a full CLIP state dict with `visual.*`, or the visual tower alone) or
         Hugging Face CLIP weights (`CLIPVisionModel[WithProjection]`/`CLIPModel`: a file or a model
-        folder), mapped to open_clip names by `nemo_avllm.hf.encoders_bridge`."""
-        from nemo_avllm.hf.encoders_bridge import open_clip_visual
-        from nemo_avllm.hf.tensor_files import read_state_dict
-
+        folder), mapped to open_clip names by `weights.open_clip_visual`."""
         sd = open_clip_visual(read_state_dict(path))
         missing, unexpected = self.visual.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith(("proj", "attn_pool"))]

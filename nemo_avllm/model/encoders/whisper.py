@@ -28,6 +28,8 @@ from torch import nn
 
 from nemo_avllm.model.encoders.audio import preset_arch
 from nemo_avllm.model.encoders.frozen import FrozenEncoder, seeded_init
+from nemo_avllm.model.encoders.weights import whisper_encoder_weights
+from nemo_avllm.model.weight_files import read_state_dict
 
 # Whisper encoder sizes (openai/whisper-*): d_model, encoder_layers, encoder_attention_heads, num_mel_bins.
 WHISPER_ARCHS = {
@@ -150,9 +152,6 @@ class WhisperAudioEncoder(FrozenEncoder):
         `WhisperForConditionalGeneration`, or a bare `WhisperEncoder` as `avllm export-hf` writes
         it); the decoder, if any, is dropped. Loads strictly: every encoder tensor must be there
         with this config's shape."""
-        from nemo_avllm.hf.encoders_bridge import whisper_encoder_weights
-        from nemo_avllm.hf.tensor_files import read_state_dict
-
         sd = whisper_encoder_weights(read_state_dict(path), str(path))
         own = self.whisper.state_dict()
         bad = {k: (tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if k in sd and sd[k].shape != v.shape}
