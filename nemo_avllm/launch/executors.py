@@ -80,7 +80,7 @@ def check_image(image: str | None) -> None:
                         "(e.g. nvcr.io#myorg/nemo_avllm:latest or /lustre/images/nemo_avllm.sqsh)")
     p = Path(str(image))
     if p.is_absolute() and Path("/", *p.parts[1:2]).exists() and not p.exists():
-        raise UserError(f"slurm.container_image={image} does not exist; build it (README \"Cluster runs\") or fix the path")
+        raise UserError(f"slurm.container_image={image} does not exist; build it (docs/cluster.md, \"Container\") or fix the path")
 
 
 def slurm_executor(*, account: str, partition: str | None, nodes: int, gpus_per_node: int, container_image: str,
