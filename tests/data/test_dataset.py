@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nemo_avllm import modality
-from nemo_avllm.data import media
+from nemo_avllm.data import decode
 from nemo_avllm.data.dataset import AVDataset, DecodeSettings, MediaSource, build_dataloader, collate_av, layout_of
 from nemo_avllm.data.manifest import validate_manifest
 from nemo_avllm.data.mat_sampler import MATBatchSampler
@@ -76,8 +76,8 @@ def test_items_carry_only_the_media_their_tokens_need(dataset, data):
     ids = torch.tensor(av["tokens"].input_ids)
     assert [(ids == p).sum().item() for p in modality.PLACEHOLDER_IDS] == [4, 16, 2]
     # exactly what the media module decodes (the contract is shared with DALI)
-    assert torch.equal(v["video"], media.decode_video(d / "mute.mp4", 4, 64)[0])
-    assert torch.equal(a["audio"], media.load_audio_segments(d / "av1.mp4", 2, 48000, 480000))
+    assert torch.equal(v["video"], decode.decode_video(d / "mute.mp4", 4, 64)[0])
+    assert torch.equal(a["audio"], decode.load_audio_segments(d / "av1.mp4", 2, 48000, 480000))
     still = dataset[4]["video"]
     assert torch.equal(still[0], still[3])  # an image is a 1-frame video
 
@@ -108,7 +108,7 @@ def test_prepare_index_supplies_the_flac_side_car(data, tokenizer, model_cfg, tm
     src = MediaSource.of(samples_idx[1], ds.index)
     assert src.audio.endswith(".flac") and src.info.num_frames == 8 and src.has_audio
     from_flac = ds[1]["audio"]
-    from_container = media.load_audio_segments(d / "av1.mp4", 2, 48000, 480000)
+    from_container = decode.load_audio_segments(d / "av1.mp4", 2, 48000, 480000)
     assert (from_flac - from_container).abs().max() < 1e-3  # 16-bit FLAC of the same 48 kHz mono track
 
 

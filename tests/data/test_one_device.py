@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_avllm.data import media
+from nemo_avllm.data import decode_pyav, media
 from nemo_avllm.data.dataset import DecodeSettings, MediaSource, collate_av, load_media_batch, stack_rows
 from nemo_avllm.data.workers import worker_gpu
 from nemo_avllm.data.conversation import TokenizedSample
@@ -71,7 +71,7 @@ def test_dali_run_decodes_a_batch_in_one_call(tmp_path):
         dali_video.VideoBatchDecoder._run = run
     assert calls == [3]  # the three videos in one pipeline run
     for src, (video, audio) in zip(sources, got):
-        info = media.probe(src.video)
+        info = decode_pyav.probe(src.video)
         one = dali_video.decode_video_dali(src.video, media.sample_frame_indices(info.num_frames, 4), image_size=40)
         assert video.shape == (4, 3, 40, 40) and torch.allclose(video, one, atol=1e-5)
     assert got[0][1].shape == (2, 4800) and got[1][1] is None
