@@ -28,12 +28,13 @@ log = logging.getLogger(__name__)
 
 
 def train_loader(spec: DataSpec, source: Sequence[Sample] | str | os.PathLike, tokenizer,
-                 consumed_samples: int = 0) -> torch.utils.data.DataLoader:
+                 consumed_samples: int = 0, shard_epochs: int | None = None) -> torch.utils.data.DataLoader:
     """This data-parallel rank's training micro-batches, resuming after `consumed_samples`.
     `source`: validated samples, or the shards of `model.data.shards` (a folder, URL or brace
     pattern). The sampler (`loader.batch_sampler`, or `loader.dataset` for shards) gives the state
     for the checkpoint. With `spec.packing` one item is a step's share of the rank, packed into
-    micro-batches of `micro_batch_size` rows; the ranks' shares are then balanced by tokens."""
+    micro-batches of `micro_batch_size` rows; the ranks' shares are then balanced by tokens.
+    Manifest samples run to the end of the epoch; shards are endless unless `shard_epochs`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked
     pack = _packing(spec, tokenizer, spec.micro_batch_size)
     per_batch = spec.global_batch_size // spec.dp_size if spec.packing else spec.micro_batch_size
@@ -43,7 +44,8 @@ def train_loader(spec: DataSpec, source: Sequence[Sample] | str | os.PathLike, t
                 max_steps=spec.max_steps)
     if isinstance(source, (str, os.PathLike)):  # endless: epochs advance inside the stream
         stream = ShardStream(source, tokenizer, spec.layout, spec.decode, max_length=spec.seq_length,
-                             feature_fields=spec.feature_fields, schedule_split=spec.schedule_split, **geometry)
+                             feature_fields=spec.feature_fields, schedule_split=spec.schedule_split,
+                             max_epochs=shard_epochs, **geometry)
         log.info("%s", stream.plan.describe())
         return _loader(spec, stream, pack, batch_size=None)
     dataset = _dataset(spec, source, tokenizer, derive_views=spec.derive_views)

@@ -37,8 +37,8 @@ from typing import Iterable
 
 from nemo_avllm import modality
 from nemo_avllm.data.conversation import ConversationError, ConversationTemplate, check_turns, tokenize_conversation
-from nemo_avllm.data.index import MediaIndex, as_index
 from nemo_avllm.data.decode_pyav import probe_audio
+from nemo_avllm.data.index import MediaIndex, as_index
 from nemo_avllm.data.media import MediaError
 from nemo_avllm.errors import UserError
 

@@ -75,6 +75,16 @@ def data_spec(cfg: DictConfig, model=None, **run) -> DataSpec:
     return dataclasses.replace(spec, **run)
 
 
+def model_spec(model_cfg, backend: str = "cpu", **fields) -> DataSpec:
+    """A `DataSpec` for a model config alone (tests, benchmarks, tools without a trainer): its
+    layout, decode settings and feature-cache fields; the batch geometry and the rest from `fields`."""
+    from nemo_avllm.model.provider import avllm_config
+
+    model = avllm_config(model_cfg)
+    return DataSpec(layout=model.layout(), decode=decode_settings(model, backend), feature_fields=cache_fields(model),
+                    **fields)
+
+
 class TrainData:
     def __init__(self, cfg: DictConfig):
         from nemo_avllm.data.manifest import validate_manifest
