@@ -87,7 +87,7 @@ def model_spec(model_cfg, backend: str = "cpu", **fields) -> DataSpec:
 
 class TrainData:
     def __init__(self, cfg: DictConfig):
-        from nemo_avllm.data.manifest import validate_manifest
+        from nemo_avllm.data.manifest_checks import validate_manifest
 
         m, d = cfg.model, cfg.model.data
         if bool(d.get("train_manifest")) == bool(d.get("shards")):

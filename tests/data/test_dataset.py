@@ -14,7 +14,7 @@ from nemo_avllm.data.collate import collate_av
 from nemo_avllm.data.dataset import AVDataset
 from nemo_avllm.data.decode import MediaSource
 from nemo_avllm.data.loaders import train_loader
-from nemo_avllm.data.manifest import validate_manifest
+from nemo_avllm.data.manifest_checks import validate_manifest
 from nemo_avllm.data.mat_sampler import MATBatchSampler
 from nemo_avllm.data.prepare import prepare
 from nemo_avllm.model.provider import avllm_config

@@ -87,7 +87,7 @@ def test_training_dataset_decodes_each_micro_batch_in_one_dali_call(tmp_path, to
     from dali_pipelines import video as dali_video
     from nemo_avllm import config
     from nemo_avllm.data.dataset import AVDataset
-    from nemo_avllm.data.manifest import validate_manifest
+    from nemo_avllm.data.manifest_checks import validate_manifest
     from nemo_avllm.model.provider import avllm_config
     from tests.media_factory import FFMPEG, color_frames, conv, make_clip, tone
 

@@ -14,7 +14,7 @@ from nemo_avllm import config
 from nemo_avllm.data.dataset import AVDataset
 from nemo_avllm.data.features import FeatureCacheError
 from nemo_avllm.data.loaders import train_loader
-from nemo_avllm.data.manifest import validate_manifest
+from nemo_avllm.data.manifest_checks import validate_manifest
 from nemo_avllm.data.shard_writer import write_shards
 from nemo_avllm.data.shards import ShardStream
 from nemo_avllm.model.provider import avllm_config

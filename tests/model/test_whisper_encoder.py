@@ -42,7 +42,7 @@ def clip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clip_audio(model_cfg, clip):
     """[K, 32000] at 16 kHz: the first and last segments hold different sound."""
-    from nemo_avllm.data.decode import DecodeSettings, MediaSource, load_media
+    from nemo_avllm.data.decode import MediaSource, load_media
     from nemo_avllm.training.data import decode_settings
 
     path = clip
@@ -142,8 +142,7 @@ def test_training_step_with_the_live_whisper_encoder(model_cfg, clip, tokenizer,
 
     from nemo_avllm.data.collate import collate_av
     from nemo_avllm.data.dataset import AVDataset
-    from nemo_avllm.data.decode import DecodeSettings
-    from nemo_avllm.data.manifest import validate_manifest
+    from nemo_avllm.data.manifest_checks import validate_manifest
     from nemo_avllm.model.provider import build_model
     from nemo_avllm.training import optim
     from nemo_avllm.training.data import decode_settings

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg binary 
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
-    from nemo_avllm.data.manifest import validate_manifest
+    from nemo_avllm.data.manifest_checks import validate_manifest
 
     d = make_media_set(tmp_path_factory.mktemp("bf16media"))
     lines = [

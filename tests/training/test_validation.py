@@ -28,7 +28,7 @@ def test_eval_batches_cover_every_sample_once_over_data_parallel_ranks():
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_validation_loss_per_modality_equals_the_per_sample_losses(dist1, media_data, tokenizer, packing):
-    from nemo_avllm.data.manifest import validate_manifest
+    from nemo_avllm.data.manifest_checks import validate_manifest
     from nemo_avllm.model.loss import masked_token_loss
     from nemo_avllm.model.provider import build_model
     from nemo_avllm.runtime import distributed
