@@ -30,6 +30,7 @@ from nemo_avllm.data.media import (
     DecodedClip,
     MediaError,
     MediaInfo,
+    audio_segments,
     backend_label,
     cuda_available,
     dali_reads_audio,
@@ -37,7 +38,6 @@ from nemo_avllm.data.media import (
     normalize_frames,
     resolve_backend,
     sample_frame_indices,
-    segment_audio,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -126,17 +126,10 @@ def decode_video(
     return normalize_frames(frames, image_size), indices, n
 
 
-def load_audio_segments(
-    path,
-    num_segments: int = DEFAULT_NUM_SEGMENTS,
-    sample_rate: int = SAMPLE_RATE,
-    window: int = CLAP_WINDOW,
-) -> torch.Tensor | None:
+def load_audio_segments(path, num_segments: int = DEFAULT_NUM_SEGMENTS, sample_rate: int = SAMPLE_RATE,
+                        window: int = CLAP_WINDOW) -> torch.Tensor | None:
     """CPU run's audio: `[K, W]` float32, or None without audio."""
-    wave = read_audio(path, sample_rate)
-    if wave is None or wave.size == 0:
-        return None
-    return torch.from_numpy(segment_audio(wave, num_segments, window))
+    return audio_segments(read_audio(path, sample_rate), num_segments, window)
 
 
 def decode_clip(
@@ -175,9 +168,7 @@ def decode_clip(
     else:
         frames, indices, n, wave = read_frames_and_audio(video_path, audio_path, num_frames, sample_rate, info)
         video = normalize_frames(frames, image_size)
-    audio = None
-    if wave is not None and wave.size > 0:
-        audio = torch.from_numpy(segment_audio(wave, num_segments, window))
+    audio = audio_segments(wave, num_segments, window)
     return DecodedClip(video, audio, indices, n, audio is not None, backend=backend_label(run))
 
 

@@ -51,9 +51,7 @@ def train_loader(spec: DataSpec, source: Sequence[Sample] | str | os.PathLike, t
     dataset = _dataset(spec, source, tokenizer, derive_views=spec.derive_views)
     sampler_cls = token_balanced(MATBatchSampler) if spec.packing and spec.dp_size > 1 else MATBatchSampler
     extra = {"length_of": dataset.token_length} if spec.packing and spec.dp_size > 1 else {}
-    sampler = sampler_cls(source, geometry["ratios"], spec.global_batch_size, per_batch, spec.dp_rank, spec.dp_size,
-                          spec.seed, spec.derive_views, consumed_samples, spec.schedule, spec.schedule_split,
-                          spec.max_steps, **extra)
+    sampler = sampler_cls(source, split=spec.schedule_split, **geometry, **extra)
     log.info("%s", sampler.plan.describe())
     return _loader(spec, dataset, pack, batch_sampler=sampler)
 

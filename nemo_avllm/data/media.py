@@ -178,6 +178,14 @@ def segment_audio(
     return out
 
 
+def audio_segments(wave: np.ndarray | None, num_segments: int, window: int) -> torch.Tensor | None:
+    """A decoded track as the contract's `[K, W]` tensor (:func:`segment_audio`), or None when
+    there is no sound (no track, or an empty one)."""
+    if wave is None or wave.size == 0:
+        return None
+    return torch.from_numpy(segment_audio(wave, num_segments, window))
+
+
 def decode_threads() -> int:
     """Threads a CPU decoder may use: as many as torch computes with, so one in a DataLoader
     worker (`workers.loader_worker_init`), where W workers then use W cores. On 360p clips one
