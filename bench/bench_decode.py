@@ -12,8 +12,8 @@ and a 48 kHz mono 16-bit FLAC side-car per clip (as `avllm prepare` writes it), 
   step, with its distance from the contract (CLIP units);
 - `audio`: the whole track → mono 48 kHz, from the AAC in the container and from the FLAC;
 - `clip`: the whole contract (frames + resize + K=4 audio segments) with one library alone, and
-  the project's `cpu` run (`media.decode_clip`, which takes each step from the fastest decoder
-  that reads the file correctly, `media.FRAME_DECODERS` and `media.AUDIO_DECODERS`, and reads a
+  the project's `cpu` run (`decode.decode_clip`, which takes each step from the fastest decoder
+  that reads the file correctly, `decode.FRAME_DECODERS` and `decode.AUDIO_DECODERS`, and reads a
   clip's frames and own audio track in one pass).
 
 Each row says whether the result equals the contract (max |diff| to PyAV's frames, audio length
@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
 import torch  # noqa: E402
 
-from nemo_avllm.data import media  # noqa: E402
+from nemo_avllm.data import decode, decode_pyav, media  # noqa: E402
 
 
 def make_clips(workdir: Path, count: int, seconds: float, size: str) -> list[tuple[Path, Path]]:
@@ -55,7 +55,7 @@ def make_clips(workdir: Path, count: int, seconds: float, size: str) -> list[tup
                  "-ac", "2", "-c:v", "libx264", "-preset", "medium", "-pix_fmt", "yuv420p",
                  "-c:a", "aac", "-b:a", "128k", "-shortest", str(clip)], check=True)
         if not flac.exists():  # as `prepare` writes it: PyAV's mono 48 kHz track, 16-bit FLAC
-            wave = media.backend_module("pyav").decode_audio(clip, media.SAMPLE_RATE)
+            wave = decode.backend_module("pyav").decode_audio(clip, media.SAMPLE_RATE)
             soundfile.write(flac, np.clip(wave, -1.0, 1.0), media.SAMPLE_RATE, format="FLAC", subtype="PCM_16")
         pairs.append((clip, flac))
     return pairs
@@ -100,8 +100,8 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or tmp.name)
     workdir.mkdir(parents=True, exist_ok=True)
     pairs = make_clips(workdir, args.clips, args.seconds, args.size)
-    infos = {str(c): media.probe(c) for c, _ in pairs}
-    have = {name: media.installed(name) for name in ("pyav", "torchcodec", "decord")}
+    infos = {str(c): decode_pyav.probe(c) for c, _ in pairs}
+    have = {name: decode.installed(name) for name in ("pyav", "torchcodec", "decord")}
     for name, ok in have.items():
         if not ok:
             print(f"# {name}: not installed (pip install 'nemo_avllm[decoders]'), skipped")
@@ -111,12 +111,12 @@ def main(argv=None) -> int:
     rows = []  # (step, back-end, clips/s, check)
     exact = {}  # (step, back-end) -> returns the contract's result
     rounds = {}  # clip step -> {candidate: seconds per round}, for the paired comparison
-    pyav = media.backend_module("pyav")
+    pyav = decode.backend_module("pyav")
 
     def frames_with(name):
         if name == "pyav":
             return lambda c, _f: pyav.decode_video_frames(c, T)[0]
-        mod = media.backend_module(name)
+        mod = decode.backend_module(name)
         return lambda c, _f: mod.read_frames(c, T, infos[str(c)])[0]
 
     libs = [name for name in ("pyav", "torchcodec", "decord") if have[name]]
@@ -160,8 +160,8 @@ def main(argv=None) -> int:
                                                                   media.segment_audio(au(c, f), K)))
         alone["pyav plain (every frame decoded, no project code)"] = (
             lambda c, f, src=src: _pyav_plain(c, f if src == "flac" else c, T, S, K, R))
-        alone["project cpu run (media.decode_clip)"] = (
-            lambda c, f, src=src: media.decode_clip(c, f if src == "flac" else None, T, K, S, backend="cpu",
+        alone["project cpu run (decode.decode_clip)"] = (
+            lambda c, f, src=src: decode.decode_clip(c, f if src == "flac" else None, T, K, S, backend="cpu",
                                                     info=infos[str(c)]))
         got = race(alone, pairs, args.repeat)
         rounds[f"clip ({src} audio)"] = {name: r[2] for name, r in got.items()}
@@ -188,9 +188,9 @@ def goal(rows, exact, rounds) -> list[str]:
     fastest library whose result is the contract's; per audio source, the whole run against each
     library alone, paired round by round (median speed-up, rounds won)."""
     cps = {(step, name): c for step, name, c, _ in rows}
-    frames_by = media.FRAME_DECODERS[0]
+    frames_by = decode.FRAME_DECODERS[0]
     audio_by = {"container": "pyav",  # torchcodec reads side-cars only (AAC keeps its padding)
-                "flac": next(n for n in media.AUDIO_DECODERS if media.installed(n))}
+                "flac": next(n for n in decode.AUDIO_DECODERS if decode.installed(n))}
     checks = [("frames", frames_by, "frames"), ("frames+resize", f"{frames_by} + contract resize", "frames+resize")]
     checks += [(f"audio ({src})", audio_by[src], f"audio ({src})") for src in audio_by]
     lines = []
@@ -201,7 +201,7 @@ def goal(rows, exact, rounds) -> list[str]:
         lines.append(f"# goal {step}: project uses {ours} {cps[step, ours]:.1f}, fastest exact {best} "
                      f"{rivals[best]:.1f} -> {'met' if ok else 'NOT met'}")
     for step, times in rounds.items():
-        ours = np.asarray(times.pop("project cpu run (media.decode_clip)"))
+        ours = np.asarray(times.pop("project cpu run (decode.decode_clip)"))
         parts, ok = [], True
         for name, t in times.items():
             ratio = np.asarray(t) / ours  # > 1: the project was faster in that round
@@ -248,7 +248,7 @@ def _contract_crop(x: torch.Tensor, S: int) -> torch.Tensor:
 def _pyav_resized(path, T, rh, rw, S):
     import av
 
-    pyav = media.backend_module("pyav")
+    pyav = decode.backend_module("pyav")
     with av.open(str(path)) as c:
         vs = c.streams.video[0]
         vs.thread_type = "AUTO"
@@ -282,7 +282,7 @@ def _audio_fn(name: str, src: str, rate: int):
     """(clip, flac) → mono float32 at `rate` with library `name`, from the container or the FLAC."""
     pick = (lambda c, f: f) if src == "flac" else (lambda c, f: c)
     if name == "pyav":
-        return lambda c, f: media.backend_module("pyav").decode_audio(pick(c, f), rate)
+        return lambda c, f: decode.backend_module("pyav").decode_audio(pick(c, f), rate)
     if name == "torchcodec":
         from torchcodec.decoders import AudioDecoder  # also on AAC here, to compare; the project uses it on FLAC
 

@@ -25,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from nemo_avllm import config  # noqa: E402
-from nemo_avllm.data.dataset import DecodeSettings  # noqa: E402
-from nemo_avllm.data.features import build_encoders, build_feature_cache, encode_clips  # noqa: E402
+from nemo_avllm.data.feature_build import encode_clips  # noqa: E402
 from nemo_avllm.data.prepare import prepare  # noqa: E402
+from nemo_avllm.model.provider import avllm_config  # noqa: E402
+from nemo_avllm.training.data import decode_settings  # noqa: E402
+from nemo_avllm.training.feature_cache import build_encoders, build_feature_cache  # noqa: E402
 
 
 def make_clips(workdir: Path, count: int, seconds: float) -> Path:
@@ -67,7 +69,7 @@ def main() -> int:
         torch.manual_seed(0)
         vision, audio = build_encoders(cfg, device)
 
-        s = DecodeSettings.from_model_config(cfg)
+        s = decode_settings(avllm_config(cfg))
         b = args.batch_size
         video = torch.randn(b, s.num_frames, 3, s.image_size, s.image_size)
         wave = 0.1 * torch.randn(b, s.num_audio_segments, s.window)

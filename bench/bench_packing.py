@@ -109,10 +109,10 @@ def stage_lengths(stage: int, layout, seq_length: int, root: Path = ANNOTATIONS)
 
 def stage_setup(stage: int, overrides=()):
     from nemo_avllm import config
-    from nemo_avllm.data.dataset import layout_of
+    from nemo_avllm.model.provider import avllm_config
 
     cfg = config.load(STAGES[stage], ["model=vicuna7b", "model.restore_from=/x", *overrides])
-    return cfg, layout_of(cfg.model)
+    return cfg, avllm_config(cfg.model).layout()
 
 
 def draw_steps(lengths: dict[str, list[int]], ratios: dict, gbs: int, dp: int, steps: int, seed: int = 0):
@@ -200,9 +200,9 @@ def cpu_training(args) -> list[str]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nemo_avllm import config
-    from nemo_avllm.data.dataset import collate_av, layout_of
+    from nemo_avllm.data.collate import collate_av
     from nemo_avllm.data.packing import collate_packed, make_spec
-    from nemo_avllm.model.provider import build_model
+    from nemo_avllm.model.provider import avllm_config, build_model
     from nemo_avllm.runtime import distributed
     from nemo_avllm.training import optim
     from nemo_avllm.training.step import forward_step
@@ -211,7 +211,7 @@ def cpu_training(args) -> list[str]:
     cfg = config.load("stage2_finetune", ["model=tiny", "model.build_encoders=false", "model.allow_random_init=true",
                                           f"model.seq_length={seq}", f"model.micro_batch_size={mbs}",
                                           f"model.global_batch_size={gbs}", "model.activations_checkpoint=false"]).model
-    layout = layout_of(cfg)
+    layout = avllm_config(cfg).layout()
     lengths = stage_lengths(2, layout, seq, Path(args.annotations))
     steps = draw_steps(lengths, dict(cfg.data.mat_ratios), gbs, 1, args.cpu_steps + 1, args.seed)
     distributed.initialize(1, 1, seed=1234)

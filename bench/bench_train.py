@@ -189,7 +189,7 @@ def length_mix_batches(model, cfg, args, device, dtype):
     (micro-batches, useful tokens, mean sample length, token positions computed)."""
     import torch
 
-    from nemo_avllm.data.dataset import collate_av
+    from nemo_avllm.data.collate import collate_av
     from nemo_avllm.data.packing import collate_packed, make_spec
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -224,11 +224,11 @@ def length_mix_batches(model, cfg, args, device, dtype):
 
 def run_pipeline(args) -> list[str]:
     from nemo_avllm import config
-    from nemo_avllm.data.features import build_feature_cache
     from nemo_avllm.data.prepare import prepare
     from nemo_avllm.data.tokenizer import train_sentencepiece
     from nemo_avllm.demo import clips
     from nemo_avllm.training.callbacks import read_metrics
+    from nemo_avllm.training.feature_cache import build_feature_cache
     from nemo_avllm.training.train import train
 
     work = Path(args.workdir)

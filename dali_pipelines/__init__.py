@@ -1,8 +1,8 @@
 """NVIDIA DALI back-end of the decoding contract (`nemo_avllm.data.media`): NVDEC video decode
 and GPU resize/normalise on GPU nodes, DALI's CPU operators elsewhere, FLAC/WAV/OGG audio.
 
-Importing this package needs `nvidia-dali-cuda12x/13x`; `media.installed("dali")` says whether
-it is there. `media.backend_module("dali")` is how the rest of the project reaches it.
+Importing this package needs `nvidia-dali-cuda12x/13x`; `decode.installed("dali")` says whether
+it is there. `nemo_avllm.data.decode.backend_module("dali")` is how the rest of the project reaches it.
 """
 
 from dali_pipelines.audio import decode_audio_dali, load_audio_segments_dali

@@ -20,6 +20,7 @@ from nemo_avllm.data.media import (
     DEFAULT_NUM_SEGMENTS,
     SAMPLE_RATE,
     MediaError,
+    audio_segments,
     segment_audio,
 )
 from dali_pipelines.video import error_detail, read_bytes
@@ -134,6 +135,5 @@ def load_audio_segments_dali(
     sample_rate: int = SAMPLE_RATE,
     window: int = CLAP_WINDOW,
 ) -> torch.Tensor | None:
-    """DALI counterpart of `media.load_audio_segments`: `[K, W]` float32, or None."""
-    wave = decode_audio_dali(path, sample_rate)
-    return None if wave is None else torch.from_numpy(segment_audio(wave, num_segments, window))
+    """DALI counterpart of `decode.load_audio_segments`: `[K, W]` float32, or None."""
+    return audio_segments(decode_audio_dali(path, sample_rate), num_segments, window)

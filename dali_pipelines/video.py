@@ -3,7 +3,7 @@ float32 `[T, 3, S, S]`, the same contract as the CPU back-end (`nemo_avllm.data.
 
 On a GPU node the decode runs on NVDEC (`fn.decoders.video(device="mixed")`: H.264, HEVC, AV1,
 MPEG-4, VP8, VP9, MJPEG) and rotate/resize/normalise run on the GPU. Without a GPU the same graph
-runs on DALI's CPU operators, which read only VP8, VP9 and MJPEG (NOTES.md). The frame indices
+runs on DALI's CPU operators, which read only VP8, VP9 and MJPEG. The frame indices
 come from the caller (`sample_frame_indices` over the frame count in the prepare index), so both
 back-ends pick the same frames. DALI does not apply display-matrix rotation itself; the angle from
 the probe is applied with an exact nearest-neighbour `fn.rotate` before resizing.

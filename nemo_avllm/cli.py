@@ -27,7 +27,7 @@ from nemo_avllm.errors import UserError
 TASKS = {
     "train": ("nemo_avllm.training.train:main", "stage1_pretrain"),
     "prepare": ("nemo_avllm.data.prepare_cli:run", "prepare"),
-    "features": ("nemo_avllm.data.features:run", "features"),
+    "features": ("nemo_avllm.training.feature_cache:run", "features"),
     "demo": ("nemo_avllm.demo.pipeline:main", "demo"),
     "import-hf": ("nemo_avllm.hf.import_hf:run", "import_hf"),
     "export-hf": ("nemo_avllm.hf.export_hf:run", "export_hf"),

@@ -72,9 +72,9 @@ def test_audio_encoder_ablation_trains_htsat_and_whisper_on_the_same_questions(a
 def test_frames_and_segments_are_plain_overrides_through_cache_training_and_export(audio_ablation, tmp_path):
     """T=8, K=3 (the tiny demo model has T=4, K=2): `avllm features`, `avllm train` and
     `avllm export-hf` with nothing but `model.num_frames` / `model.num_audio_segments` set."""
-    from nemo_avllm.data.features import FeatureCache, build_feature_cache
     from nemo_avllm.hf.export_hf import export_hf
     from nemo_avllm.hf.hf_model import AVLLMForConditionalGeneration
+    from nemo_avllm.training.feature_cache import build_feature_cache, open_cache
 
     out = audio_ablation
     enc = out / "audio_encoder" / "tiny_demo" / "encoders"
@@ -82,7 +82,7 @@ def test_frames_and_segments_are_plain_overrides_through_cache_training_and_expo
                   f"audio.checkpoint={enc / 'audio.safetensors'}"]
     model_cfg = config.load_model("tiny_demo", model_over)
     build_feature_cache(out / "prepared", tmp_path / "features", model_cfg, index=out / "prepared", progress=False)
-    cache = FeatureCache(tmp_path / "features", model_cfg)
+    cache = open_cache(tmp_path / "features", model_cfg)
     feats = [cache.get(m) for m in cache.index]
     assert {tuple(f["temporal"].shape) for f in feats} == {(8, 32)}
     assert {tuple(f["audio"].shape) for f in feats if "audio" in f} == {(3, 128)}
@@ -112,11 +112,11 @@ def test_frames_and_segments_are_plain_overrides_through_cache_training_and_expo
 def test_vision_encoder_scaling_configs_shape_cache_and_projectors(vision, width, patches, dist1):
     """Table 6: each ViT config is an override (`model/vision=...`): its width and patch count
     reach the cache key, the token layout and the projectors (built on the meta device)."""
-    from nemo_avllm.data.features import cache_fields
     from nemo_avllm.model.provider import build_model
+    from nemo_avllm.training.feature_cache import model_fields
 
     model_cfg = config.load_model("tiny", [f"vision={vision}", "num_frames=16"])
-    fields = cache_fields(model_cfg)
+    fields = model_fields(model_cfg)
     assert (fields["vision_width"], fields["num_patches"], fields["num_frames"]) == (width, patches, 16)
     model = build_model(model_cfg, meta=True)
     assert (model.layout.num_frames, model.layout.num_patches) == (16, patches)

@@ -1,7 +1,7 @@
 """Step 1 of the curation (paper §3.2): time-stamped frame captions and audio-segment captions.
 
 - Frames: T frames sampled uniformly and decoded by the project's CPU back-end
-  (`media.read_frames_and_audio`, the same decoders, sampling and orientation as training), captioned by any
+  (`decode.read_frames_and_audio`, the same decoders, sampling and orientation as training), captioned by any
   Hugging Face image-to-text model (`AutoModelForImageTextToText` + `AutoProcessor`; BLIP by
   default), batched, on the GPU when there is one.
 - Audio: the track decoded (same call) and cut into K equal segments by
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from nemo_avllm.curation.cache import VideoCache, digest
-from nemo_avllm.data import media
+from nemo_avllm.data import decode, decode_pyav, media
 from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -293,8 +293,8 @@ def decode_for_captions(item, num_frames: int, num_segments: int, sample_rate: i
     `sample_rate`, with the time span of each frame and of each of the K audio segments.
     Never raises: a bad file comes back with `error`."""
     try:
-        info = media.probe(item.video)
-        frames, indices, n, wave = media.read_frames_and_audio(item.video, item.audio, num_frames, sample_rate, info)
+        info = decode_pyav.probe(item.video)
+        frames, indices, n, wave = decode.read_frames_and_audio(item.video, item.audio, num_frames, sample_rate, info)
         step = info.duration / n if info.duration > 0 else 0.0
         spans = [(round(i * step, 3), round((i + 1) * step, 3)) for i in indices]
         d = _Decoded(item, frames=frames, spans=spans, duration=info.duration)

@@ -28,12 +28,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from nemo_avllm.curation import guard, verify
 from nemo_avllm.curation.cache import VideoCache
 from nemo_avllm.curation.captions import VideoCaptions, caption_lines, caption_videos, resolve_device
-from nemo_avllm.curation.instructions import STAGE1_TYPES, Item, Request, check_reply, plan, targets, to_manifest_line
-from nemo_avllm.runtime.openai_client import ChatClient, LLMError, Usage, api_key
+from nemo_avllm.curation.instructions import Item, Request, STAGE1_TYPES, check_reply, plan, targets, to_manifest_line
 from nemo_avllm.curation.prompts import PromptSet
-from nemo_avllm.curation import guard, verify
+from nemo_avllm.runtime.openai_client import ChatClient, LLMError, Usage, api_key
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,8 @@ def _write_jsonl(path: Path, rows, mask=None) -> int:
 
 def curate(cfg) -> dict:
     """The whole pipeline; returns the report (also written to `out_dir/report.json`)."""
-    from nemo_avllm.data.manifest import validate_manifest
     from nemo_avllm.data.manifest import read_inputs
+    from nemo_avllm.data.manifest_checks import validate_manifest
 
     t0 = time.perf_counter()
     out = Path(str(cfg.out_dir))

@@ -2,7 +2,7 @@
 
 decord (pip `decord`, extra `decoders`) bundles its own FFmpeg; its RGB frames are libswscale's,
 byte for byte what PyAV returns. Frames are sampled over the probe's frame count (`MediaInfo`);
-a file whose count decord sees differently is refused, so `media.read_video_frames` falls back
+a file whose count decord sees differently is refused, so `decode.read_video_frames` falls back
 to the next decoder. decord turns frames upright itself (display matrix). Its audio reader is not used (it resamples with a different filter).
 """
 

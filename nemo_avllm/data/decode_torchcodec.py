@@ -5,7 +5,7 @@ libswscale's, byte for byte what PyAV returns, but it decodes every frame, so Py
 the frames nothing refers to) reads frames faster here; it reads FLAC side-cars faster than PyAV,
 and a cpu run takes their audio from it (bench/RESULTS.md). Frames are sampled over the
 probe's frame count (`MediaInfo`); a file whose count torchcodec sees differently (edit lists,
-broken timestamps) is refused, so `media.read_video_frames` falls back to PyAV. torchcodec turns
+broken timestamps) is refused, so `decode.read_video_frames` falls back to PyAV. torchcodec turns
 frames upright itself (display matrix), as the contract asks.
 """
 

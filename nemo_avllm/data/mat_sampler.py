@@ -40,6 +40,8 @@ from nemo_avllm.errors import UserError
 Item = tuple[int, str]  # (sample index, view)
 ALL = "ALL"  # the single stream when no ratios are given (natural proportions)
 SCHEDULES = ("mat", "pt1", "pt2")
+# The schedule and pt1/pt2 split a run gets when `model.data` names none (the one place they are written).
+DEFAULT_SCHEDULE, DEFAULT_SPLIT = "mat", 0.5
 TOGETHER, SEPARATE = (("AV",), ("V", "A"))  # the two kinds of phase of pt1/pt2
 PHASES = {"mat": None, "pt1": (TOGETHER, SEPARATE), "pt2": (SEPARATE, TOGETHER)}
 
@@ -141,8 +143,8 @@ class ModalityPlan:
     `ratios`: normalised ratios (modality -> share) or {ALL: 1.0}; `max_steps`: the run's
     step count (trainer.max_steps), which `split` divides for pt1/pt2."""
 
-    def __init__(self, ratios: dict[str, float], global_batch: int, schedule: str = "mat", split: float = 0.5,
-                 max_steps: int | None = None):
+    def __init__(self, ratios: dict[str, float], global_batch: int, schedule: str = DEFAULT_SCHEDULE,
+                 split: float = DEFAULT_SPLIT, max_steps: int | None = None):
         if schedule not in SCHEDULES:
             raise UserError(f"model.data.modality_schedule={schedule!r}; use one of {', '.join(SCHEDULES)}")
         self.G, self.schedule, self.ratios = int(global_batch), schedule, dict(ratios)
@@ -168,8 +170,8 @@ class ModalityPlan:
         self.chunk = {m: self.G for m in MODALITIES if m in self.ratios and any(m in p for p in self.phases)}
 
     @classmethod
-    def build(cls, ratios: dict[str, float] | None, sizes: dict[str, int], global_batch: int, schedule: str = "mat",
-              split: float = 0.5, max_steps: int | None = None) -> "ModalityPlan":
+    def build(cls, ratios: dict[str, float] | None, sizes: dict[str, int], global_batch: int,
+              schedule: str = DEFAULT_SCHEDULE, split: float = DEFAULT_SPLIT, max_steps: int | None = None) -> "ModalityPlan":
         """The plan for configured `ratios` (None: no MAT, one stream of all samples; with pt1/pt2
         the natural proportions of `sizes`, the items per modality)."""
         if ratios is None and schedule == "mat":
@@ -291,8 +293,8 @@ class MATBatchSampler:
         seed: int = 0,
         derive_views: bool = False,
         consumed_samples: int = 0,
-        schedule: str = "mat",
-        split: float = 0.5,
+        schedule: str = DEFAULT_SCHEDULE,
+        split: float = DEFAULT_SPLIT,
         max_steps: int | None = None,
     ):
         if not samples:

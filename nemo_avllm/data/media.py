@@ -1,9 +1,9 @@
 """The decoding contract: what every back-end returns, and which back-end a run uses.
 
-Back-ends are siblings that import this module (never the reverse, except through
-:func:`backend_module`, the one place that loads them): `decode_pyav.py` (reads everything;
-the fallback), `decode_torchcodec.py`, `decode_decord.py` (faster where installed and able to
-read the file) and `dali_pipelines/` (DALI, GPU nodes). Contract (DESIGN.md §3):
+Back-ends are siblings that import this module and nothing imports back: `decode_pyav.py`
+(reads everything; the fallback), `decode_torchcodec.py`, `decode_decord.py` (faster where
+installed and able to read the file) and `dali_pipelines/` (DALI, GPU nodes); `decode.py`, above
+them, picks one per file. Contract:
 
 - frames are sampled uniformly, `round(linspace(0, n-1, T))` (:func:`sample_frame_indices`);
 - each frame is turned upright (display-matrix rotation; JPEG EXIF orientation, which FFmpeg
@@ -20,14 +20,10 @@ read the file) and `dali_pipelines/` (DALI, GPU nodes). Contract (DESIGN.md §3)
 
 One back-end per run: :func:`resolve_backend` decides `cpu` or `dali` once, before workers
 start; :func:`backend_label` is recorded in the feature cache, which refuses a second label.
-In a `cpu` run each step uses the fastest installed decoder that reads the file
-(:data:`FRAME_DECODERS`, :data:`AUDIO_DECODERS`, measured in bench/RESULTS.md), PyAV last, and
-a clip's frames and own audio track come from one pass over the file.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -54,7 +50,7 @@ RESIZE_INTERPOLATION = "bicubic"  # antialiased; DALI: INTERP_CUBIC + antialias
 IMAGE_DEMUXERS = frozenset(
     {"image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "tiff_pipe", "gif", "gif_pipe"}
 )
-# What DALI's `fn.decoders.video` reads (NOTES.md; DALI 2.4 docstring).
+# What DALI's `fn.decoders.video` reads (DALI 2.4's documentation of the operator).
 DALI_CPU_VIDEO_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 DALI_GPU_VIDEO_CODECS = DALI_CPU_VIDEO_CODECS | {"h264", "hevc", "av1", "mpeg4"}
 # What DALI's `fn.decoders.audio` reads: WAV, FLAC and OGG (Vorbis/Opus) *files*.
@@ -182,6 +178,14 @@ def segment_audio(
     return out
 
 
+def audio_segments(wave: np.ndarray | None, num_segments: int, window: int) -> torch.Tensor | None:
+    """A decoded track as the contract's `[K, W]` tensor (:func:`segment_audio`), or None when
+    there is no sound (no track, or an empty one)."""
+    if wave is None or wave.size == 0:
+        return None
+    return torch.from_numpy(segment_audio(wave, num_segments, window))
+
+
 def decode_threads() -> int:
     """Threads a CPU decoder may use: as many as torch computes with, so one in a DataLoader
     worker (`workers.loader_worker_init`), where W workers then use W cores. On 360p clips one
@@ -252,113 +256,6 @@ class DecodedClip:
     backend: str = field(default="cpu")  # backend_label() of the run
 
 
-# --------------------------------------------------------------------------------------------
-# Back-ends: the one place that loads them
-# --------------------------------------------------------------------------------------------
-
-# module of each back-end; each has `available()`; frame decoders `read_frames(path, T, info)`,
-# audio decoders `read_audio(path, sample_rate)` (see decode_pyav.py for the reference).
-BACKEND_MODULES = {
-    "pyav": "nemo_avllm.data.decode_pyav",
-    "torchcodec": "nemo_avllm.data.decode_torchcodec",
-    "decord": "nemo_avllm.data.decode_decord",
-    "dali": "dali_pipelines",
-}
-# Fastest first, as measured (bench/RESULTS.md, "Decode back-ends"); PyAV reads what the others
-# cannot, so a list ends with it. Frames: PyAV, which skips the frames nothing refers to
-# (decode_pyav._decode_skipping); torchcodec and decord return the same bytes but decode every
-# frame, slower here (pass `decoders=` to use them). Audio: torchcodec on FLAC/WAV side-cars.
-FRAME_DECODERS = ("pyav",)
-AUDIO_DECODERS = ("torchcodec", "pyav")
-
-# PyAV names that other files import from here (kept for them; defined in decode_pyav.py).
-_PYAV_NAMES = frozenset({"probe", "probe_audio", "decode_audio", "iter_audio", "decode_video_frames"})
-
-
-def backend_module(name: str):
-    """The back-end module `name` (imported on first use, so this module imports none of them)."""
-    if name not in BACKEND_MODULES:
-        raise ValueError(f"unknown decode back-end {name!r}; expected one of {sorted(BACKEND_MODULES)}")
-    return importlib.import_module(BACKEND_MODULES[name])
-
-
-def installed(name: str) -> bool:
-    """True when back-end `name`'s library imports here."""
-    try:
-        return bool(backend_module(name).available())
-    except ImportError:
-        return False
-
-
-def __getattr__(name: str):
-    if name in _PYAV_NAMES:
-        return getattr(backend_module("pyav"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def read_video_frames(path, num_frames: int = DEFAULT_NUM_FRAMES, info: MediaInfo | None = None,
-                      decoders: tuple[str, ...] = FRAME_DECODERS) -> tuple[np.ndarray, list[int], int]:
-    """T sampled frames, upright uint8 `[T, H, W, 3]` (libswscale pixels), from the first of
-    `decoders` that is installed and reads the file; PyAV decides what is unreadable.
-    Returns (frames, frame indices, frames in the video)."""
-    for name in decoders:
-        if name == "pyav":
-            return backend_module("pyav").decode_video_frames(path, num_frames)
-        if info is None or info.is_image or not installed(name):
-            continue  # the faster decoders need the probe's frame count, and read no stills
-        try:
-            return backend_module(name).read_frames(path, num_frames, info)
-        except Exception:  # noqa: BLE001 - a codec or file it cannot read: the next decoder
-            continue
-    raise ValueError(f"no frame decoder among {decoders} read {path}; add 'pyav' (reads every codec)")
-
-
-def read_audio(path, sample_rate: int = SAMPLE_RATE, decoders: tuple[str, ...] = AUDIO_DECODERS) -> np.ndarray | None:
-    """Whole track → mono float32 at `sample_rate` (mean of the channels), or None without audio,
-    from the first of `decoders` that is installed and reads it (PyAV last)."""
-    for name in decoders:
-        if name == "pyav":
-            return backend_module("pyav").decode_audio(path, sample_rate)
-        if not installed(name):
-            continue
-        try:
-            return backend_module(name).read_audio(path, sample_rate)
-        except Exception:  # noqa: BLE001 - e.g. no audio stream: PyAV answers
-            continue
-    raise ValueError(f"no audio decoder among {decoders} read {path}; add 'pyav' (reads every codec)")
-
-
-def read_frames_and_audio(video_path, audio_path, num_frames: int, sample_rate: int, info: MediaInfo | None = None):
-    """A cpu run's frames (:func:`read_video_frames`) and audio (:func:`read_audio`) of one clip:
-    (frames, indices, frames in the video, wave or None). When the audio is the video's own track
-    and PyAV reads the frames, both come from one open and one demuxing pass (`read_clip`)."""
-    same_file = audio_path is None or os.fspath(audio_path) == os.fspath(video_path)
-    if same_file and FRAME_DECODERS[0] == "pyav":
-        return backend_module("pyav").read_clip(video_path, num_frames, sample_rate)
-    frames, indices, n = read_video_frames(video_path, num_frames, info)
-    return frames, indices, n, read_audio(video_path if audio_path is None else audio_path, sample_rate)
-
-
-def decode_video(
-    path, num_frames: int = DEFAULT_NUM_FRAMES, image_size: int = DEFAULT_IMAGE_SIZE, info: MediaInfo | None = None
-) -> tuple[torch.Tensor, list[int], int]:
-    """CPU run's video: `[T, 3, S, S]` float32, frame indices, frames in the video."""
-    frames, indices, n = read_video_frames(path, num_frames, info)
-    return normalize_frames(frames, image_size), indices, n
-
-
-def load_audio_segments(
-    path,
-    num_segments: int = DEFAULT_NUM_SEGMENTS,
-    sample_rate: int = SAMPLE_RATE,
-    window: int = CLAP_WINDOW,
-) -> torch.Tensor | None:
-    """CPU run's audio: `[K, W]` float32, or None without audio."""
-    wave = read_audio(path, sample_rate)
-    if wave is None or wave.size == 0:
-        return None
-    return torch.from_numpy(segment_audio(wave, num_segments, window))
-
 
 # --------------------------------------------------------------------------------------------
 # One back-end per run
@@ -408,45 +305,3 @@ def backend_mismatch(recorded: str | None, label: str, where) -> str | None:
     return (f"{where} was decoded with back-end {recorded!r}, this run decodes with {label!r}; their pixels "
             f"differ, so one cache holds one back-end: set model.data.decode_backend to the cache's "
             f"({'cpu' if recorded == 'cpu' else 'dali'}) or choose another data.feature_cache folder")
-
-
-def decode_clip(
-    video_path,
-    audio_path=None,
-    num_frames: int = DEFAULT_NUM_FRAMES,
-    num_segments: int = DEFAULT_NUM_SEGMENTS,
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    sample_rate: int = SAMPLE_RATE,
-    window: int = CLAP_WINDOW,
-    backend: str = "auto",
-    info: MediaInfo | None = None,
-) -> DecodedClip:
-    """Decode one clip into the contract's tensors.
-
-    `audio_path` (the FLAC side-car from `prepare`) replaces the container's audio. `backend`:
-    "cpu", "dali" (GPU if CUDA is present, else DALI's CPU operators) or "auto" (see
-    :func:`resolve_backend`). `info` (from the prepare index) saves a probe. Raises MediaError
-    for files that cannot be decoded.
-    """
-    run = resolve_backend(backend)
-    audio_src = audio_path if audio_path is not None else video_path
-    if run == "dali":
-        dali = backend_module("dali")
-        device = "gpu" if cuda_available() else "cpu"
-        meta = info if info is not None else backend_module("pyav").probe(video_path)
-        if dali_reads_video(meta, device):
-            indices = sample_frame_indices(meta.num_frames, num_frames)
-            video = dali.decode_video_dali(video_path, indices, meta.rotation, image_size, device)
-            n = meta.num_frames
-        else:
-            frames, indices, n = backend_module("pyav").decode_video_frames(video_path, num_frames, pixels="dali")
-            video = dali.normalize_frames_dali(frames, image_size, device)
-        wave = dali.decode_audio_dali(audio_src, sample_rate) if dali_reads_audio(audio_src) else read_audio(
-            audio_src, sample_rate)
-    else:
-        frames, indices, n, wave = read_frames_and_audio(video_path, audio_path, num_frames, sample_rate, info)
-        video = normalize_frames(frames, image_size)
-    audio = None
-    if wave is not None and wave.size > 0:
-        audio = torch.from_numpy(segment_audio(wave, num_segments, window))
-    return DecodedClip(video, audio, indices, n, audio is not None, backend=backend_label(run))

@@ -141,7 +141,7 @@ def pack_micro_batch(batch: dict, rows: list[list[int]], lengths: Sequence[int],
 
 def collate_packed(items: list, spec: PackingSpec, collate) -> list[dict]:
     """A rank's items of one step -> packed micro-batches. `collate(items, pad_to)` builds the
-    sample layout (`dataset.collate_av`); None items (evaluation, bad media) are dropped."""
+    sample layout (`collate.collate_av`); None items (evaluation, bad media) are dropped."""
     items = [it for it in items if it is not None]
     if not items:
         raise ValueError("collate_packed: every item of the batch was None (all media bad)")

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 from typing import Sequence
 
 from nemo_avllm.data.features import FeatureCache
-from nemo_avllm.data.manifest import validate_manifest
+from nemo_avllm.data.manifest_checks import validate_manifest
 from nemo_avllm.data.prepare import prepare
-from nemo_avllm.data.shards import write_shards
+from nemo_avllm.data.shard_writer import write_shards
 
 
 def run(cfg) -> int:

@@ -1,13 +1,7 @@
-"""Webdataset tar shards: stream millions of clips from object storage instead of opening files.
+"""Webdataset tar shards, read: stream millions of clips from object storage instead of opening files.
 
-Writing (`write_shards`, what `prepare` calls with `--shards`): one tar stream per modality class
-(`V-000000.tar`, `A-...`, `AV-...`), samples shuffled (seeded) before writing because readers
-read shards sequentially. A sample is `<key>.json` (the validated manifest sample) plus either the
-media bytes (`<key>.video.<ext>`, `<key>.audio.flac` from the prepare side-car or
-`<key>.audio.<ext>` from the manifest) or the cached encoder tokens (`<key>.feat.safetensors`).
-`shards.json` lists the shards with their per-view counts (and the feature-cache meta).
-
-Reading (`ShardStream`, an IterableDataset; what training uses with `model.data.shards`): yields
+`shard_writer.write_shards` writes them (`shards.json` beside the tars lists them).
+`ShardStream` (an IterableDataset; what training uses with `model.data.shards`) yields
 micro-batches of the same item dicts as `AVDataset`, for one data-parallel rank, with the same
 modality plan as `MATBatchSampler` (`ModalityPlan` and `rank_labels`: the same per-step counts,
 schedule phases and per-rank shares). `path` is the folder or URL that holds `shards.json`, or a
@@ -30,131 +24,26 @@ import os
 import re
 import tarfile
 import tempfile
-import time
 from collections import deque
-from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from nemo_avllm import modality
 from nemo_avllm.data.conversation import ConversationError, ConversationTemplate
-from nemo_avllm.data.dataset import DecodeSettings, MediaSource, build_item, collate_av, layout_of, pad_id_of
-from nemo_avllm.data.features import cache_fields, check_meta
-from nemo_avllm.data.index import as_index
+from nemo_avllm.data.dataset import build_item
+from nemo_avllm.data.decode import DecodeSettings, MediaSource
+from nemo_avllm.data.features import check_meta
 from nemo_avllm.data.manifest import MODALITIES, Sample
-from nemo_avllm.data.mat_sampler import ALL, ModalityPlan, rank_labels, rank_slice
+from nemo_avllm.data.mat_sampler import ALL, DEFAULT_SCHEDULE, DEFAULT_SPLIT, ModalityPlan, rank_labels, rank_slice
 from nemo_avllm.data.media import MediaError, MediaInfo
-from nemo_avllm.data.workers import worker_kwargs
 from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)
 
 SHARDS_NAME = "shards.json"
 FORMAT_VERSION = 1
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ShardReport:
-    written: int
-    skipped: int  # media missing on disk, or not in the feature cache
-    shards: int
-    path: str
-    elapsed_s: float
-
-    def __str__(self) -> str:
-        return (f"shards: {self.written} samples in {self.shards} shards at {self.path}, {self.skipped} skipped; "
-                f"{self.elapsed_s:.1f} s")
-
-
-def _sample_files(sample: Sample, index, cache) -> dict[str, bytes]:
-    """The tar members of one sample (besides its json); raises OSError/MediaError when missing."""
-    if cache is not None:
-        from safetensors.torch import save
-
-        feats = cache.get(sample.media_id)
-        if feats is None:
-            raise MediaError(sample.video, f"not in the feature cache {cache.path}")
-        return {"feat.safetensors": save(feats)}
-    files = {f"video{Path(sample.video).suffix.lower() or '.bin'}": Path(sample.video).read_bytes()}
-    rec = index.get(sample.media_id) if index is not None else None
-    if rec is not None and rec.get("flac"):
-        files["audio.flac"] = Path(rec["flac"]).read_bytes()
-    elif sample.audio:
-        files[f"audio{Path(sample.audio).suffix.lower() or '.bin'}"] = Path(sample.audio).read_bytes()
-    return files
-
-
-def write_shards(
-    samples: Sequence[Sample],
-    out_dir,
-    *,
-    index=None,
-    feature_cache=None,
-    samples_per_shard: int = 1000,
-    max_shard_bytes: int = 1 << 30,
-    seed: int = 0,
-) -> ShardReport:
-    """Write validated samples as tar shards (media bytes, or cached tokens with `feature_cache`)."""
-    import webdataset as wds
-
-    t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    index = as_index(index)
-    entries, written, skipped = [], 0, 0
-    for m in MODALITIES:
-        group = [s for s in samples if s.modality == m]
-        order = np.random.default_rng([seed, MODALITIES.index(m)]).permutation(len(group))
-        writer, entry, size = None, None, 0
-
-        def close():
-            if writer is not None:
-                writer.close()
-                os.replace(out / (entry["file"] + ".tmp"), out / entry["file"])
-                entries.append(entry)
-
-        for k in order:
-            s = group[k]
-            try:
-                files = _sample_files(s, index, feature_cache)
-            except (OSError, MediaError) as e:
-                log.warning("shards: skipping %s (%s:%d): %s", s.id, s.file, s.line, e)
-                skipped += 1
-                continue
-            record = s.to_json()
-            rec = index.get(s.media_id) if index is not None else None
-            if rec is not None:
-                record["media_info"] = rec
-            nbytes = sum(len(b) for b in files.values())
-            if writer is None or entry["count"] >= samples_per_shard or (entry["count"] and size + nbytes > max_shard_bytes):
-                close()
-                name = f"{m}-{sum(e['modality'] == m for e in entries):06d}.tar"
-                writer = wds.TarWriter(str(out / (name + ".tmp")), encoder=False, mtime=0)
-                entry, size = {"file": name, "modality": m, "count": 0, "views": dict.fromkeys(MODALITIES, 0)}, 0
-            key = f"{m.lower()}{entry['count']:09d}"
-            writer.write({"__key__": key, "json": json.dumps(record).encode(), **files})
-            entry["count"] += 1
-            for view in s.available_views(True):
-                entry["views"][view] += 1
-            size += nbytes
-            written += 1
-        close()
-    meta = {"version": FORMAT_VERSION, "content": "features" if feature_cache is not None else "media",
-            "feature_meta": feature_cache.meta if feature_cache is not None else None,
-            "total": written, "shards": entries}
-    tmp = out / (SHARDS_NAME + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / SHARDS_NAME)
-    return ShardReport(written, skipped, len(entries), str(out), time.perf_counter() - t0)
 
 
 def read_shard(url: str) -> Iterator[dict]:
@@ -361,20 +250,20 @@ class ShardStream(torch.utils.data.IterableDataset):
         seed: int = 0,
         consumed_samples: int = 0,
         max_length: int | None = None,
-        model_cfg=None,
+        feature_fields: dict | None = None,
         shuffle_buffer: int = 0,
         max_epochs: int | None = None,
         max_replacements: int = 64,
         template: ConversationTemplate = ConversationTemplate(),
-        schedule: str = "mat",
-        schedule_split: float = 0.5,
+        schedule: str = DEFAULT_SCHEDULE,
+        schedule_split: float = DEFAULT_SPLIT,
         max_steps: int | None = None,
     ):
         super().__init__()
         self.base, self.meta = open_shards(path)
         self.features = self.meta["content"] == "features"
-        if self.features and model_cfg is not None:
-            check_meta(self.meta["feature_meta"], cache_fields(model_cfg), f"shards {self.base}")
+        if self.features and feature_fields is not None:  # what the cached tokens must be made for
+            check_meta(self.meta["feature_meta"], feature_fields, f"shards {self.base}")
         self.tokenizer, self.layout, self.settings = tokenizer, layout, settings
         self.G, self.mbs = int(global_batch_size), int(micro_batch_size)
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -475,31 +364,3 @@ class ShardStream(torch.utils.data.IterableDataset):
         finally:
             for p in paths.values():
                 os.unlink(p)
-
-
-def build_shard_loader(
-    path,
-    tokenizer,
-    model_cfg,
-    *,
-    global_batch_size: int,
-    micro_batch_size: int,
-    seq_length: int,
-    num_workers: int = 2,
-    backend: str = "cpu",
-    max_length: int | None = None,
-    pin_memory: bool = False,
-    collate=None,
-    **stream_kw,
-) -> torch.utils.data.DataLoader:
-    """ShardStream + collate for one data-parallel rank (`stream_kw`: ratios, derive_views,
-    dp_rank, dp_size, seed, consumed_samples, shuffle_buffer, max_epochs, schedule,
-    schedule_split, max_steps); `collate`: instead of `collate_av` (packing: `dataset.collate_fn`)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    stream = ShardStream(path, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg, backend),
-                         global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-                         max_length=max_length or seq_length, model_cfg=model_cfg, **stream_kw)
-    return torch.utils.data.DataLoader(
-        stream, batch_size=None, pin_memory=pin_memory,
-        collate_fn=collate or partial(collate_av, seq_length=seq_length, pad_id=pad_id_of(tokenizer)),
-        **worker_kwargs(num_workers))

@@ -93,7 +93,7 @@ def run_setting(cfg: DictConfig, out: Path, paths: dict, label: str, scfg: DictC
     """Features, stage 1, stage 2 and evaluation of one setting (`setting_cfg`), under
     out/<ablation>/<label>/."""
     from nemo_avllm import config
-    from nemo_avllm.data.features import build_feature_cache
+    from nemo_avllm.training.feature_cache import build_feature_cache
     from nemo_avllm.training.train import train
 
     t0 = time.time()

@@ -35,7 +35,7 @@ from nemo_avllm.demo.steps import (
 
 def main(cfg: DictConfig) -> int:
     from nemo_avllm import config
-    from nemo_avllm.data.features import build_feature_cache
+    from nemo_avllm.training.feature_cache import build_feature_cache
     from nemo_avllm.training.train import train
 
     if cfg.get("ablation"):

@@ -11,17 +11,17 @@ from pathlib import Path
 def evaluate(model_cfg, checkpoint_dir: Path, eval_manifest: Path, tokenizer_dir: Path, feature_cache: Path,
              batch_size: int = 32, max_new_tokens: int = 32) -> dict:
     """Greedy answers to held-out questions -> accuracy per (family, token)."""
-    from nemo_avllm.data.dataset import stack_rows
-    from nemo_avllm.data.features import FeatureCache
+    from nemo_avllm.data.collate import stack_rows
     from nemo_avllm.data.manifest import resolve_media_path, stable_id
     from nemo_avllm.data.tokenizer import load_tokenizer
     from nemo_avllm.inference.generate import greedy_generate, normalize_answer, prompt_ids
     from nemo_avllm.model.avllm import EncoderFeatures
     from nemo_avllm.model.provider import build_model
     from nemo_avllm.training import checkpoint
+    from nemo_avllm.training.feature_cache import open_cache
 
     tok = load_tokenizer(tokenizer_dir)
-    cache = FeatureCache(feature_cache, model_cfg)
+    cache = open_cache(feature_cache, model_cfg)
     model = build_model(model_cfg)
     checkpoint.load(checkpoint_dir, model)
     items = [json.loads(line) for line in Path(eval_manifest).read_text().splitlines() if line.strip()]

@@ -122,7 +122,7 @@ def save_demo_encoders(model_cfg, folder: Path, seed: int):
     import torch
     from safetensors.torch import save_file
 
-    from nemo_avllm.data.features import build_encoders
+    from nemo_avllm.training.feature_cache import build_encoders
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

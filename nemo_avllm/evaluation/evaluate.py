@@ -31,6 +31,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from nemo_avllm import modality
+from nemo_avllm.data.index import read_jsonl
 from nemo_avllm.data.media import MediaError
 from nemo_avllm.errors import UserError
 from nemo_avllm.evaluation import benchmarks, metrics, preflight
@@ -81,11 +82,7 @@ def read_predictions(out: Path) -> dict[str, dict]:
     """All ranks' prediction lines; a line cut by a crash is ignored (that question is redone)."""
     preds = {}
     for f in sorted(out.glob("predictions.rank*.jsonl")):
-        for line in f.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for rec in read_jsonl(f):
             preds[str(rec["qid"])] = rec
     return preds
 

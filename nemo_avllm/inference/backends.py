@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from nemo_avllm.data.conversation import tokenize_conversation
-from nemo_avllm.data.dataset import DecodeSettings
+from nemo_avllm.data.decode import DecodeSettings
 from nemo_avllm.inference.engine import Generation, MegatronGenerator, SamplingConfig, TextStream
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,9 @@ class MegatronBackend:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(tokenizer or cfg.get("tokenizer") or _missing_tokenizer(ckpt))
         self.layout = self.model.layout
-        self.decode = DecodeSettings.from_model_config(cfg)
+        from nemo_avllm.training.data import decode_settings
+
+        self.decode = decode_settings(self.model.cfg)  # the typed config the model was built from
         self.generator = MegatronGenerator(self.model, self.tokenizer)
         self.source = str(ckpt)
 

@@ -1,7 +1,10 @@
-"""Training data of one stage: `cfg.model.data` -> validated samples -> MAT loader per DP rank,
-and, with `model.data.validation_manifest`, the validation loader (every sample once). With
-`model.data.shards` the training samples stream from webdataset shards instead (`avllm prepare
-shards.out_dir=` validated them when it wrote them), with the same modality plan.
+"""Training data of one stage: the run's `DataSpec`, validated samples, and the loaders per DP rank.
+
+This is where the configuration meets the data code: `data_spec` reads the typed model config,
+`cfg.model.data` and the trainer once and hands the data code a frozen `DataSpec` (the data code
+never reads the model config). `TrainData` validates `model.data.train_manifest` (or opens
+`model.data.shards`, which `avllm prepare shards.out_dir=` validated when it wrote them) and, with
+`model.data.validation_manifest`, the validation samples (every sample once).
 
 Manifest checks run once, before the trainer starts (bad samples are reported, never fatal). The
 loader is built lazily from the consumed-samples count, so a resumed run continues with exactly
@@ -9,20 +12,82 @@ the samples the interrupted one would have seen next."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from omegaconf import DictConfig
 
+from nemo_avllm.data.decode import DecodeSettings
+from nemo_avllm.data.features import cache_fields
+from nemo_avllm.data.mat_sampler import DEFAULT_SCHEDULE, DEFAULT_SPLIT
+from nemo_avllm.data.media import resolve_backend
+from nemo_avllm.data.spec import DataSpec
 from nemo_avllm.data.tokenizer import load_tokenizer
 from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
+def decode_settings(model, backend: str = "cpu") -> DecodeSettings:
+    """What the data decodes for the typed model config `model` (`AVLLMConfig`): T frames of the
+    vision encoder's image size, K windows of the audio encoder's rate and length. `backend` is
+    resolved here, once per run, so every worker agrees."""
+    return DecodeSettings(
+        num_frames=model.num_frames,
+        num_audio_segments=model.num_audio_segments,
+        image_size=model.vision.geometry()["image_size"],
+        sample_rate=model.audio.sample_rate,
+        window=model.audio.clip_samples,
+        backend=resolve_backend(backend),
+    )
+
+
+def data_spec(cfg: DictConfig, model=None, **run) -> DataSpec:
+    """The run's `DataSpec` from `cfg.model` (typed: `model`, built from it when not given),
+    `cfg.model.data` and `cfg.trainer`; `run`: the fields only the run knows (dp_rank, dp_size,
+    max_steps). Defaults of unset keys are the conf files' and `mat_sampler`'s."""
+    from nemo_avllm.model.provider import avllm_config
+
+    m, d = cfg.model, cfg.model.data
+    model = model if model is not None else avllm_config(m)
+    spec = DataSpec(
+        layout=model.layout(),
+        decode=decode_settings(model, d.get("decode_backend", "auto")),
+        global_batch_size=int(m.global_batch_size),
+        micro_batch_size=int(m.micro_batch_size),
+        seq_length=int(m.seq_length),
+        mat_ratios=dict(d.mat_ratios) if d.get("mat_ratios") else None,
+        schedule=d.get("modality_schedule", DEFAULT_SCHEDULE),
+        schedule_split=float(d.get("modality_schedule_split", DEFAULT_SPLIT)),
+        max_steps=int(cfg.trainer.get("max_steps", -1)),
+        seed=int(cfg.trainer.get("seed", 1234)),
+        num_workers=int(d.get("num_workers", 2)),
+        index=d.get("index"),
+        feature_cache=d.get("feature_cache") or None,
+        feature_fields=cache_fields(model),
+        max_length_policy=d.get("max_length_policy", "truncate"),
+        derive_views=bool(d.get("derive_views", False)),
+        packing=bool(d.get("packing", False)),
+        # packed layout: fixed micro-batch shapes with pipeline parallelism, TE's THD with TE layers
+        fixed_shape=int(m.get("pipeline_model_parallel_size", 1)) > 1,
+        thd=model.transformer_impl == "transformer_engine",
+    )
+    return dataclasses.replace(spec, **run)
+
+
+def model_spec(model_cfg, backend: str = "cpu", **fields) -> DataSpec:
+    """A `DataSpec` for a model config alone (tests, benchmarks, tools without a trainer): its
+    layout, decode settings and feature-cache fields; the batch geometry and the rest from `fields`."""
+    from nemo_avllm.model.provider import avllm_config
+
+    model = avllm_config(model_cfg)
+    return DataSpec(layout=model.layout(), decode=decode_settings(model, backend), feature_fields=cache_fields(model),
+                    **fields)
+
+
 class TrainData:
     def __init__(self, cfg: DictConfig):
-        from nemo_avllm.data.dataset import layout_of
-        from nemo_avllm.data.manifest import validate_manifest
+        from nemo_avllm.data.manifest_checks import validate_manifest
 
         m, d = cfg.model, cfg.model.data
         if bool(d.get("train_manifest")) == bool(d.get("shards")):
@@ -36,19 +101,19 @@ class TrainData:
         vocab = int(m.llm.vocab_size)
         if len(self.tokenizer) > vocab:
             raise UserError(f"model.tokenizer={m.tokenizer} has {len(self.tokenizer)} tokens, more than model.llm.vocab_size={vocab}")
+        self.spec = data_spec(cfg)
 
         def checked(path: str, key: str):
             samples, report = validate_manifest(
                 path,
-                index=d.get("index"),
+                index=self.spec.index,
                 tokenizer=self.tokenizer,
-                layout=layout_of(m),
-                max_length=int(m.seq_length),
-                policy=d.get("max_length_policy", "truncate"),
-                # with a feature cache the media files need not be on this machine
-                check_files=not d.get("feature_cache"),
+                layout=self.spec.layout,
+                max_length=self.spec.seq_length,
+                policy=self.spec.max_length_policy,
+                check_files=not self.spec.feature_cache,  # with a feature cache the media need not be here
             )
-            log.info("%s: %s", key, report)
+            log.info("%s", report)
             if not samples:
                 raise UserError(f"{key}={path}: no usable sample ({str(report).splitlines()[0]}); "
                                 f"fix the problems logged above")
@@ -78,93 +143,30 @@ class TrainData:
         """The shards hold cached encoder tokens (no encoders needed)."""
         return self.shards is not None and self.shards.get("content") == "features"
 
-    def feature_cache(self):
-        """The cache of `model.data.feature_cache`, checked against the model config; None without one."""
-        from nemo_avllm.data.features import FeatureCache
-
-        path = self.cfg.model.data.get("feature_cache")
-        return FeatureCache(path, self.cfg.model) if path else None
-
-    def loader(self, model, consumed_samples: int):
-        """An endless iterable of this rank's micro-batches, starting after `consumed_samples`.
-        Ranks that receive their data by broadcast (see `training.broadcast`) read nothing."""
+    def rank_spec(self, max_steps: int | None = None) -> DataSpec:
+        """The spec with this data-parallel rank and the run's step count (trainer.max_steps, or
+        what max_epochs gives when it is -1, as `training.train` computes it)."""
         from megatron.core import parallel_state as ps
 
-        from nemo_avllm.data.dataset import build_dataloader
+        run = {"dp_rank": ps.get_data_parallel_rank(), "dp_size": ps.get_data_parallel_world_size()}
+        return dataclasses.replace(self.spec, **run, **({"max_steps": max_steps} if max_steps else {}))
+
+    def loader(self, model, consumed_samples: int, max_steps: int | None = None):
+        """An endless iterable of this rank's micro-batches, starting after `consumed_samples`.
+        Ranks that receive their data by broadcast (see `training.broadcast`) read nothing."""
+        from nemo_avllm.data.loaders import train_loader
         from nemo_avllm.training.broadcast import reads_data
 
-        m, d = self.cfg.model, self.cfg.model.data
-        packing = bool(d.get("packing", False))
-        if not reads_data(packing):
+        if not reads_data(self.spec.packing):
             return _Epochs([None])
-
-        kw = dict(
-            global_batch_size=int(m.global_batch_size),
-            micro_batch_size=int(m.micro_batch_size),
-            seq_length=int(m.seq_length),
-            dp_rank=ps.get_data_parallel_rank(),
-            dp_size=ps.get_data_parallel_world_size(),
-            ratios=dict(d.mat_ratios) if d.get("mat_ratios") else None,
-            derive_views=bool(d.get("derive_views", False)),
-            seed=int(self.cfg.trainer.get("seed", 1234)),
-            consumed_samples=consumed_samples,
-            num_workers=int(d.get("num_workers", 2)),
-            backend=d.get("decode_backend", "auto"),
-            schedule=d.get("modality_schedule", "mat"),
-            schedule_split=float(d.get("modality_schedule_split", 0.5)),
-            # the run's step count (trainer.max_steps, or what max_epochs gives when it is -1)
-            max_steps=getattr(model, "max_steps_for_schedule", None) or int(self.cfg.trainer.get("max_steps", -1)),
-        )
-        pack = self.packing()
-        if self.shards is not None:
-            from nemo_avllm.data.dataset import collate_fn, packing_spec
-            from nemo_avllm.data.shards import build_shard_loader
-
-            if packing:  # the stream hands out a step's share at once; collate packs it
-                spec = packing_spec(kw["seq_length"], int(m.micro_batch_size), pack["fixed_shape"], self.tokenizer,
-                                    pack["thd"])
-                kw.update(micro_batch_size=kw["global_batch_size"] // kw["dp_size"],
-                          collate=collate_fn(kw["seq_length"], spec.pad_id, spec))
-            dl = build_shard_loader(str(d.shards), self.tokenizer, m, **kw)  # endless: epochs advance inside
-            plan = dl.dataset.plan
-        else:
-            dl = build_dataloader(self.samples, self.tokenizer, m, index=d.get("index"),
-                                  feature_cache=self.feature_cache(), **pack, **kw)
-            plan = dl.batch_sampler.plan
-        log.info("%s", plan.describe())
-        return _Epochs(dl)
+        source = str(self.cfg.model.data.shards) if self.shards is not None else self.samples
+        return _Epochs(train_loader(self.rank_spec(max_steps), source, self.tokenizer, consumed_samples))
 
     def val_loader(self, model):
         """This rank's validation micro-batches (same dataset, collate and feature cache)."""
-        from megatron.core import parallel_state as ps
+        from nemo_avllm.data.loaders import eval_loader
 
-        from nemo_avllm.data.dataset import build_eval_dataloader
-
-        m, d = self.cfg.model, self.cfg.model.data
-        return build_eval_dataloader(
-            self.val_samples,
-            self.tokenizer,
-            m,
-            micro_batch_size=int(m.micro_batch_size),
-            seq_length=int(m.seq_length),
-            dp_rank=ps.get_data_parallel_rank(),
-            dp_size=ps.get_data_parallel_world_size(),
-            index=d.get("index"),
-            feature_cache=self.feature_cache(),
-            num_workers=int(d.get("num_workers", 2)),
-            backend=d.get("decode_backend", "auto"),
-            **self.packing(),
-        )
-
-    def packing(self) -> dict:
-        """model.data.packing and the layout it takes: fixed micro-batch shapes with pipeline
-        parallelism, Transformer Engine's THD when the model runs TE layers (`data.packing.make_spec`)."""
-        from nemo_avllm.model.llm import resolve_transformer_impl
-
-        m = self.cfg.model
-        return {"packing": bool(m.data.get("packing", False)),
-                "fixed_shape": int(m.get("pipeline_model_parallel_size", 1)) > 1,
-                "thd": resolve_transformer_impl(m.get("transformer_impl", "auto")) == "transformer_engine"}
+        return eval_loader(self.rank_spec(), self.val_samples, self.tokenizer)
 
 
 class _Epochs:

@@ -85,9 +85,9 @@ class AVLLMModel(ModelPT):
 
     @property
     def layout(self):
-        from nemo_avllm.data.dataset import layout_of
+        from nemo_avllm.model.provider import avllm_config
 
-        return layout_of(self._cfg)
+        return avllm_config(self._cfg).layout()
 
     # --- building ---------------------------------------------------------------------------
     @property

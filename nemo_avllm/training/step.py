@@ -14,7 +14,7 @@ import torch
 from nemo_avllm import modality
 from nemo_avllm.data.packing import PackedRows
 from nemo_avllm.model.avllm import EncoderFeatures
-from nemo_avllm.model.loss import masked_token_loss
+from nemo_avllm.model.loss import masked_token_loss, masked_tokens
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -59,8 +59,8 @@ def validation_targets(batch: dict, real: int) -> dict:
 def group_loss_func(loss_mask: torch.Tensor, groups: torch.Tensor, output_tensor: torch.Tensor):
     """Megatron's 3-tuple with per-group sums: "groups" is [len(GROUPS), 2] = (loss sum, tokens).
     `groups` [B, S]: the group of every position's sample."""
-    mask = loss_mask.float()
-    per_token = torch.stack([(output_tensor.float() * mask).flatten(), mask.flatten()], dim=-1)  # [B*S, 2]
+    per_token = torch.stack([masked_tokens(output_tensor, loss_mask).flatten(), loss_mask.float().flatten()],
+                            dim=-1)  # [B*S, 2]
     sums = torch.zeros(len(GROUPS), 2, dtype=per_token.dtype, device=per_token.device)
     sums.index_add_(0, groups.to(per_token.device).flatten(), per_token.detach())
     total = per_token.sum(0)

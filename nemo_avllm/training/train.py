@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -86,9 +87,9 @@ def validate(cfg: DictConfig, world_size: int | None = None, paths: bool = True)
                 f"trainer.val_check_interval={every}: checkpoints are ranked by the validation loss of their own "
                 f"step; make it a multiple (e.g. {every * max(1, int(save_every) // every)})")
     if paths and data.get("feature_cache"):
-        from nemo_avllm.data.features import FeatureCache
+        from nemo_avllm.training.feature_cache import open_cache
 
-        FeatureCache(data.feature_cache, m)  # refuses a cache made with other encoders / T / K
+        open_cache(data.feature_cache, m)  # refuses a cache made with other encoders / T / K
     if str(cfg.trainer.get("precision", "32")) not in ("32", "32-true"):
         raise UserError(
             f"trainer.precision={cfg.trainer.precision}: precision is set by model.params_dtype "
@@ -163,7 +164,7 @@ def build_trainer(cfg: DictConfig, steps: int, callbacks=()):
 
 
 def train(cfg: DictConfig, data=None):
-    """Run one training stage. `data` provides `num_samples` and `loader(model, consumed)`;
+    """Run one training stage. `data` provides `num_samples` and `loader(model, consumed, max_steps)`;
     by default it is built from `cfg.model.data`."""
     validate(cfg)  # before the heavy imports: a bad setting is reported in a second
     check_launch(cfg)
@@ -199,8 +200,8 @@ def train(cfg: DictConfig, data=None):
     trainer.callbacks += [MetricsJsonl(log_dir), LastCheckpointAtEnd()]
     _ensure_preemption_callback(trainer, em)
     model = AVLLMModel(cfg.model, trainer=trainer)
-    model.max_steps_for_schedule = steps
-    model.train_loader_factory = data.loader
+    model.max_steps_for_schedule = steps  # the optimizer's schedule
+    model.train_loader_factory = partial(data.loader, max_steps=steps)  # the modality schedule
     if validation:
         model.val_loader_factory = data.val_loader
         model.val_check_interval = int(cfg.trainer.val_check_interval)

@@ -81,7 +81,7 @@ def _train_one_step(tmp_path, tokenizer_dir, manifests, index) -> list[dict]:
 
 
 def test_curate_end_to_end_then_resume(tmp_path, clips, models, monkeypatch, tokenizer_dir, cache_dir):
-    from nemo_avllm.data.manifest import validate_manifest
+    from nemo_avllm.data.manifest_checks import validate_manifest
     from nemo_avllm.data.prepare import prepare
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-secret")

@@ -25,15 +25,10 @@ pytest.importorskip("nvidia.dali", reason="needs nvidia-dali (pip install nvidia
 from dali_pipelines.audio import AudioBatchDecoder, decode_audio_dali, load_audio_segments_dali  # noqa: E402
 from dali_pipelines.video import VideoBatchDecoder, decode_video_dali, normalize_frames_dali  # noqa: E402
 from nemo_avllm.data import decode_pyav  # noqa: E402
-from nemo_avllm.data.media import (  # noqa: E402
-    MediaError,
-    decode_audio,
-    decode_clip,
-    load_audio_segments,
-    probe,
-    sample_frame_indices,
-)
+from nemo_avllm.data.decode import decode_clip, load_audio_segments  # noqa: E402
+from nemo_avllm.data.decode_pyav import decode_audio, probe  # noqa: E402
 from nemo_avllm.data.index import load_index  # noqa: E402
+from nemo_avllm.data.media import MediaError, sample_frame_indices  # noqa: E402
 from nemo_avllm.data.prepare import prepare  # noqa: E402
 from tests.media_factory import (  # noqa: E402
     FFMPEG,

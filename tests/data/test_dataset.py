@@ -9,11 +9,16 @@ import pytest
 import torch
 
 from nemo_avllm import modality
-from nemo_avllm.data import media
-from nemo_avllm.data.dataset import AVDataset, DecodeSettings, MediaSource, build_dataloader, collate_av, layout_of
-from nemo_avllm.data.manifest import validate_manifest
+from nemo_avllm.data import decode
+from nemo_avllm.data.collate import collate_av
+from nemo_avllm.data.dataset import AVDataset
+from nemo_avllm.data.decode import MediaSource
+from nemo_avllm.data.loaders import train_loader
+from nemo_avllm.data.manifest_checks import validate_manifest
 from nemo_avllm.data.mat_sampler import MATBatchSampler
 from nemo_avllm.data.prepare import prepare
+from nemo_avllm.model.provider import avllm_config
+from nemo_avllm.training.data import decode_settings, model_spec
 from tests.media_factory import conv, make_media_set, FFMPEG
 
 pytestmark = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg binary to make test media")
@@ -56,14 +61,14 @@ def model_cfg():
 @pytest.fixture(scope="module")
 def dataset(data, tokenizer, model_cfg):
     _, _, samples = data
-    return AVDataset(samples, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg),
+    return AVDataset(samples, tokenizer, avllm_config(model_cfg).layout(), decode_settings(avllm_config(model_cfg)),
                      max_length=256, derive_views=True)
 
 
 def test_settings_come_from_the_model_config(model_cfg):
-    s = DecodeSettings.from_model_config(model_cfg)
+    s = decode_settings(avllm_config(model_cfg))
     assert (s.num_frames, s.num_audio_segments, s.image_size, s.sample_rate, s.window) == (4, 2, 64, 48000, 480000)
-    assert layout_of(model_cfg) == modality.TokenLayout(4, 16, 2)
+    assert avllm_config(model_cfg).layout() == modality.TokenLayout(4, 16, 2)
 
 
 def test_items_carry_only_the_media_their_tokens_need(dataset, data):
@@ -76,8 +81,8 @@ def test_items_carry_only_the_media_their_tokens_need(dataset, data):
     ids = torch.tensor(av["tokens"].input_ids)
     assert [(ids == p).sum().item() for p in modality.PLACEHOLDER_IDS] == [4, 16, 2]
     # exactly what the media module decodes (the contract is shared with DALI)
-    assert torch.equal(v["video"], media.decode_video(d / "mute.mp4", 4, 64)[0])
-    assert torch.equal(a["audio"], media.load_audio_segments(d / "av1.mp4", 2, 48000, 480000))
+    assert torch.equal(v["video"], decode.decode_video(d / "mute.mp4", 4, 64)[0])
+    assert torch.equal(a["audio"], decode.load_audio_segments(d / "av1.mp4", 2, 48000, 480000))
     still = dataset[4]["video"]
     assert torch.equal(still[0], still[3])  # an image is a 1-frame video
 
@@ -103,18 +108,18 @@ def test_prepare_index_supplies_the_flac_side_car(data, tokenizer, model_cfg, tm
     samples_idx, report = validate_manifest(path, index=tmp_path / "prep")
     assert [s.id for s in samples_idx] == [s.id for s in samples if "corrupt" not in s.id]
     assert report.counts == {"bad_media": 2}  # prepare listed the corrupt file in bad_files.jsonl
-    ds = AVDataset(samples_idx, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg),
+    ds = AVDataset(samples_idx, tokenizer, avllm_config(model_cfg).layout(), decode_settings(avllm_config(model_cfg)),
                    index=tmp_path / "prep")
     src = MediaSource.of(samples_idx[1], ds.index)
     assert src.audio.endswith(".flac") and src.info.num_frames == 8 and src.has_audio
     from_flac = ds[1]["audio"]
-    from_container = media.load_audio_segments(d / "av1.mp4", 2, 48000, 480000)
+    from_container = decode.load_audio_segments(d / "av1.mp4", 2, 48000, 480000)
     assert (from_flac - from_container).abs().max() < 1e-3  # 16-bit FLAC of the same 48 kHz mono track
 
 
 def test_corrupt_media_is_replaced_by_the_next_good_sample_of_the_same_view(data, tokenizer, model_cfg, caplog):
     d, _, samples = data
-    ds = AVDataset(samples, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg))
+    ds = AVDataset(samples, tokenizer, avllm_config(model_cfg).layout(), decode_settings(avllm_config(model_cfg)))
     with caplog.at_level("WARNING"):
         item = ds[3]
     assert item["id"] == "v-still" and item["modality"] == "V"  # sample 4 is the next visual-only one
@@ -126,7 +131,7 @@ def test_corrupt_media_is_replaced_by_the_next_good_sample_of_the_same_view(data
     assert again["id"] == "v-still-2" and again["bad_media"] == [str(d / "corrupt.mp4")]
     assert not caplog.records and list(ds.bad) == [samples[3].media_id]
 
-    strict = AVDataset(samples, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg),
+    strict = AVDataset(samples, tokenizer, avllm_config(model_cfg).layout(), decode_settings(avllm_config(model_cfg)),
                        replace_bad=False)
     assert strict[3] is None
     batch = collate_av([strict[0], strict[3]], seq_length=128)
@@ -149,8 +154,8 @@ def test_collate_stacks_media_with_zero_rows(dataset):
 
 def test_dataloader_with_workers_keeps_full_micro_batches_and_exact_ratios(data, tokenizer, model_cfg):
     _, _, samples = data
-    kw = dict(global_batch_size=6, micro_batch_size=3, seq_length=96, ratios=RATIOS, derive_views=True, seed=1)
-    loader = build_dataloader(samples, tokenizer, model_cfg, num_workers=2, **kw)
+    kw = dict(global_batch_size=6, micro_batch_size=3, seq_length=96, mat_ratios=RATIOS, derive_views=True, seed=1)
+    loader = train_loader(model_spec(model_cfg, num_workers=2, **kw), samples, tokenizer)
     plan = [it for mb in MATBatchSampler(samples, RATIOS, 6, 3, seed=1, derive_views=True) for it in mb]
     batches = list(loader)
     assert len(batches) == len(loader) == 4  # 12 samples // 6 = 2 global batches of 2 micro-batches

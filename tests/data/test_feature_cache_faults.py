@@ -7,8 +7,11 @@ import logging
 import shutil
 
 from nemo_avllm import config
-from nemo_avllm.data.dataset import AVDataset, DecodeSettings, layout_of
-from nemo_avllm.data.features import FeatureCache, build_feature_cache, run
+from nemo_avllm.data.dataset import AVDataset
+from nemo_avllm.data.features import FeatureCache
+from nemo_avllm.model.provider import avllm_config
+from nemo_avllm.training.data import decode_settings
+from nemo_avllm.training.feature_cache import build_feature_cache, open_cache, run
 from tests.data.test_features import cache_dir, cfg, data, encoders  # noqa: F401  (module fixtures)
 
 
@@ -28,8 +31,8 @@ def test_a_damaged_entry_is_replaced_and_reported(cache_dir, data, cfg, tokenize
     shutil.copytree(cache_dir, cache)
     shard, media = _damage(cache, data[2][0])
     samples = data[2][:5]
-    ds = AVDataset(samples, tokenizer, layout_of(cfg), DecodeSettings.from_model_config(cfg),
-                   feature_cache=FeatureCache(cache, cfg))
+    ds = AVDataset(samples, tokenizer, avllm_config(cfg).layout(), decode_settings(avllm_config(cfg)),
+                   feature_cache=open_cache(cache, cfg))
     with caplog.at_level(logging.WARNING):
         item = ds[0]  # sample `av`: its tokens are in the damaged shard
     assert item["bad_media"] and item["features"]["temporal"].shape[0] > 0

@@ -9,11 +9,16 @@ import pytest
 import torch
 
 from nemo_avllm import config
-from nemo_avllm.data.dataset import AVDataset, DecodeSettings, MediaSource, collate_av, layout_of, load_media
-from nemo_avllm.data.features import META_NAME, FeatureCache, FeatureCacheError, build_encoders, build_feature_cache
+from nemo_avllm.data.collate import collate_av
+from nemo_avllm.data.dataset import AVDataset
+from nemo_avllm.data.decode import MediaSource, load_media
+from nemo_avllm.data.features import FeatureCache, FeatureCacheError, META_NAME
+from nemo_avllm.data.manifest_checks import validate_manifest
 from nemo_avllm.data.media import backend_label
-from nemo_avllm.data.manifest import validate_manifest
 from nemo_avllm.data.prepare import prepare
+from nemo_avllm.model.provider import avllm_config
+from nemo_avllm.training.data import decode_settings
+from nemo_avllm.training.feature_cache import build_encoders, build_feature_cache, open_cache
 from tests.media_factory import conv, make_media_set, FFMPEG, make_clip
 
 pytestmark = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg binary to make test media")
@@ -62,7 +67,7 @@ def cache_dir(data, cfg, encoders, tmp_path_factory):
 def test_cache_round_trip_equals_running_the_encoders(data, cfg, encoders, cache_dir):
     _, _, samples = data
     vision, audio = encoders
-    cache = FeatureCache(cache_dir, cfg)
+    cache = open_cache(cache_dir, cfg)
     meta = json.loads((cache_dir / "meta.json").read_text())
     assert meta["dtype"] == "bf16" and len(meta["hash"]) == 16
     assert {k: meta["fields"][k] for k in ("num_frames", "num_audio_segments", "image_size", "num_patches",
@@ -70,7 +75,7 @@ def test_cache_round_trip_equals_running_the_encoders(data, cfg, encoders, cache
         "num_frames": 4, "num_audio_segments": 2, "image_size": 64, "num_patches": 16, "feature_layer": -2,
         "sample_rate": 48000, "window": 480000}
     assert len(cache) == 4 and samples[5].media_id not in cache  # the corrupt clip is reported, not cached
-    settings = DecodeSettings.from_model_config(cfg)
+    settings = decode_settings(avllm_config(cfg))
     for s in samples[:5]:
         got = cache.get(s.media_id)
         v, a = load_media(MediaSource.of(s), settings, video=True, audio=bool(s.has_audio))
@@ -99,7 +104,7 @@ def test_cache_round_trip_equals_running_the_encoders(data, cfg, encoders, cache
 def test_cache_built_for_another_config_is_refused(cache_dir, override, words):
     other = config.load_model("tiny", [override])
     with pytest.raises(FeatureCacheError) as e:
-        FeatureCache(cache_dir, other)
+        open_cache(cache_dir, other)
     msg = str(e.value)
     assert words in msg and str(cache_dir) in msg and "avllm features" in msg and "data.feature_cache" in msg
 
@@ -124,12 +129,12 @@ def test_resume_skips_done_clips_and_does_not_retry_bad_ones(data, cfg, encoders
     assert (first.total, first.written, first.shards) == (2, 2, 2)
     with pytest.raises(FeatureCacheError, match="unfinished"):  # as if killed before the index was written
         (out / "clips.json").unlink()
-        FeatureCache(out, cfg)
+        open_cache(out, cfg)
     second = build_feature_cache(path, out, cfg, encoders=encoders, clips_per_shard=1, progress=False)
     assert (second.total, second.written, second.skipped, second.failed, second.shards) == (5, 2, 2, 1, 4)
     third = build_feature_cache(path, out, cfg, encoders=encoders, progress=False)
     assert (third.written, third.skipped, third.failed) == (0, 5, 1)
-    assert len(FeatureCache(out, cfg)) == 4
+    assert len(open_cache(out, cfg)) == 4
     # an evaluation manifest (questions without answers) is a source too: only its media matter
     make_clip(d / "held_out.mp4", num_frames=4)
     (d / "eval.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "video": v, "conversations": [
@@ -138,13 +143,13 @@ def test_resume_skips_done_clips_and_does_not_retry_bad_ones(data, cfg, encoders
     assert (fourth.total, fourth.written, fourth.skipped) == (6, 1, 5)
     from nemo_avllm.data.manifest import stable_id
 
-    assert stable_id(str(d / "held_out.mp4"), None) in FeatureCache(out, cfg)
+    assert stable_id(str(d / "held_out.mp4"), None) in open_cache(out, cfg)
     # a prepare index is a source too: its clips, with the FLAC side-car as audio
     prepare(path, tmp_path / "prep", num_workers=1, progress=False)
     from_index = build_feature_cache(tmp_path / "prep", tmp_path / "cache2", cfg, index=tmp_path / "prep",
                                      encoders=encoders, progress=False)
     assert (from_index.total, from_index.written, from_index.failed) == (4, 4, 0)
-    c1, c2 = FeatureCache(out, cfg), FeatureCache(tmp_path / "cache2", cfg)
+    c1, c2 = open_cache(out, cfg), open_cache(tmp_path / "cache2", cfg)
     torch.testing.assert_close(c2.get(samples[0].media_id)["audio"].float(), c1.get(samples[0].media_id)["audio"].float(),
                                rtol=2e-2, atol=2e-2)
 
@@ -157,8 +162,8 @@ def test_training_from_the_cache_gives_the_loss_of_running_the_encoders(data, cf
     torch.manual_seed(0)
     model = build_model(cfg)
     build_feature_cache(samples, tmp_path / "cache", cfg, encoders=(model.vision, model.audio), progress=False)
-    layout, settings = layout_of(cfg), DecodeSettings.from_model_config(cfg)
-    cache = FeatureCache(tmp_path / "cache", cfg)
+    layout, settings = avllm_config(cfg).layout(), decode_settings(avllm_config(cfg))
+    cache = open_cache(tmp_path / "cache", cfg)
     good = samples[:5]
     from_cache = collate_av([AVDataset(good, tokenizer, layout, settings, feature_cache=cache)[i] for i in range(5)], 128)
     decoded = collate_av([AVDataset(good, tokenizer, layout, settings)[i] for i in range(5)], 128)

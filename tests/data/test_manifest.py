@@ -8,7 +8,8 @@ import os
 import pytest
 
 from nemo_avllm import modality
-from nemo_avllm.data.manifest import ManifestError, read_inputs, stable_id, validate_manifest
+from nemo_avllm.data.manifest import ManifestError, read_inputs, stable_id
+from nemo_avllm.data.manifest_checks import validate_manifest
 from nemo_avllm.data.prepare import prepare
 from tests.media_factory import conv, FFMPEG, color_frames, garbage_file, make_audio_file, make_clip, make_image, tone
 

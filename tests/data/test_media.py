@@ -10,19 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_avllm.data import decode_pyav, media
-from nemo_avllm.data.media import (
-    CLAP_WINDOW,
-    MediaError,
-    crop_offset,
-    decode_audio,
-    decode_clip,
-    decode_video_frames,
-    probe,
-    resized_shape,
-    sample_frame_indices,
-    segment_audio,
-)
+from nemo_avllm.data import decode, decode_pyav, media
+from nemo_avllm.data.decode import decode_clip
+from nemo_avllm.data.decode_pyav import decode_audio, decode_video_frames, probe
+from nemo_avllm.data.media import CLAP_WINDOW, MediaError, crop_offset, resized_shape, sample_frame_indices, segment_audio
 from tests.media_factory import (
     FFMPEG,
     VIDEO_CODECS,
@@ -227,7 +218,7 @@ def test_batched_resampling_equals_frame_by_frame(tmp_path, suffix, acodec, rate
     chunks += [f.to_ndarray() for f in resampler.resample(None)]
     ref = np.concatenate(chunks, axis=1).mean(axis=0).astype(np.float32)
     np.testing.assert_array_equal(decode_audio(path), ref)
-    np.testing.assert_array_equal(np.concatenate(list(media.iter_audio(path))), ref)
+    np.testing.assert_array_equal(np.concatenate(list(decode_pyav.iter_audio(path))), ref)
 
 
 @pytest.mark.parametrize("rotate", [90, 180, 270])
@@ -381,12 +372,16 @@ def test_auto_backend_without_gpu_is_cpu(tmp_path):
 
 
 def test_the_contract_imports_no_backend():
-    """media.py is imported by every back-end and imports none of them (no cycle): they are
-    loaded by `media.backend_module` only, when a decode needs them."""
+    """media.py is imported by every back-end and imports none of them (no cycle): `decode.py`,
+    above them, is the one module that loads them."""
     import ast
     import sys
     from pathlib import Path
 
+    backends = {"nemo_avllm.data.decode_pyav": "nemo_avllm/data/decode_pyav.py",
+                "nemo_avllm.data.decode_torchcodec": "nemo_avllm/data/decode_torchcodec.py",
+                "nemo_avllm.data.decode_decord": "nemo_avllm/data/decode_decord.py",
+                "dali_pipelines": "dali_pipelines/video.py"}
     code = ("import sys, nemo_avllm.data.media\n"
             "print([m for m in ('av', 'nemo_avllm.data.decode_pyav', 'nemo_avllm.data.decode_torchcodec', "
             "'nemo_avllm.data.decode_decord', 'dali_pipelines', 'torchcodec', 'decord') if m in sys.modules])")
@@ -396,16 +391,14 @@ def test_the_contract_imports_no_backend():
     tree = ast.parse(Path(media.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
         a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert not imported & {"av", "dali_pipelines", *media.BACKEND_MODULES.values()}, imported
-    for module in media.BACKEND_MODULES.values():  # and every back-end uses the contract
-        path = root / (module.replace(".", "/") + ".py")
-        path = path if path.is_file() else root / module / "video.py"
-        assert "from nemo_avllm.data.media import" in path.read_text(), path
-    assert media.probe is decode_pyav.probe  # names other files import from media keep working
+    assert not imported & {"av", *backends}, imported
+    for path in backends.values():  # and every back-end uses the contract
+        assert "from nemo_avllm.data.media import" in (root / path).read_text(), path
+    assert set(decode.BACKENDS) == {"pyav", "torchcodec", "decord", "dali"}
 
 
 def _fast_decoders() -> list[str]:
-    return [name for name in ("torchcodec", "decord") if media.installed(name)]
+    return [name for name in ("torchcodec", "decord") if decode.installed(name)]
 
 
 @pytest.mark.skipif(not _fast_decoders(), reason="needs torchcodec or decord (pip install 'nemo_avllm[decoders]')")
@@ -419,10 +412,10 @@ def test_fast_decoders_return_pyavs_frames(tmp_path):
         info = probe(path)
         ref, idx, n = decode_video_frames(path, 7)
         for name in _fast_decoders():
-            frames, got_idx, got_n = media.backend_module(name).read_frames(path, 7, info)
+            frames, got_idx, got_n = decode.backend_module(name).read_frames(path, 7, info)
             assert (got_idx, got_n) == (idx, n) and frames.dtype == np.uint8, (name, path)
             np.testing.assert_array_equal(frames, ref, err_msg=f"{name} {path.name}")
-        frames, _, _ = media.read_video_frames(path, 7, info)
+        frames, _, _ = decode.read_video_frames(path, 7, info)
         np.testing.assert_array_equal(frames, ref)
 
 
@@ -434,22 +427,22 @@ def test_a_decoder_that_miscounts_falls_back_to_pyav(tmp_path):
     assert info.num_frames == 25
     ref = decode_video_frames(trimmed, 6)
     for name in _fast_decoders():
-        got = media.read_video_frames(trimmed, 6, info, decoders=(name, "pyav"))
+        got = decode.read_video_frames(trimmed, 6, info, decoders=(name, "pyav"))
         assert got[1:] == ref[1:], name
         np.testing.assert_array_equal(got[0], ref[0], err_msg=name)
-    if media.installed("decord"):
+    if decode.installed("decord"):
         with pytest.raises(ValueError, match="decord counts 30 frames"):
-            media.backend_module("decord").read_frames(trimmed, 6, info)
+            decode.backend_module("decord").read_frames(trimmed, 6, info)
 
 
-@pytest.mark.skipif(not media.installed("torchcodec"), reason="needs torchcodec (pip install 'nemo_avllm[decoders]')")
+@pytest.mark.skipif(not decode.installed("torchcodec"), reason="needs torchcodec (pip install 'nemo_avllm[decoders]')")
 def test_torchcodec_audio_only_where_it_matches_pyav(tmp_path):
     """On FLAC torchcodec returns PyAV's samples exactly; on AAC it keeps the encoder's end padding,
     so the cpu run reads AAC with PyAV and K segments keep their boundaries."""
-    tc = media.backend_module("torchcodec")
+    tc = decode.backend_module("torchcodec")
     flac = make_audio_file(tmp_path / "a.flac", tone(1.0, 44100, 700, gains=(0.6, 0.2)), 44100)
     np.testing.assert_array_equal(tc.read_audio(flac, 48000), decode_audio(flac, 48000))
     clip = make_clip(tmp_path / "c.mp4", num_frames=10, audio=tone(3.0, 44100, 1000), audio_rate=44100, acodec="aac")
     with pytest.raises(ValueError, match="files only"):
         tc.read_audio(clip, 48000)
-    assert len(media.read_audio(clip, 48000)) == len(decode_audio(clip, 48000)) == 144000
+    assert len(decode.read_audio(clip, 48000)) == len(decode_audio(clip, 48000)) == 144000

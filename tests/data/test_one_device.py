@@ -9,10 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_avllm.data import media
-from nemo_avllm.data.dataset import DecodeSettings, MediaSource, collate_av, load_media_batch, stack_rows
-from nemo_avllm.data.workers import worker_gpu
+from nemo_avllm.data import decode_pyav, media
+from nemo_avllm.data.collate import collate_av, stack_rows
 from nemo_avllm.data.conversation import TokenizedSample
+from nemo_avllm.data.decode import DecodeSettings, MediaSource, load_media_batch
+from nemo_avllm.data.workers import worker_gpu
+from nemo_avllm.model.provider import avllm_config
+from nemo_avllm.training.data import decode_settings
 
 
 def test_rows_from_two_devices_are_stacked_on_one():
@@ -71,7 +74,7 @@ def test_dali_run_decodes_a_batch_in_one_call(tmp_path):
         dali_video.VideoBatchDecoder._run = run
     assert calls == [3]  # the three videos in one pipeline run
     for src, (video, audio) in zip(sources, got):
-        info = media.probe(src.video)
+        info = decode_pyav.probe(src.video)
         one = dali_video.decode_video_dali(src.video, media.sample_frame_indices(info.num_frames, 4), image_size=40)
         assert video.shape == (4, 3, 40, 40) and torch.allclose(video, one, atol=1e-5)
     assert got[0][1].shape == (2, 4800) and got[1][1] is None
@@ -83,8 +86,9 @@ def test_training_dataset_decodes_each_micro_batch_in_one_dali_call(tmp_path, to
 
     from dali_pipelines import video as dali_video
     from nemo_avllm import config
-    from nemo_avllm.data.dataset import AVDataset, layout_of
-    from nemo_avllm.data.manifest import validate_manifest
+    from nemo_avllm.data.dataset import AVDataset
+    from nemo_avllm.data.manifest_checks import validate_manifest
+    from nemo_avllm.model.provider import avllm_config
     from tests.media_factory import FFMPEG, color_frames, conv, make_clip, tone
 
     if FFMPEG is None:
@@ -98,8 +102,8 @@ def test_training_dataset_decodes_each_micro_batch_in_one_dali_call(tmp_path, to
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     samples, _ = validate_manifest(tmp_path / "m.jsonl")
     model_cfg = config.load_model("tiny")
-    dali = AVDataset(samples, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg, "dali"))
-    per_clip = AVDataset(samples, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg, "dali"))
+    dali = AVDataset(samples, tokenizer, avllm_config(model_cfg).layout(), decode_settings(avllm_config(model_cfg), "dali"))
+    per_clip = AVDataset(samples, tokenizer, avllm_config(model_cfg).layout(), decode_settings(avllm_config(model_cfg), "dali"))
     calls = []
     run = dali_video.VideoBatchDecoder._run
     dali_video.VideoBatchDecoder._run = lambda self, enc, fr, rot: calls.append(len(enc)) or run(self, enc, fr, rot)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from nemo_avllm.data.media import decode_clip
+from nemo_avllm.data.decode import decode_clip
 from nemo_avllm.data.index import load_index
 from nemo_avllm.data.manifest import read_inputs, stable_id
 from nemo_avllm.data.prepare import prepare
@@ -200,7 +200,7 @@ def test_side_car_is_streamed_in_bounded_memory_and_equals_the_whole_track_path(
     import subprocess
     import sys
 
-    from nemo_avllm.data.media import decode_audio
+    from nemo_avllm.data.decode_pyav import decode_audio
     from tests.media_factory import run_ffmpeg
 
     video = make_clip(tmp_path / "v.mp4", num_frames=2)

@@ -11,10 +11,15 @@ import pytest
 import torch
 
 from nemo_avllm import config
-from nemo_avllm.data.dataset import AVDataset, DecodeSettings, layout_of
-from nemo_avllm.data.features import FeatureCache, FeatureCacheError, build_encoders, build_feature_cache
-from nemo_avllm.data.manifest import validate_manifest
-from nemo_avllm.data.shards import ShardStream, build_shard_loader, write_shards
+from nemo_avllm.data.dataset import AVDataset
+from nemo_avllm.data.features import FeatureCacheError
+from nemo_avllm.data.loaders import train_loader
+from nemo_avllm.data.manifest_checks import validate_manifest
+from nemo_avllm.data.shard_writer import write_shards
+from nemo_avllm.data.shards import ShardStream
+from nemo_avllm.model.provider import avllm_config
+from nemo_avllm.training.data import decode_settings, model_spec
+from nemo_avllm.training.feature_cache import build_encoders, build_feature_cache, model_fields, open_cache
 from tests.media_factory import conv, make_media_set, FFMPEG
 
 pytestmark = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg binary to make test media")
@@ -64,7 +69,7 @@ def media_shards(data, tmp_path_factory):
 def stream(path, tokenizer, cfg, **kw):
     kw.setdefault("max_length", 128)
     kw.setdefault("max_epochs", 1)
-    return ShardStream(path, tokenizer, layout_of(cfg), DecodeSettings.from_model_config(cfg), **kw)
+    return ShardStream(path, tokenizer, avllm_config(cfg).layout(), decode_settings(avllm_config(cfg)), **kw)
 
 
 def ids(micro_batches):
@@ -88,7 +93,7 @@ def test_media_shards_round_trip_to_the_same_items_as_the_dataset(media_shards, 
     _, samples, _ = data
     got = [it for mb in stream(media_shards, tokenizer, cfg, global_batch_size=15, micro_batch_size=5) for it in mb]
     assert sorted(it["id"] for it in got) == sorted(s.id for s in samples)  # every sample once, no MAT
-    ds = AVDataset(samples, tokenizer, layout_of(cfg), DecodeSettings.from_model_config(cfg), max_length=128)
+    ds = AVDataset(samples, tokenizer, avllm_config(cfg).layout(), decode_settings(avllm_config(cfg)), max_length=128)
     by_id = {s.id: i for i, s in enumerate(samples)}
     for it in got:
         ref = ds[by_id[it["id"]]]
@@ -122,10 +127,10 @@ def test_resume_from_consumed_samples_equals_the_uninterrupted_stream(media_shar
 
 
 def test_loader_with_workers_is_deterministic_and_keeps_ratios(media_shards, tokenizer, cfg):
-    kw = dict(global_batch_size=10, micro_batch_size=2, seq_length=96, ratios=RATIOS, derive_views=True, seed=2,
-              max_epochs=1, num_workers=2)
-    a = list(build_shard_loader(media_shards, tokenizer, cfg, **kw))
-    b = list(build_shard_loader(media_shards, tokenizer, cfg, **kw))
+    spec = model_spec(cfg, global_batch_size=10, micro_batch_size=2, seq_length=96, mat_ratios=RATIOS,
+                      derive_views=True, seed=2, num_workers=2)
+    a = list(train_loader(spec, media_shards, tokenizer, shard_epochs=1))
+    b = list(train_loader(spec, media_shards, tokenizer, shard_epochs=1))
     assert [x["ids"] for x in a] == [x["ids"] for x in b] and len(a) == 5
     assert all(x["input_ids"].shape == (2, 96) for x in a)
     assert Counter(m for x in a for m in x["modality"]) == {"V": 5, "A": 2, "AV": 3}
@@ -153,11 +158,11 @@ def test_feature_shards_round_trip_and_refuse_another_config(data, tokenizer, cf
     _, samples, _ = data
     torch.manual_seed(0)
     build_feature_cache(samples, tmp_path / "cache", cfg, encoders=build_encoders(cfg), progress=False)
-    cache = FeatureCache(tmp_path / "cache", cfg)
+    cache = open_cache(tmp_path / "cache", cfg)
     report = write_shards(samples, tmp_path / "shards", feature_cache=cache)
     assert report.written == 15 and json.loads((tmp_path / "shards" / "shards.json").read_text())["content"] == "features"
     got = [it for mb in stream(tmp_path / "shards", tokenizer, cfg, global_batch_size=15, micro_batch_size=15,
-                               model_cfg=cfg) for it in mb]
+                               feature_fields=model_fields(cfg)) for it in mb]
     media_of = {s.id: s.media_id for s in samples}
     assert len(got) == 15
     for it in got:
@@ -167,7 +172,7 @@ def test_feature_shards_round_trip_and_refuse_another_config(data, tokenizer, cf
             assert torch.equal(t, ref[kind])
     with pytest.raises(FeatureCacheError, match="num_frames: cache 4, model 8"):
         stream(tmp_path / "shards", tokenizer, cfg, global_batch_size=15, micro_batch_size=15,
-               model_cfg=config.load_model("tiny", ["num_frames=8"]))
+               feature_fields=model_fields(config.load_model("tiny", ["num_frames=8"])))
 
 
 def test_prepared_shards_carry_the_flac_side_car(data, tokenizer, cfg, tmp_path):
@@ -180,7 +185,7 @@ def test_prepared_shards_carry_the_flac_side_car(data, tokenizer, cfg, tmp_path)
         assert "a000000000.audio.flac" in t.getnames()
     got = [it for mb in stream(tmp_path / "shards", tokenizer, cfg, global_batch_size=15, micro_batch_size=15)
            for it in mb if it["modality"] == "A"]
-    ref = AVDataset(samples, tokenizer, layout_of(cfg), DecodeSettings.from_model_config(cfg))
+    ref = AVDataset(samples, tokenizer, avllm_config(cfg).layout(), decode_settings(avllm_config(cfg)))
     by_id = {s.id: i for i, s in enumerate(samples)}
     assert len(got) == 3
     for it in got:

@@ -42,10 +42,11 @@ def clip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clip_audio(model_cfg, clip):
     """[K, 32000] at 16 kHz: the first and last segments hold different sound."""
-    from nemo_avllm.data.dataset import DecodeSettings, MediaSource, load_media
+    from nemo_avllm.data.decode import MediaSource, load_media
+    from nemo_avllm.training.data import decode_settings
 
     path = clip
-    settings = DecodeSettings.from_model_config(model_cfg)
+    settings = decode_settings(avllm_config(model_cfg))
     assert (settings.sample_rate, settings.window) == (16000, 32000)  # the data pipeline follows model.audio
     _, audio = load_media(MediaSource(str(path), str(path), str(path), True), settings, video=False, audio=True)
     return audio
@@ -122,10 +123,11 @@ def test_real_sizes_and_window_check():
 
 
 def test_feature_caches_of_htsat_and_whisper_are_never_mixed(model_cfg):
-    from nemo_avllm.data.features import FeatureCacheError, cache_fields, check_meta, fields_hash
+    from nemo_avllm.data.features import FeatureCacheError, check_meta, fields_hash
+    from nemo_avllm.training.feature_cache import model_fields
 
-    htsat = cache_fields(config.load_model("tiny", ["allow_random_init=true"]))
-    whisper = cache_fields(model_cfg)
+    htsat = model_fields(config.load_model("tiny", ["allow_random_init=true"]))
+    whisper = model_fields(model_cfg)
     assert "audio_encoder" not in htsat and whisper["audio_encoder"] == "whisper"  # HTSAT caches keep their hash
     for cache, model, words in ((htsat, whisper, "audio_encoder: cache 'htsat', model 'whisper'"),
                                 (whisper, htsat, "audio_encoder: cache 'whisper', model 'htsat'")):
@@ -138,10 +140,12 @@ def test_training_step_with_the_live_whisper_encoder(model_cfg, clip, tokenizer,
     model (no feature cache), the audio projector gets gradients, the encoder none."""
     import json
 
-    from nemo_avllm.data.dataset import AVDataset, DecodeSettings, collate_av, layout_of
-    from nemo_avllm.data.manifest import validate_manifest
+    from nemo_avllm.data.collate import collate_av
+    from nemo_avllm.data.dataset import AVDataset
+    from nemo_avllm.data.manifest_checks import validate_manifest
     from nemo_avllm.model.provider import build_model
     from nemo_avllm.training import optim
+    from nemo_avllm.training.data import decode_settings
     from nemo_avllm.training.step import forward_step
     from tests.media_factory import conv
 
@@ -153,7 +157,7 @@ def test_training_step_with_the_live_whisper_encoder(model_cfg, clip, tokenizer,
     torch.manual_seed(0)
     model = build_model(model_cfg)
     optim.freeze_for_stage(model, ["projectors"])
-    ds = AVDataset(samples, tokenizer, layout_of(model_cfg), DecodeSettings.from_model_config(model_cfg))
+    ds = AVDataset(samples, tokenizer, avllm_config(model_cfg).layout(), decode_settings(avllm_config(model_cfg)))
     batch = collate_av([ds[0], ds[1]], 128)
     assert tuple(batch["audio"].shape) == (2, K, 32000)
     output, loss_func = forward_step(iter([batch]), model)

@@ -10,9 +10,8 @@ from functools import partial
 import torch
 
 from nemo_avllm import modality
-from nemo_avllm.data.collate import collate_tokens
+from nemo_avllm.data.collate import collate_av, collate_tokens
 from nemo_avllm.data.conversation import TokenizedSample
-from nemo_avllm.data.dataset import collate_av
 from nemo_avllm.data.packing import collate_packed, make_spec
 
 
@@ -59,7 +58,7 @@ class SyntheticData:
             "audio": 0.1 * torch.randn(layout.num_audio_segments, 480000, generator=g),
         }
 
-    def loader(self, model, consumed: int):
+    def loader(self, model, consumed: int, max_steps: int | None = None):
         from megatron.core import parallel_state as ps
 
         layout = model.layout
@@ -86,7 +85,7 @@ class SyntheticData:
             sampler = MATBatchSampler(
                 [_Pseudo(i) for i in range(self.num_samples)], dict(d.mat_ratios), gbs, mbs, rank, dp,
                 seed=int(model._cfg.get("seed", 0)), consumed_samples=consumed, schedule=str(d.modality_schedule),
-                split=float(d.modality_schedule_split), max_steps=model.max_steps_for_schedule)
+                split=float(d.modality_schedule_split), max_steps=max_steps)
 
             def gen_mat():
                 step = []  # with packing: the rank's share of a step, packed as one loader item

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg binary 
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
-    from nemo_avllm.data.manifest import validate_manifest
+    from nemo_avllm.data.manifest_checks import validate_manifest
 
     d = make_media_set(tmp_path_factory.mktemp("bf16media"))
     lines = [
@@ -38,9 +38,11 @@ def _cfg(encoder_dtype: str, *more: str):
 
 @pytest.mark.parametrize("encoder_dtype,expected", [("auto", torch.float32), ("bf16", torch.bfloat16)])
 def test_bf16_forward_backward_with_live_video_and_audio(samples, tokenizer, dist1, encoder_dtype, expected):
-    from nemo_avllm.data.dataset import AVDataset, DecodeSettings, collate_av, layout_of
-    from nemo_avllm.model.provider import build_model
+    from nemo_avllm.data.collate import collate_av
+    from nemo_avllm.data.dataset import AVDataset
+    from nemo_avllm.model.provider import avllm_config, build_model
     from nemo_avllm.training import optim
+    from nemo_avllm.training.data import decode_settings
     from nemo_avllm.training.step import forward_step
 
     cfg = _cfg(encoder_dtype)
@@ -51,7 +53,7 @@ def test_bf16_forward_backward_with_live_video_and_audio(samples, tokenizer, dis
     assert model.audio.htsat.logmel_extractor.melW.dtype == torch.float32  # the log-mel front end stays fp32
     assert model.proj_audio.linear.weight.dtype == model.llm.embedding.word_embeddings.weight.dtype == torch.bfloat16
 
-    ds = AVDataset(samples, tokenizer, layout_of(cfg), DecodeSettings.from_model_config(cfg))
+    ds = AVDataset(samples, tokenizer, avllm_config(cfg).layout(), decode_settings(avllm_config(cfg)))
     batch = collate_av([ds[i] for i in range(3)], 192)
     assert batch["modality"] == ["V", "A", "AV"] and batch["video"].dtype == batch["audio"].dtype == torch.float32
     output, loss_func = forward_step(iter([batch]), model)  # the training step's micro-batch path
@@ -85,14 +87,14 @@ def _tuple(x):
 
 
 def test_features_in_bf16_with_audio(samples, tmp_path):
-    from nemo_avllm.data.features import FeatureCache, build_encoders, build_feature_cache
+    from nemo_avllm.training.feature_cache import build_encoders, build_feature_cache, open_cache
 
     cfg = _cfg("bf16", "allow_random_init=true")
     vision, audio = build_encoders(cfg)
     assert vision.dtype == audio.dtype == torch.bfloat16
     report = build_feature_cache(samples, tmp_path / "cache", cfg, dtype="bf16", encoders=(vision, audio), progress=False)
     assert (report.written, report.failed) == (3, 0), report
-    cache = FeatureCache(tmp_path / "cache", cfg)
+    cache = open_cache(tmp_path / "cache", cfg)
     with_sound = [cache.get(s.media_id) for s in samples if s.media_id in cache]
     audio_rows = [f["audio"] for f in with_sound if "audio" in f]
     assert len(audio_rows) == 2  # av1.mp4 and av2.webm have sound, mute.mp4 has none

@@ -132,7 +132,7 @@ def llm_only_checkpoint(tmp_path_factory, dist1) -> Path:
 
 @pytest.mark.parametrize("name", ["vision", "audio"])
 def test_null_encoder_checkpoint_is_refused(llm_only_checkpoint, name, tmp_path):
-    from nemo_avllm.data.features import build_encoders
+    from nemo_avllm.training.feature_cache import build_encoders
 
     other = "audio" if name == "vision" else "vision"
     (tmp_path / f"{other}.pt").write_bytes(b"")  # the other encoder's file exists (its path is checked first)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nemo_avllm import config, modality
+from nemo_avllm.data.collate import collate_av
 from nemo_avllm.data.conversation import TokenizedSample
-from nemo_avllm.data.dataset import collate_av
 from nemo_avllm.data.packing import PackedRows, PackingSpec, collate_packed, first_fit_decreasing, useful_fraction
 from nemo_avllm.model.avllm import EncoderFeatures
 from tests.data.test_dataset import data, model_cfg  # noqa: F401 (fixtures)
@@ -242,18 +242,19 @@ def test_data_parallel_ranks_get_balanced_tokens_and_the_same_global_batch():
 
 
 def test_real_loader_packs_live_decoded_steps_over_two_ranks(data, tokenizer, model_cfg):
-    """`build_dataloader(packing=True)` on real media (decoded live, a corrupt file replaced):
+    """`train_loader` with `spec.packing` on real media (decoded live, a corrupt file replaced):
     one item per step and rank, holding the sampler's global batch, balanced by tokens."""
     from collections import Counter
 
-    from nemo_avllm.data.dataset import build_dataloader
+    from nemo_avllm.data.loaders import train_loader
     from nemo_avllm.data.mat_sampler import MATBatchSampler
+    from nemo_avllm.training.data import model_spec
     from tests.data.test_dataset import RATIOS
 
     _, _, samples = data
-    kw = dict(global_batch_size=6, micro_batch_size=2, seq_length=96, ratios=RATIOS, derive_views=True, seed=1,
-              dp_size=2, num_workers=0, backend="cpu", packing=True)
-    steps = [list(build_dataloader(samples, tokenizer, model_cfg, dp_rank=r, **kw)) for r in range(2)]
+    kw = dict(global_batch_size=6, micro_batch_size=2, seq_length=96, mat_ratios=RATIOS, derive_views=True, seed=1,
+              dp_size=2, num_workers=0, packing=True)
+    steps = [list(train_loader(model_spec(model_cfg, "cpu", dp_rank=r, **kw), samples, tokenizer)) for r in range(2)]
     plain = MATBatchSampler(samples, RATIOS, 6, 3, 0, 2, seed=1, derive_views=True)
     assert [len(s) for s in steps] == [2, 2]  # 12 samples // 6: two steps
     for step in range(2):

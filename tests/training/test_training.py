@@ -165,11 +165,11 @@ def test_checkpoint_saved_at_tp2_resumes_at_pp2(tmp_path):
 
 
 def test_a_feature_cache_made_for_another_layout_is_refused_before_training(tmp_path):
-    from nemo_avllm.data.features import build_feature_cache
     from nemo_avllm.data.prepare import prepare
-    from nemo_avllm.demo import synthetic
+    from nemo_avllm.demo import clips
+    from nemo_avllm.training.feature_cache import build_feature_cache
 
-    paths = synthetic.generate(tmp_path / "d", 2, 0, seed=5)
+    paths = clips.generate(tmp_path / "d", 2, 0, seed=5)
     prepare(str(paths["clips"]), tmp_path / "prep", num_workers=1, progress=False)
     build_feature_cache(tmp_path / "prep", tmp_path / "cache", config.load_model("tiny", ["allow_random_init=true"]), index=tmp_path / "prep",
                         dtype="fp32", progress=False)

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from nemo_avllm import config
-from nemo_avllm.data.dataset import EvalBatchSampler, build_eval_dataloader, layout_of
+from nemo_avllm.data.loaders import EvalBatchSampler, eval_loader
+from nemo_avllm.model.provider import avllm_config
 from nemo_avllm.training import checkpoint, optim
 from nemo_avllm.training.callbacks import read_metrics
+from nemo_avllm.training.data import model_spec
 
 SEQ = 128
 
@@ -26,14 +28,14 @@ def test_eval_batches_cover_every_sample_once_over_data_parallel_ranks():
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_validation_loss_per_modality_equals_the_per_sample_losses(dist1, media_data, tokenizer, packing):
-    from nemo_avllm.data.manifest import validate_manifest
+    from nemo_avllm.data.manifest_checks import validate_manifest
     from nemo_avllm.model.loss import masked_token_loss
     from nemo_avllm.model.provider import build_model
     from nemo_avllm.runtime import distributed
     from nemo_avllm.training.lightning_module import validation_losses
 
     cfg = config.load_model("tiny")
-    samples, _ = validate_manifest(media_data["validation"], tokenizer=tokenizer, layout=layout_of(cfg), max_length=SEQ)
+    samples, _ = validate_manifest(media_data["validation"], tokenizer=tokenizer, layout=avllm_config(cfg).layout(), max_length=SEQ)
     assert sorted(s.modality for s in samples) == ["A"] * 3 + ["AV"] * 3 + ["V"] * 3
     distributed.set_seed(3)
     model = build_model(cfg)
@@ -43,8 +45,8 @@ def test_validation_loss_per_modality_equals_the_per_sample_losses(dist1, media_
     # 9 samples in micro-batches of 2: the last one is padded, and the padding must not count.
     # Packed: rows of 2 x SEQ, so samples of different modalities share a row (grouped by sample)
     seq = 2 * SEQ if packing else SEQ
-    loader = build_eval_dataloader(samples, tokenizer, cfg, micro_batch_size=2, seq_length=seq, num_workers=0,
-                                   backend="cpu", packing=packing)
+    loader = eval_loader(model_spec(cfg, "cpu", global_batch_size=2, micro_batch_size=2, seq_length=seq, num_workers=0,
+                                    packing=packing), samples, tokenizer)
     if packing:
         rows = [set(row.tolist()) - {-1} for (b,) in loader for row in b["sample_of_token"]]
         assert any(len(r) == 2 for r in rows), rows
@@ -54,8 +56,8 @@ def test_validation_loss_per_modality_equals_the_per_sample_losses(dist1, media_
     sums = {}
     model.eval()
     with torch.no_grad():
-        for batch in build_eval_dataloader(samples, tokenizer, cfg, micro_batch_size=1, seq_length=SEQ,
-                                           num_workers=0, backend="cpu"):
+        for batch in eval_loader(model_spec(cfg, "cpu", global_batch_size=1, micro_batch_size=1, seq_length=SEQ,
+                                            num_workers=0), samples, tokenizer):
             per_token = model(input_ids=batch["input_ids"], labels=batch["labels"], video=batch.get("video"),
                               audio=batch.get("audio"))
             loss, n = masked_token_loss(per_token, batch["loss_mask"])
