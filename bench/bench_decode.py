@@ -39,7 +39,8 @@ import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
 import torch  # noqa: E402
 
-from nemo_avllm.data import decode, decode_pyav, media  # noqa: E402
+from nemo_avllm import media  # noqa: E402
+from nemo_avllm.data import decode, decode_pyav  # noqa: E402
 
 
 def make_clips(workdir: Path, count: int, seconds: float, size: str) -> list[tuple[Path, Path]]:

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from sklearn.model_selection import cross_val_score
 
     from nemo_avllm import config
-    from nemo_avllm.data.media import normalize_frames, segment_audio
+    from nemo_avllm.media import normalize_frames, segment_audio
     from nemo_avllm.demo import clips as S
     from nemo_avllm.model.encoders import AudioEncoder, VisionEncoder
     from nemo_avllm.model.provider import avllm_config

@@ -1,4 +1,4 @@
-"""NVIDIA DALI back-end of the decoding contract (`nemo_avllm.data.media`): NVDEC video decode
+"""NVIDIA DALI back-end of the decoding contract (`nemo_avllm.media`): NVDEC video decode
 and GPU resize/normalise on GPU nodes, DALI's CPU operators elsewhere, FLAC/WAV/OGG audio.
 
 Importing this package needs `nvidia-dali-cuda12x/13x`; `decode.installed("dali")` says whether

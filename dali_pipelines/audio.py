@@ -3,7 +3,7 @@
 `fn.decoders.audio` is a CPU operator and reads WAV, FLAC and OGG (Vorbis/Opus) only — not AAC
 inside an MP4 — which is why `prepare` writes a 48 kHz mono FLAC side-car per video. The
 decoded waveforms have different lengths per clip, so the K-segment split and repeat-padding is
-done after the pipeline by `nemo_avllm.data.media.segment_audio`, the same function the CPU
+done after the pipeline by `nemo_avllm.media.segment_audio`, the same function the CPU
 back-end uses.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from nemo_avllm.data.media import (
+from nemo_avllm.media import (
     CLAP_WINDOW,
     DEFAULT_NUM_SEGMENTS,
     SAMPLE_RATE,

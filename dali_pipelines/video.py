@@ -1,5 +1,5 @@
 """DALI video pipelines: T chosen frames → upright → short side S → centre crop → CLIP-normalised
-float32 `[T, 3, S, S]`, the same contract as the CPU back-end (`nemo_avllm.data.media`).
+float32 `[T, 3, S, S]`, the same contract as the CPU back-end (`nemo_avllm.media`).
 
 On a GPU node the decode runs on NVDEC (`fn.decoders.video(device="mixed")`: H.264, HEVC, AV1,
 MPEG-4, VP8, VP9, MJPEG) and rotate/resize/normalise run on the GPU. Without a GPU the same graph
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from nemo_avllm.data.media import (
+from nemo_avllm.media import (
     CLIP_MEAN,
     CLIP_STD,
     DEFAULT_IMAGE_SIZE,

@@ -123,7 +123,7 @@ VALUE_RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
 PATH_RULES: dict[str, tuple[str, str]] = {
     "model.tokenizer": ("dir", "the LLM's Hugging Face tokenizer folder (tokenizer.model + tokenizer_config.json)"),
     "model.restore_from": ("checkpoint", "a dist checkpoint folder, e.g. <exp_dir>/<name>/checkpoints/<name>--step_100-last"),
-    "model.data.train_manifest": ("file", "a JSON Lines manifest (README: Data)"),
+    "model.data.train_manifest": ("file", "a JSON Lines manifest (docs/data.md)"),
     "model.data.index": ("any", "the folder `avllm prepare` wrote (or its index.jsonl)"),
     "model.data.feature_cache": ("dir", "the folder `avllm features` wrote"),
     "model.vision.checkpoint": ("any", "open_clip / HF CLIP weights (file or folder)"),

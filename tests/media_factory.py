@@ -157,7 +157,7 @@ def dominant_frequency(wave: np.ndarray, rate: int) -> float:
 
 def mean_rgb(video) -> np.ndarray:
     """`[T, 3]` mean colour (0..255) of each frame of a CLIP-normalised `[T, 3, S, S]` tensor."""
-    from nemo_avllm.data.media import CLIP_MEAN, CLIP_STD
+    from nemo_avllm.media import CLIP_MEAN, CLIP_STD
 
     x = np.asarray(video.detach().cpu().float().numpy(), dtype=np.float64)
     x = x * np.array(CLIP_STD)[None, :, None, None] + np.array(CLIP_MEAN)[None, :, None, None]

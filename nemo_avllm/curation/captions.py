@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from nemo_avllm.curation.cache import VideoCache, digest
-from nemo_avllm.data import decode, decode_pyav, media
+from nemo_avllm import media
+from nemo_avllm.data import decode, decode_pyav
 from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)

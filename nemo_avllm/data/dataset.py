@@ -27,7 +27,7 @@ from nemo_avllm.data.conversation import ConversationError, ConversationTemplate
 from nemo_avllm.data.decode import DecodeSettings, MediaSource, load_media, load_media_batch
 from nemo_avllm.data.index import as_index
 from nemo_avllm.data.manifest import Sample
-from nemo_avllm.data.media import MediaError
+from nemo_avllm.media import MediaError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import torch
 from nemo_avllm.data import decode_decord, decode_pyav, decode_torchcodec
 from nemo_avllm.data.index import MediaIndex
 from nemo_avllm.data.manifest import Sample
-from nemo_avllm.data.media import (
+from nemo_avllm.media import (
     CLAP_WINDOW,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_NUM_FRAMES,

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from nemo_avllm.data.media import MediaInfo, decode_threads, sample_frame_indices
+from nemo_avllm.media import MediaInfo, decode_threads, sample_frame_indices
 
 NAME = "decord"
 

@@ -21,7 +21,7 @@ import av
 import numpy as np
 import torch
 
-from nemo_avllm.data.media import (
+from nemo_avllm.media import (
     DEFAULT_NUM_FRAMES,
     IMAGE_DEMUXERS,
     PIXEL_CONVENTIONS,

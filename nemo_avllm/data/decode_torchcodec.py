@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nemo_avllm.data.media import MediaInfo, decode_threads, sample_frame_indices
+from nemo_avllm.media import MediaInfo, decode_threads, sample_frame_indices
 
 NAME = "torchcodec"
 # Lossless files only: on AAC torchcodec keeps the encoder's end padding (a 3 s track comes back

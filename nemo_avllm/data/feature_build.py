@@ -31,7 +31,7 @@ from nemo_avllm.data.features import (
 )
 from nemo_avllm.data.index import BAD_FILES_NAME, INDEX_NAME, MediaIndex, as_index, bad_record, read_bad_files, read_jsonl
 from nemo_avllm.data.manifest import Sample, read_inputs
-from nemo_avllm.data.media import MediaError, backend_label, backend_mismatch
+from nemo_avllm.media import MediaError, backend_label, backend_mismatch
 
 log = logging.getLogger(__name__)
 

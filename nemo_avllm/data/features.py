@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_avllm.data.media import MediaError
+from nemo_avllm.media import MediaError
 from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from nemo_avllm.data.manifest import (
     resolve_media_path,
     stable_id,
 )
-from nemo_avllm.data.media import MediaError
+from nemo_avllm.media import MediaError
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from nemo_avllm.data.decode_pyav import iter_audio, probe, probe_audio
 from nemo_avllm.data.index import BAD_FILES_NAME, INDEX_NAME, MediaIndex, bad_record, file_stamp
 from nemo_avllm.data.manifest import ManifestProblem, MediaItem, read_inputs
-from nemo_avllm.data.media import SAMPLE_RATE, MediaError
+from nemo_avllm.media import SAMPLE_RATE, MediaError
 from nemo_avllm.data.workers import pool_worker_start, worker_context
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import numpy as np
 
 from nemo_avllm.data.index import as_index
 from nemo_avllm.data.manifest import MODALITIES, Sample
-from nemo_avllm.data.media import MediaError
+from nemo_avllm.media import MediaError
 from nemo_avllm.data.shards import FORMAT_VERSION, SHARDS_NAME
 
 log = logging.getLogger(__name__)

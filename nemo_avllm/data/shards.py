@@ -37,7 +37,7 @@ from nemo_avllm.data.decode import DecodeSettings, MediaSource
 from nemo_avllm.data.features import check_meta
 from nemo_avllm.data.manifest import MODALITIES, Sample
 from nemo_avllm.data.mat_sampler import ALL, DEFAULT_SCHEDULE, DEFAULT_SPLIT, ModalityPlan, rank_labels, rank_slice
-from nemo_avllm.data.media import MediaError, MediaInfo
+from nemo_avllm.media import MediaError, MediaInfo
 from nemo_avllm.errors import UserError
 
 log = logging.getLogger(__name__)

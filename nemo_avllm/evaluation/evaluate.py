@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from nemo_avllm import modality
 from nemo_avllm.data.index import read_jsonl
-from nemo_avllm.data.media import MediaError
+from nemo_avllm.media import MediaError
 from nemo_avllm.errors import UserError
 from nemo_avllm.evaluation import benchmarks, metrics, preflight
 

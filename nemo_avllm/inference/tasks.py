@@ -25,7 +25,7 @@ import torch
 from nemo_avllm import modality
 from nemo_avllm.data.decode import MediaSource, load_media
 from nemo_avllm.data.decode_pyav import probe, probe_audio
-from nemo_avllm.data.media import MediaError
+from nemo_avllm.media import MediaError
 from nemo_avllm.inference.engine import SamplingConfig
 
 MODALITY_CHOICES = ("auto", *modality.MODALITY_TOKENS)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from nemo_avllm.data.decode import DecodeSettings
 from nemo_avllm.data.features import cache_fields
 from nemo_avllm.data.mat_sampler import DEFAULT_SCHEDULE, DEFAULT_SPLIT
-from nemo_avllm.data.media import resolve_backend
+from nemo_avllm.media import resolve_backend
 from nemo_avllm.data.spec import DataSpec
 from nemo_avllm.data.tokenizer import load_tokenizer
 from nemo_avllm.errors import UserError

@@ -28,7 +28,7 @@ from nemo_avllm.data import decode_pyav  # noqa: E402
 from nemo_avllm.data.decode import decode_clip, load_audio_segments  # noqa: E402
 from nemo_avllm.data.decode_pyav import decode_audio, probe  # noqa: E402
 from nemo_avllm.data.index import load_index  # noqa: E402
-from nemo_avllm.data.media import MediaError, sample_frame_indices  # noqa: E402
+from nemo_avllm.media import MediaError, sample_frame_indices  # noqa: E402
 from nemo_avllm.data.prepare import prepare  # noqa: E402
 from tests.media_factory import (  # noqa: E402
     FFMPEG,

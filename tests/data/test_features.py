@@ -14,7 +14,7 @@ from nemo_avllm.data.dataset import AVDataset
 from nemo_avllm.data.decode import MediaSource, load_media
 from nemo_avllm.data.features import FeatureCache, FeatureCacheError, META_NAME
 from nemo_avllm.data.manifest_checks import validate_manifest
-from nemo_avllm.data.media import backend_label
+from nemo_avllm.media import backend_label
 from nemo_avllm.data.prepare import prepare
 from nemo_avllm.model.provider import avllm_config
 from nemo_avllm.training.data import decode_settings

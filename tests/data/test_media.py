@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_avllm.data import decode, decode_pyav, media
+from nemo_avllm import media
+from nemo_avllm.data import decode, decode_pyav
 from nemo_avllm.data.decode import decode_clip
 from nemo_avllm.data.decode_pyav import decode_audio, decode_video_frames, probe
-from nemo_avllm.data.media import CLAP_WINDOW, MediaError, crop_offset, resized_shape, sample_frame_indices, segment_audio
+from nemo_avllm.media import CLAP_WINDOW, MediaError, crop_offset, resized_shape, sample_frame_indices, segment_audio
 from tests.media_factory import (
     FFMPEG,
     VIDEO_CODECS,
@@ -382,7 +383,7 @@ def test_the_contract_imports_no_backend():
                 "nemo_avllm.data.decode_torchcodec": "nemo_avllm/data/decode_torchcodec.py",
                 "nemo_avllm.data.decode_decord": "nemo_avllm/data/decode_decord.py",
                 "dali_pipelines": "dali_pipelines/video.py"}
-    code = ("import sys, nemo_avllm.data.media\n"
+    code = ("import sys, nemo_avllm.media\n"
             "print([m for m in ('av', 'nemo_avllm.data.decode_pyav', 'nemo_avllm.data.decode_torchcodec', "
             "'nemo_avllm.data.decode_decord', 'dali_pipelines', 'torchcodec', 'decord') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -393,7 +394,7 @@ def test_the_contract_imports_no_backend():
         a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not imported & {"av", *backends}, imported
     for path in backends.values():  # and every back-end uses the contract
-        assert "from nemo_avllm.data.media import" in (root / path).read_text(), path
+        assert "from nemo_avllm.media import" in (root / path).read_text(), path
     assert set(decode.BACKENDS) == {"pyav", "torchcodec", "decord", "dali"}
 
 

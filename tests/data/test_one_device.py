@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_avllm.data import decode_pyav, media
+from nemo_avllm import media
+from nemo_avllm.data import decode_pyav
 from nemo_avllm.data.collate import collate_av, stack_rows
 from nemo_avllm.data.conversation import TokenizedSample
 from nemo_avllm.data.decode import DecodeSettings, MediaSource, load_media_batch

@@ -74,18 +74,9 @@ class AudioEncoder(FrozenEncoder):
         from nemo_avllm.model.encoders.htsat.model import HTSAT_Swin_Transformer  # laion_clap's code (numpy<2 free)
 
         self.cfg = cfg
-        audio_cfg = SimpleNamespace(
-            sample_rate=cfg.sample_rate,
-            window_size=cfg.window_size,
-            hop_size=cfg.hop_size,
-            mel_bins=cfg.mel_bins,
-            fmin=cfg.fmin,
-            fmax=cfg.fmax,
-            class_num=527,
-            clip_samples=cfg.clip_samples,
-            model_name=cfg.model_name,
-            enable_repeat_mode=False,
-        )
+        # laion_clap's `audio_cfg`: our front-end fields under its names, plus AudioSet's 527 classes
+        front_end = ("sample_rate", "window_size", "hop_size", "mel_bins", "fmin", "fmax", "clip_samples", "model_name")
+        audio_cfg = SimpleNamespace(**{k: getattr(cfg, k) for k in front_end}, class_num=527, enable_repeat_mode=False)
         with seeded_init(cfg.init_seed):
             self.htsat = HTSAT_Swin_Transformer(
                 spec_size=256,

@@ -1,8 +1,11 @@
 """The decoding contract: what every back-end returns, and which back-end a run uses.
 
+It sits at the top of the package (beside `modality.py`) because both `data/` and the top-level
+`dali_pipelines/` build on it, and neither package imports the other back.
+
 Back-ends are siblings that import this module and nothing imports back: `decode_pyav.py`
 (reads everything; the fallback), `decode_torchcodec.py`, `decode_decord.py` (faster where
-installed and able to read the file) and `dali_pipelines/` (DALI, GPU nodes); `decode.py`, above
+installed and able to read the file) and `dali_pipelines/` (DALI, GPU nodes); `data/decode.py`, above
 them, picks one per file. Contract:
 
 - frames are sampled uniformly, `round(linspace(0, n-1, T))` (:func:`sample_frame_indices`);
@@ -290,7 +293,7 @@ def resolve_backend(backend: str) -> str:
 
 def backend_label(backend: str) -> str:
     """What a run decodes with, as recorded in the feature cache: `cpu` (libswscale pixels) or
-    `dali-gpu` / `dali-cpu` (DALI's pixels and resize; README "Known limits" gives the gap)."""
+    `dali-gpu` / `dali-cpu` (DALI's pixels and resize; docs/limits.md gives the gap)."""
     backend = resolve_backend(backend)
     if backend == "cpu":
         return "cpu"
@@ -299,7 +302,7 @@ def backend_label(backend: str) -> str:
 
 def backend_mismatch(recorded: str | None, label: str, where) -> str | None:
     """Why `label`-decoded data may not join `where`, which holds `recorded`-decoded data (None
-    when it may): the back-ends' pixels differ (README "Known limits"), so a cache holds one."""
+    when it may): the back-ends' pixels differ (docs/limits.md), so a cache holds one."""
     if recorded is None or recorded == label:
         return None
     return (f"{where} was decoded with back-end {recorded!r}, this run decodes with {label!r}; their pixels "
