@@ -114,7 +114,7 @@ def write_feature_cache(
 
     `source`: validated samples, manifest path(s) or a prepare folder / index.jsonl; `index`: the
     prepare output for side-car FLAC audio and has_audio. `fields`: what the tokens depend on
-    (`features.cache_fields`); `settings`: the run's decode settings (one back-end per cache).
+    (`training.data.cache_fields`); `settings`: the run's decode settings (one back-end per cache).
     `encoders`: the (vision, audio) modules, or a function of the device that builds them (called
     only when a clip is left to encode). Bad clips are reported in bad_files.jsonl, never fatal."""
     from tqdm import tqdm

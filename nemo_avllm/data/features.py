@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -43,43 +42,13 @@ _CHECKED = ("audio_encoder", "num_frames", "num_audio_segments", "image_size", "
             "sample_rate", "window", "vision_width", "audio_width")
 # Fields a cache may lack: HTSAT caches written before other audio encoders existed carry no
 # `audio_encoder` (and HTSAT's fields keep leaving it out, so those caches stay valid).
-_DEFAULTS = {"audio_encoder": "htsat"}
+DEFAULT_AUDIO_ENCODER = "htsat"
+_DEFAULTS = {"audio_encoder": DEFAULT_AUDIO_ENCODER}
 
 
 # --------------------------------------------------------------------------------------------
 # What the tokens depend on
 # --------------------------------------------------------------------------------------------
-
-
-def _portable(enc: dict) -> dict:
-    """Encoder config for hashing: a checkpoint counts by file name, not by where it lies."""
-    d = json.loads(json.dumps(enc))  # tuples -> lists, as they come back from meta.json
-    if d.get("checkpoint"):
-        d["checkpoint"] = os.path.basename(str(d["checkpoint"]))
-    return d
-
-
-def cache_fields(cfg) -> dict:
-    """Everything the cached tokens depend on, from the typed model config (`AVLLMConfig`: its
-    encoder configs, T and K; no model is built)."""
-    geo = cfg.vision.geometry()
-    audio = _portable({k: v for k, v in asdict(cfg.audio).items() if k != "type"})
-    fields = {
-        "num_frames": cfg.num_frames,
-        "num_audio_segments": cfg.num_audio_segments,
-        "image_size": geo["image_size"],
-        "num_patches": geo["num_patches"],
-        "feature_layer": cfg.vision.feature_layer,
-        "sample_rate": cfg.audio.sample_rate,
-        "window": cfg.audio.clip_samples,
-        "vision_width": geo["width"],
-        "audio_width": cfg.audio.width,
-        "vision": _portable(asdict(cfg.vision)),
-        "audio": audio,
-    }
-    if cfg.audio.type != _DEFAULTS["audio_encoder"]:  # whisper: its caches and HTSAT's are never mixed
-        fields["audio_encoder"] = cfg.audio.type
-    return fields
 
 
 def fields_hash(fields: dict) -> str:

@@ -32,7 +32,7 @@ class DataSpec:
     num_workers: int = 2
     index: str | None = None  # the prepare folder (or its index.jsonl)
     feature_cache: str | None = None  # a folder `avllm features` wrote: cached encoder tokens
-    feature_fields: dict | None = None  # what cached tokens must be made for (features.cache_fields)
+    feature_fields: dict | None = None  # what cached tokens must be made for (training.data.cache_fields)
     max_length_policy: str = "truncate"  # over-long samples: truncate | drop (manifest validation)
     derive_views: bool = False  # also train the manifest's per-modality `views`
     packing: bool = False  # a rank's share of a step packed into micro-batches (data.packing)

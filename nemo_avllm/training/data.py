@@ -13,17 +13,19 @@ the samples the interrupted one would have seen next."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 
 from omegaconf import DictConfig
 
 from nemo_avllm.data.decode import DecodeSettings
-from nemo_avllm.data.features import cache_fields
+from nemo_avllm.data.features import DEFAULT_AUDIO_ENCODER
 from nemo_avllm.data.mat_sampler import DEFAULT_SCHEDULE, DEFAULT_SPLIT
-from nemo_avllm.media import resolve_backend
 from nemo_avllm.data.spec import DataSpec
 from nemo_avllm.data.tokenizer import load_tokenizer
 from nemo_avllm.errors import UserError
+from nemo_avllm.media import resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,37 @@ def decode_settings(model, backend: str = "cpu") -> DecodeSettings:
         window=model.audio.clip_samples,
         backend=resolve_backend(backend),
     )
+
+
+def _portable(enc: dict) -> dict:
+    """Encoder config for hashing: a checkpoint counts by file name, not by where it lies."""
+    d = json.loads(json.dumps(enc))  # tuples -> lists, as they come back from meta.json
+    if d.get("checkpoint"):
+        d["checkpoint"] = os.path.basename(str(d["checkpoint"]))
+    return d
+
+
+def cache_fields(cfg) -> dict:
+    """Everything the cached tokens depend on, from the typed model config (`AVLLMConfig`: its
+    encoder configs, T and K; no model is built)."""
+    geo = cfg.vision.geometry()
+    audio = _portable({k: v for k, v in dataclasses.asdict(cfg.audio).items() if k != "type"})
+    fields = {
+        "num_frames": cfg.num_frames,
+        "num_audio_segments": cfg.num_audio_segments,
+        "image_size": geo["image_size"],
+        "num_patches": geo["num_patches"],
+        "feature_layer": cfg.vision.feature_layer,
+        "sample_rate": cfg.audio.sample_rate,
+        "window": cfg.audio.clip_samples,
+        "vision_width": geo["width"],
+        "audio_width": cfg.audio.width,
+        "vision": _portable(dataclasses.asdict(cfg.vision)),
+        "audio": audio,
+    }
+    if cfg.audio.type != DEFAULT_AUDIO_ENCODER:  # whisper: its caches and HTSAT's are never mixed
+        fields["audio_encoder"] = cfg.audio.type
+    return fields
 
 
 def data_spec(cfg: DictConfig, model=None, **run) -> DataSpec:

@@ -14,13 +14,13 @@ import torch
 
 from nemo_avllm.config import to_dict
 from nemo_avllm.data.feature_build import FeatureReport, write_feature_cache
-from nemo_avllm.data.features import FeatureCache, cache_fields, verify_cache
+from nemo_avllm.data.features import FeatureCache, verify_cache
 from nemo_avllm.model.provider import avllm_config
-from nemo_avllm.training.data import decode_settings
+from nemo_avllm.training.data import cache_fields, decode_settings
 
 
 def model_fields(model_cfg) -> dict:
-    """What cached tokens must be made for to serve this model config (`features.cache_fields`)."""
+    """What cached tokens must be made for to serve this model config (`training.data.cache_fields`)."""
     return cache_fields(avllm_config(model_cfg))
 
 
