@@ -200,3 +200,20 @@ def test_subpackages_have_no_import_cycle():
 def test_no_private_name_crosses_a_file():
     _, private = import_graph()
     assert not private, "private names of one file used by another:\n" + "\n".join(private)
+
+
+def test_the_data_code_never_reads_the_model_config():
+    """`data/` and `dali_pipelines/` are handed a `DataSpec` (T/N/K, decode settings, batch geometry):
+    they import neither the model, nor the training code, nor the config loader, nor OmegaConf."""
+    graph, _ = import_graph()
+    data = [m for m in graph if m.startswith(("nemo_avllm.data", "dali_pipelines"))]
+    assert "nemo_avllm.data.loaders" in data and "nemo_avllm.data.spec" in data
+    banned = ("nemo_avllm.model", "nemo_avllm.training", "nemo_avllm.config", "nemo_avllm.hf", "nemo_avllm.inference")
+    reads = [f"{m} -> {t}" for m in data for t in sorted(graph[m]) if t.startswith(banned)]
+    omegaconf = [m for m in data if "omegaconf" in module_files()[m].read_text()]
+    assert not reads and not omegaconf, "the data code reads configuration itself:\n" + "\n".join(reads + omegaconf)
+
+
+def test_no_module_is_over_450_lines():
+    long = {m: n for m, p in module_files().items() if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, f"modules over 450 lines (split them by idea): {long}"
